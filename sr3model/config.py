@@ -1,0 +1,268 @@
+"""Configuration: frozen dataclasses, named presets (SR3 Table A.1), JSON round trip.
+
+One `SR3Config` describes a whole model: the task (LR/HR sizes), the U-Net, the diffusion process
+and the training hyper-parameters. It is written into every checkpoint (`config.json`) and logged to
+every MLflow run, so a model directory is self-describing.
+
+Presets (SR3 Appendix A, Table A.1):
+
+| preset           | task        | base ch | multipliers              | blocks | paper params |
+| ---------------- | ----------- | ------- | ------------------------ | ------ | ------------ |
+| `faces-16-128`   | 16 → 128    | 128     | 1, 2, 4, 8, 8            | 3      | 550M         |
+| `natural-64-256` | 64 → 256    | 128     | 1, 2, 4, 4, 8, 8         | 3      | 625M         |
+| `faces-64-512`   | 64 → 512    | 64      | 1, 2, 4, 8, 8, 16, 16    | 3      | 625M         |
+| `faces-256-1024` | 256 → 1024  | 16      | 1, 2, 4, 8, 16, 32, 32, 32 | 2    | 150M         |
+
+plus `tiny` (16 → 64, trains on 2 CPU cores in minutes) and `peer-128` (the configuration the
+most-used open SR3 implementation ships for 16 → 128, used by `benchmarks/bench_unet.py`).
+
+`override(config, ["train.lr=2e-4", "unet.dropout=0"])` implements the jobs' `--set key=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+OBJECTIVES = ("sr3", "regression", "residual", "unconditional")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The paper's U-Net (Appendix A): BigGAN residual blocks, attention at `attention_resolutions`."""
+
+    channels: int = 128  # base channel count; level i has channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 4, 8, 8)
+    num_res_blocks: int = 3  # residual blocks per level on the way down (one more on the way up)
+    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get self-attention
+    attention_head_channels: int = 64  # channels per attention head
+    dropout: float = 0.2
+    norm_groups: int = 32  # GroupNorm groups (fewer when a level has fewer channels)
+    checkpointing: bool = False  # activation checkpointing: trade compute for memory
+
+    def __post_init__(self) -> None:
+        _check(self.channels > 0, "unet.channels must be positive")
+        _check(len(self.channel_mult) > 0, "unet.channel_mult must not be empty")
+        _check(self.num_res_blocks > 0, "unet.num_res_blocks must be positive")
+        _check(0.0 <= self.dropout < 1.0, "unet.dropout must be in [0, 1)")
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Total down-sampling of the U-Net: HR sizes must be divisible by it."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule and loss (SR3 §2, §2.5, Appendix A).
+
+    Training uses a linear β schedule of `steps` steps from `beta_start` to `beta_end`; the noise
+    level γ is drawn per image from the piecewise-uniform p(γ). Inference has its own schedule
+    (`sample_*`), free to differ because the network is conditioned on γ, not on a step index.
+    """
+
+    steps: int = 2000
+    beta_start: float = 1e-6
+    beta_end: float = 1e-2
+    loss: int = 1  # p of the L_p norm in the ε-prediction loss (the paper uses 1 or 2)
+    sample_steps: int = 100
+    sample_beta_start: float = 1e-4
+    sample_beta_end: float = 0.1
+    sample_sampler: str = "ddpm"
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0 and self.sample_steps > 0, "diffusion steps must be positive")
+        _check(0 < self.beta_start <= self.beta_end < 1, "need 0 < beta_start <= beta_end < 1")
+        _check(0 < self.sample_beta_start <= self.sample_beta_end < 1,
+               "need 0 < sample_beta_start <= sample_beta_end < 1")
+        _check(self.loss in (1, 2), "diffusion.loss must be 1 (L1) or 2 (L2)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (SR3 Appendix A: Adam, 10k warm-up steps, then a constant rate)."""
+
+    lr: float = 1e-4  # the paper: 1e-4 for SR3, 1e-5 for the regression baseline
+    warmup_steps: int = 10_000
+    batch_size: int = 256  # global batch size
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    weight_decay: float = 0.0
+    hflip: bool = True  # random horizontal flips of the (LR, HR) pair
+    blur_sigma: tuple[float, float] = (0.0, 0.0)  # Gaussian blur of LR input (Table 6); (0, 0) off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "train.lr must be positive")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SR3Config:
+    """Everything that defines a model: task, objective, architecture, diffusion, training."""
+
+    name: str = "custom"
+    lr_size: int = 16
+    hr_size: int = 128
+    objective: str = "sr3"  # sr3 | regression | residual | unconditional
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}")
+        _check(self.hr_size % self.unet.downsampling_factor == 0,
+               f"hr_size {self.hr_size} is not divisible by the U-Net's down-sampling factor "
+               f"{self.unet.downsampling_factor}")
+        _check(self.hr_size % self.lr_size == 0, "hr_size must be a multiple of lr_size")
+
+    @property
+    def scale(self) -> int:
+        return self.hr_size // self.lr_size
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the network sees the LR image x (all objectives but `unconditional`)."""
+        return self.objective != "unconditional"
+
+    # -- JSON round trip -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SR3Config":
+        return _from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SR3Config":
+        return cls.from_dict(json.loads(text))
+
+    def flat(self) -> dict[str, object]:
+        """`{"unet.channels": 128, ...}`: the form logged as MLflow params."""
+        out: dict[str, object] = {}
+
+        def walk(prefix: str, obj: object) -> None:
+            if dataclasses.is_dataclass(obj):
+                for f in dataclasses.fields(obj):
+                    walk(f"{prefix}{f.name}.", getattr(obj, f.name))
+            else:
+                out[prefix[:-1]] = obj
+
+        walk("", self)
+        return out
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _from_dict(cls: type, data: dict):
+    """Build a (nested) frozen dataclass from plain JSON data; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, name)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, name: str):
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object, got {value!r}")
+        return _from_dict(hint, value)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_type, *_rest) = typing.get_args(hint)
+        return tuple(item_type(v) for v in value)
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+            return value.lower() in ("true", "1")
+        return bool(value)
+    if hint in (int, float, str):
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return hint(value)
+    return value
+
+
+def override(config: SR3Config, assignments: typing.Iterable[str]) -> SR3Config:
+    """Apply `key=value` overrides (dotted keys; tuples as `1,2,4`); returns a new config."""
+    data = config.to_dict()
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {assignment!r}")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown config key {key!r}")
+            node = node[part]
+        if leaf not in node or isinstance(node[leaf], dict):
+            raise ValueError(f"unknown config key {key!r}")
+        node[leaf] = _parse_value(raw.strip(), node[leaf])
+    return SR3Config.from_dict(data)
+
+
+def _parse_value(raw: str, current: object) -> object:
+    if isinstance(current, (tuple, list)):
+        return [] if raw in ("", "()") else [json.loads(v) for v in raw.strip("()[]").split(",")]
+    if isinstance(current, str):
+        return raw
+    return json.loads(raw.lower() if raw.lower() in ("true", "false") else raw)
+
+
+# -- presets -------------------------------------------------------------------------------------
+
+def _paper(name: str, lr: int, hr: int, channels: int, mult: tuple[int, ...], blocks: int,
+           dropout: float) -> SR3Config:
+    return SR3Config(
+        name=name, lr_size=lr, hr_size=hr,
+        unet=UNetConfig(channels=channels, channel_mult=mult, num_res_blocks=blocks,
+                        dropout=dropout, checkpointing=hr >= 512),
+        train=TrainConfig(batch_size=256 if hr <= 256 else 128))
+
+
+PRESETS: dict[str, SR3Config] = {
+    "faces-16-128": _paper("faces-16-128", 16, 128, 128, (1, 2, 4, 8, 8), 3, 0.2),
+    "natural-64-256": _paper("natural-64-256", 64, 256, 128, (1, 2, 4, 4, 8, 8), 3, 0.0),
+    "faces-64-512": _paper("faces-64-512", 64, 512, 64, (1, 2, 4, 8, 8, 16, 16), 3, 0.0),
+    "faces-256-1024": _paper("faces-256-1024", 256, 1024, 16, (1, 2, 4, 8, 16, 32, 32, 32), 2, 0.0),
+    "peer-128": SR3Config(
+        name="peer-128", lr_size=16, hr_size=128,
+        unet=UNetConfig(channels=64, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=2, dropout=0.2)),
+    "tiny": SR3Config(
+        name="tiny", lr_size=16, hr_size=64,
+        unet=UNetConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_resolutions=(16,), attention_head_channels=32, dropout=0.0),
+        diffusion=DiffusionConfig(steps=1000, beta_start=1e-4, beta_end=2e-2, sample_steps=50,
+                                  sample_beta_start=1e-4, sample_beta_end=0.1),
+        train=TrainConfig(lr=5e-4, warmup_steps=100, batch_size=8, ema_decay=0.99)),
+}
+# Parameter counts the paper reports (Table A.1); the README and a test compare ours.
+PAPER_PARAMS = {"faces-16-128": 550e6, "natural-64-256": 625e6, "faces-64-512": 625e6,
+                "faces-256-1024": 150e6}
+
+
+def preset(name: str, objective: str | None = None) -> SR3Config:
+    """A named preset, optionally with another objective (the regression baseline uses lr 1e-5)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    config = PRESETS[name]
+    if objective is not None and objective != config.objective:
+        config = dataclasses.replace(config, objective=objective)
+        if objective == "regression" and name in PAPER_PARAMS:
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=1e-5))
+    return config

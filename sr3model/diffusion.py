@@ -1,0 +1,85 @@
+"""Conditional diffusion math of SR3 as pure functions over tensors.
+
+Symbols follow the paper: y0 the clean HR image, x the conditioning (bicubic-upsampled LR) image,
+y_t the noisy image, γ the noise level (γ = ∏α, 1 = clean), ε standard normal noise.
+
+| function              | paper                                                                    |
+| --------------------- | ------------------------------------------------------------------------ |
+| `q_sample`            | eq. 2 / §2.2: y_t = √γ · y0 + √(1−γ) · ε                                 |
+| `sample_noise_level`  | §2.5: γ ~ p(γ) = Σ_t 1/T · U(γ_{t−1}, γ_t), one draw per image            |
+| `eps_loss`            | eq. 6: E ‖f(x, y_t, γ) − ε‖_p^p, p ∈ {1, 2}                              |
+| `predict_y0`          | eq. 10: ŷ0 = (y_t − √(1−γ) · ε̂) / √γ                                     |
+| `predict_eps`         | eq. 10 solved for ε                                                      |
+| `posterior`           | eq. 4–5: q(y_{t−1} | y0, y_t) mean and variance                           |
+| `ddpm_mean`           | eq. 11: μ = (y_t − (1−α_t)/√(1−γ_t) · ε̂) / √α_t                          |
+
+Noise levels are per-image tensors of shape (B,); images are (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedules import NoiseSchedule
+
+
+def _bcast(level: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A per-image level (B,) or a scalar, shaped (B, 1, 1, 1) to broadcast over images."""
+    level = torch.as_tensor(level, device=like.device)
+    level = level.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
+    return level.reshape(-1, *([1] * (like.ndim - 1))) if level.ndim else level
+
+
+def q_sample(y0: torch.Tensor, gamma: torch.Tensor | float, eps: torch.Tensor) -> torch.Tensor:
+    """Forward process: a sample of q(y_t | y0) = N(√γ y0, (1−γ) I) given noise ε."""
+    g = _bcast(gamma, y0)
+    return (g.sqrt() * y0 + (1 - g).sqrt() * eps).to(y0.dtype)
+
+
+def sample_step_and_level(schedule: NoiseSchedule, batch: int, *,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, γ) per image: t uniform in 1..T (returned 0-based), γ uniform in [γ_t, γ_{t−1}]; float64."""
+    gen_device = generator.device if generator is not None else "cpu"
+    t = torch.randint(0, len(schedule), (batch,), generator=generator, device=gen_device).cpu()
+    u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64).cpu()
+    high, low = schedule.gammas_prev[t], schedule.gammas[t]
+    return t, low + u * (high - low)
+
+
+def sample_noise_level(schedule: NoiseSchedule, batch: int, *, generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """γ ~ p(γ) = Σ_t 1/T · U(γ_t, γ_{t−1}), one independent draw per image: (B,) float32."""
+    _, gamma = sample_step_and_level(schedule, batch, generator=generator)
+    return gamma.to(device=device, dtype=torch.float32)
+
+
+def eps_loss(eps_hat: torch.Tensor, eps: torch.Tensor, p: int = 1) -> torch.Tensor:
+    """Mean L_p error between predicted and true noise (the paper's loss, p = 1 or 2)."""
+    diff = (eps_hat.float() - eps.float()).abs()
+    return diff.mean() if p == 1 else diff.square().mean()
+
+
+def predict_y0(y_t: torch.Tensor, gamma: torch.Tensor | float, eps: torch.Tensor) -> torch.Tensor:
+    """ŷ0 from y_t and (predicted) noise: inverts `q_sample` (eq. 10)."""
+    g = _bcast(gamma, y_t)
+    return ((y_t - (1 - g).sqrt() * eps) / g.sqrt()).to(y_t.dtype)
+
+
+def predict_eps(y_t: torch.Tensor, gamma: torch.Tensor | float, y0: torch.Tensor) -> torch.Tensor:
+    """The noise that takes y0 to y_t at level γ (the oracle denoiser's answer)."""
+    g = _bcast(gamma, y_t)
+    return ((y_t - g.sqrt() * y0) / (1 - g).sqrt()).to(y_t.dtype)
+
+
+def posterior(y0: torch.Tensor, y_t: torch.Tensor, gamma_t, gamma_prev, alpha_t):
+    """q(y_{t−1} | y0, y_t) = N(μ, σ² I) (eq. 4–5); returns (μ, σ²)."""
+    g, gp, a = (_bcast(v, y_t) for v in (gamma_t, gamma_prev, alpha_t))
+    mean = gp.sqrt() * (1 - a) / (1 - g) * y0 + a.sqrt() * (1 - gp) / (1 - g) * y_t
+    variance = (1 - gp) * (1 - a) / (1 - g)
+    return mean.to(y_t.dtype), variance
+
+
+def ddpm_mean(y_t: torch.Tensor, eps: torch.Tensor, alpha_t, gamma_t) -> torch.Tensor:
+    """μ_θ of Algorithm 2 / eq. 11: (y_t − (1−α_t)/√(1−γ_t) · ε̂) / √α_t."""
+    a, g = _bcast(alpha_t, y_t), _bcast(gamma_t, y_t)
+    return ((y_t - (1 - a) / (1 - g).sqrt() * eps) / a.sqrt()).to(y_t.dtype)

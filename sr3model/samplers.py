@@ -1,0 +1,119 @@
+"""Samplers: iterative refinement from pure noise to an image (SR3 §2.3, Algorithm 2).
+
+Every sampler has one signature and lives in `SAMPLERS`:
+
+    sampler(denoiser, x, schedule, *, shape=None, generator=None, callback=None, y_T=None) -> y0
+
+- `denoiser(x, y_t, gamma) -> ε̂`: the network, conditioned on x (None for an unconditional model)
+  and on the per-image noise level γ (B,);
+- `x`: the conditioning image (B, C, H, W), or None with `shape` given;
+- `schedule`: an inference `NoiseSchedule` (any number of steps, any start/end — the network is
+  conditioned on γ, so no retraining is needed);
+- `generator`: a `torch.Generator` for reproducible noise; `y_T` to pass the start noise instead;
+- `callback(step, total, y_t)`: progress, called after each refinement step.
+
+The single refinement steps `ddpm_step` and `ddim_step` are public, to write other loops.
+
+- `ddpm`: Algorithm 2 exactly: y_{t−1} = μ_θ(y_t) + √(1−α_t) z (eq. 11), z = 0 on the last step.
+- `ddim`: deterministic DDIM (Song et al. 2021) expressed on γ: ŷ0 from eq. 10, then
+  y_{t−1} = √γ_{t−1} ŷ0 + √(1−γ_{t−1}) ε̂; the same network, typically far fewer steps.
+
+Both return y0 unclipped; callers map it to images (see `sr3model.model`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol
+
+import torch
+
+from .diffusion import ddpm_mean, predict_y0
+from .schedules import NoiseSchedule
+
+Denoiser = Callable[[Optional[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor], None]
+
+
+class Sampler(Protocol):
+    def __call__(self, denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *,
+                 shape: tuple[int, ...] | None = None, generator: torch.Generator | None = None,
+                 callback: Callback | None = None, y_T: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def randn(shape, *, generator: torch.Generator | None, like: torch.Tensor | None = None,
+          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved next to `like`."""
+    gen_device = generator.device if generator is not None else device
+    z = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
+    return z.to(like.device if like is not None else device)
+
+
+def _levels(value: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    return value.to(device=device, dtype=torch.float32).expand(batch)
+
+
+def ddpm_step(denoiser: Denoiser, x: torch.Tensor | None, y_t: torch.Tensor, alpha_t: torch.Tensor,
+              gamma_t: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """One step of Algorithm 2: y_{t−1} = (y_t − (1−α_t)/√(1−γ_t) ε̂) / √α_t + √(1−α_t) z."""
+    eps = denoiser(x, y_t, _levels(gamma_t, y_t.shape[0], y_t.device))
+    y_prev = ddpm_mean(y_t, eps, alpha_t, gamma_t)
+    if z is not None:
+        y_prev = y_prev + (1 - alpha_t).sqrt().to(y_t.dtype) * z
+    return y_prev
+
+
+def ddim_step(denoiser: Denoiser, x: torch.Tensor | None, y_t: torch.Tensor, gamma_t: torch.Tensor,
+              gamma_prev: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step from level γ_t to γ_{t−1} (γ_0 = 1 returns ŷ0)."""
+    eps = denoiser(x, y_t, _levels(gamma_t, y_t.shape[0], y_t.device))
+    y0 = predict_y0(y_t, gamma_t, eps)
+    return (gamma_prev.sqrt() * y0 + (1 - gamma_prev).sqrt() * eps).to(y_t.dtype)
+
+
+def _start(x: torch.Tensor | None, shape, generator, y_T) -> torch.Tensor:
+    if y_T is not None:
+        return y_T
+    if shape is None:
+        if x is None:
+            raise ValueError("an unconditional sampler needs `shape` (or `y_T`)")
+        shape = x.shape
+    device = x.device if x is not None else "cpu"
+    return randn(tuple(shape), generator=generator, device=device)
+
+
+@torch.no_grad()
+def ddpm(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *, shape=None,
+         generator: torch.Generator | None = None, callback: Callback | None = None,
+         y_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Algorithm 2: T refinement steps, variance 1 − α_t, no noise added on the last step."""
+    y = _start(x, shape, generator, y_T)
+    total = len(schedule)
+    for i, t in enumerate(reversed(range(total))):
+        z = randn(y.shape, generator=generator, like=y) if t > 0 else None
+        y = ddpm_step(denoiser, x, y, schedule.alphas[t], schedule.gammas[t], z)
+        if callback is not None:
+            callback(i + 1, total, y)
+    return y
+
+
+@torch.no_grad()
+def ddim(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *, shape=None,
+         generator: torch.Generator | None = None, callback: Callback | None = None,
+         y_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic DDIM over the schedule's γ levels (the start noise is the only randomness)."""
+    y = _start(x, shape, generator, y_T)
+    total = len(schedule)
+    for i, t in enumerate(reversed(range(total))):
+        y = ddim_step(denoiser, x, y, schedule.gammas[t], schedule.gammas_prev[t])
+        if callback is not None:
+            callback(i + 1, total, y)
+    return y
+
+
+SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm, "ddim": ddim}
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise KeyError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}")
+    return SAMPLERS[name]

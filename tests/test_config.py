@@ -1,0 +1,44 @@
+"""Configs are frozen, round-trip through JSON, and `--set` overrides are checked."""
+
+import dataclasses
+
+import pytest
+
+from sr3model.config import PRESETS, SR3Config, override, preset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_json_round_trip(name):
+    config = PRESETS[name]
+    assert SR3Config.from_json(config.to_json()) == config
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preset("tiny").hr_size = 32
+
+
+def test_override_sets_nested_fields_and_rejects_unknown_keys():
+    config = override(preset("tiny"), ["train.lr=2e-4", "unet.channel_mult=1,2,4", "unet.dropout=0.1",
+                                       "objective=residual", "unet.checkpointing=true"])
+    assert config.train.lr == 2e-4 and config.unet.channel_mult == (1, 2, 4)
+    assert config.objective == "residual" and config.unet.checkpointing is True
+    for bad in ["train.nope=1", "nope=1", "unet=3", "train.lr"]:
+        with pytest.raises(ValueError):
+            override(config, [bad])
+    with pytest.raises(ValueError, match="divisible"):
+        override(config, ["unet.channel_mult=1,1,1,1,1,1,1,1"])  # ×128 > 64
+    with pytest.raises(ValueError, match="objective"):
+        override(config, ["objective=gan"])
+
+
+def test_regression_preset_uses_the_papers_learning_rate():
+    assert preset("faces-16-128", "regression").train.lr == 1e-5
+    assert preset("faces-16-128").train.lr == 1e-4
+    with pytest.raises(KeyError, match="tiny"):
+        preset("huge")
+
+
+def test_flat_params_cover_every_leaf():
+    flat = preset("tiny").flat()
+    assert flat["unet.channels"] == 32 and flat["diffusion.steps"] == 1000 and flat["objective"] == "sr3"

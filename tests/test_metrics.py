@@ -1,0 +1,56 @@
+"""Metrics against hand-computed values on known images."""
+
+import math
+
+import pytest
+import torch
+
+from sr3model.metrics import consistency, diversity, lr_psnr, psnr, ssim
+from sr3model.resample import downsample, upsample
+
+
+@pytest.fixture
+def image():
+    from skimage import data
+    img = torch.from_numpy(data.astronaut()[:256, :256].copy()).permute(2, 0, 1).float()[None] / 127.5 - 1
+    return downsample(img, 64).clamp(-1, 1)
+
+
+def test_psnr_of_a_constant_shift(image):
+    shifted = image - 0.2  # 0.1 in [0, 1] units → MSE 0.01 → 20 dB (away from the clamp)
+    img = image.clamp(-0.6, 1)
+    assert float(psnr(img - 0.2, img)) == pytest.approx(20.0, abs=1e-3)
+    assert torch.isinf(psnr(image, image)).all() or float(psnr(image, image)) > 100
+    assert float(psnr(shifted, image)) < 21
+
+
+def test_ssim_is_one_for_identical_and_lower_for_noisy(image):
+    assert float(ssim(image, image)) == pytest.approx(1.0, abs=1e-6)
+    noisy = (image + 0.2 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    assert float(ssim(noisy, image)) < 0.8
+
+
+def test_consistency_of_the_bicubic_upsample_itself(image):
+    lr = downsample(image, 16).clamp(-1, 1)
+    up = upsample(lr, 64).clamp(-1, 1)
+    c = float(consistency(up, lr))
+    assert 0 < c < 200  # bicubic up then anti-aliased down nearly returns the LR image (×1e-5 units)
+    far = float(consistency(torch.zeros_like(up), lr))
+    assert far > 100 * c
+    mse = c * 1e-5
+    assert float(lr_psnr(up, lr)) == pytest.approx(-10 * math.log10(mse), rel=1e-4)
+
+
+def test_consistency_of_a_constant_offset_is_its_square():
+    lr = torch.zeros(1, 3, 8, 8)
+    sr = torch.full((1, 3, 32, 32), 0.2)  # 0.1 in [0, 1] units
+    assert float(consistency(sr, lr)) == pytest.approx(0.01 * 1e5, rel=1e-4)
+
+
+def test_diversity_is_zero_for_identical_samples_and_the_std_otherwise():
+    same = torch.zeros(2, 4, 3, 8, 8)
+    assert torch.equal(diversity(same), torch.zeros(2))
+    two = torch.stack([torch.full((3, 8, 8), -1.0), torch.full((3, 8, 8), 1.0)])[None]  # 0 and 1 in [0, 1]
+    assert float(diversity(two)) == pytest.approx(math.sqrt(0.5), rel=1e-6)
+    with pytest.raises(ValueError):
+        diversity(same[:, :1])
