@@ -245,10 +245,10 @@ PRESETS: dict[str, SR3Config] = {
         unet=UNetConfig(channels=64, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=2, dropout=0.2)),
     "tiny": SR3Config(
         name="tiny", lr_size=16, hr_size=64,
-        unet=UNetConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+        unet=UNetConfig(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8,
                         attention_resolutions=(16,), attention_head_channels=32, dropout=0.0),
         diffusion=DiffusionConfig(steps=1000, beta_start=1e-4, beta_end=2e-2, sample_steps=50,
-                                  sample_beta_start=1e-4, sample_beta_end=0.1),
+                                  sample_beta_start=1e-4, sample_beta_end=0.2),
         train=TrainConfig(lr=5e-4, warmup_steps=100, batch_size=8, ema_decay=0.99)),
 }
 # Parameter counts the paper reports (Table A.1); the README and a test compare ours.
