@@ -100,7 +100,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.float32)  # (H, W)
         gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")  # (H, W) uint8 → "L"
     if image.mode == "F":
         raise ImageRejected("unsupported_mode", "32-bit float pixels have no defined 8-bit range")
     if image.mode in ALPHA_MODES or "transparency" in image.info:

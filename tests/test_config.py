@@ -41,4 +41,4 @@ def test_regression_preset_uses_the_papers_learning_rate():
 
 def test_flat_params_cover_every_leaf():
     flat = preset("tiny").flat()
-    assert flat["unet.channels"] == 32 and flat["diffusion.steps"] == 1000 and flat["objective"] == "sr3"
+    assert flat["unet.channels"] == 16 and flat["diffusion.steps"] == 1000 and flat["objective"] == "sr3"

@@ -1,0 +1,90 @@
+"""Train SR3 with Ray Train (DDP), MLflow tracking and the model registry (see pipelines/train.py).
+
+    python jobs/train.py --pairs gs://bkt/pairs/ffhq-16-128 --preset faces-16-128 \\
+        --steps 1000000 --batch-size 256 --num-workers 8 --use-gpu --storage gs://bkt/runs \\
+        --checkpoint-every 5000 --run-name faces-16-128-a --register sr3-faces --alias champion
+
+Rerunning with the same --run-name and --storage continues from the latest checkpoint and the same
+MLflow run. Runs on the Ray cluster named by --ray-address or RAY_ADDRESS (as under
+`ray job submit`), else on a local Ray started for the run. MLflow: MLFLOW_TRACKING_URI, else
+sqlite:///mlflow.db in the current directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train SR3 with Ray Train and MLflow.")
+    parser.add_argument("--pairs", required=True, help="jobs/build_pairs.py output URI (train/, val/)")
+    parser.add_argument("--preset", required=True, help="config preset, e.g. tiny, faces-16-128")
+    parser.add_argument("--objective", choices=("sr3", "regression", "residual", "unconditional"))
+    parser.add_argument("--steps", type=int, default=1000, help="total optimiser steps of the run")
+    parser.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--cpus-per-worker", type=float, help="default 0.5 on CPU, 1 with GPUs")
+    parser.add_argument("--storage", help="checkpoint root URI (local, gs://, s3://); default ~/ray_results")
+    parser.add_argument("--checkpoint-every", type=int, help="steps; default: only at the end")
+    parser.add_argument("--val-every", type=int, default=0, help="steps; 0: validate at the end only")
+    parser.add_argument("--val-images", type=int, default=4)
+    parser.add_argument("--val-steps", type=int, default=10, help="DDIM steps of validation sampling")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    parser.add_argument("--run-name", help="rerun with the same name to resume")
+    parser.add_argument("--experiment", default="sr3", help="MLflow experiment")
+    parser.add_argument("--register", help="registered model name")
+    parser.add_argument("--alias", default="champion")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set train.lr=2e-4; repeatable")
+    parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from sr3model.config import override, preset
+
+    config = override(preset(args.preset, args.objective), args.overrides)
+    if args.batch_size:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=args.batch_size))
+
+    import ray
+
+    from pipelines import storage
+    from pipelines.train import train
+
+    env = storage.worker_env()
+    if not ray.is_initialized():  # a caller (a test, a notebook) may have connected already
+        ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local",
+                 runtime_env={"env_vars": env} if env else None, logging_level="WARNING")
+    result = train(
+        args.pairs, config, steps=args.steps, num_workers=args.num_workers, use_gpu=args.use_gpu,
+        storage_uri=args.storage, run_name=args.run_name, experiment=args.experiment,
+        checkpoint_every=args.checkpoint_every, register=args.register, alias=args.alias,
+        cpus_per_worker=args.cpus_per_worker, val_every=args.val_every, val_images=args.val_images,
+        val_steps=args.val_steps, log_every=args.log_every, max_failures=args.max_failures)
+    print(f"run {result.run_name}: {result.steps} steps in {result.seconds:.0f} s"
+          f"{' (resumed)' if result.resumed else ''}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"mlflow: {result.tracking_uri} experiment {result.experiment} run {result.run_id}")
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
+    if shown:
+        print(f"final metrics: {shown}")
+    if result.model_uri:
+        print(f"model: {result.model_uri}" + (f" (version {result.registered_version})"
+                                              if result.registered_version else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Storage helpers every stage reuses: one URI → (fsspec filesystem, path), through fsspec.
+
+Accepted URIs: local paths, `file://`, `gs://` (gcsfs) and `s3://` (s3fs); any other fsspec
+protocol is passed through. Emulators are honoured from the environment:
+
+- `STORAGE_EMULATOR_HOST` (fake-gcs-server): gcsfs with `token="anon"` and that endpoint; when
+  it is set, `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT` defaults to `false` (else every bucket operation
+  first stalls on a gRPC probe that emulators lack). Set it yourself before anything imports gcsfs.
+- `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (moto, MinIO): s3fs with that endpoint.
+
+Object-store listings are not cached: Ray workers write what the driver lists next.
+Ray gets a pyarrow filesystem from `to_pyarrow` (pyarrow's native GCS ignores the emulator), and
+Ray workers get the endpoint variables from `worker_env` (credentials are left to the cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow.fs
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+ENDPOINT_ENV_VARS = (
+    "STORAGE_EMULATOR_HOST",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
+NOT_RETRIED = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One file found under an input: `uri` = `root` + "/" + `relpath`; `size` in bytes."""
+
+    uri: str
+    root: str
+    relpath: str
+    size: int
+
+
+def resolve(uri: str) -> tuple[AbstractFileSystem, str]:
+    """A URI or local path → (fsspec filesystem, path inside it without protocol)."""
+    protocol = _protocol(uri)
+    if protocol in ("file", "local"):
+        fs: AbstractFileSystem = LocalFileSystem()
+    elif protocol in ("gs", "gcs"):
+        fs = _gcs()
+    elif protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options = {"endpoint_url": endpoint} if endpoint else {}
+        fs = fsspec.filesystem("s3", use_listings_cache=False, **options)
+    else:
+        fs = fsspec.filesystem(protocol)
+    return fs, fs._strip_protocol(uri)
+
+
+def to_pyarrow(fs: AbstractFileSystem) -> pyarrow.fs.FileSystem:
+    """A pyarrow filesystem for Ray Data / Ray Train: native for local, fsspec-backed otherwise."""
+    if isinstance(fs, LocalFileSystem):
+        return pyarrow.fs.LocalFileSystem()
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def worker_env() -> dict[str, str]:
+    """The endpoint variables set here, for Ray `runtime_env={"env_vars": ...}`."""
+    return {name: os.environ[name] for name in ENDPOINT_ENV_VARS if name in os.environ}
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI parts with "/" (keeps the scheme: join("gs://b/x", "y") == "gs://b/x/y")."""
+    pieces = [uri.rstrip("/")] + [part.strip("/") for part in parts if part.strip("/")]
+    return "/".join(pieces)
+
+
+def list_files(uri: str) -> list[ListedFile]:
+    """Every file under `uri`, recursively, sorted; a file URI lists itself relative to its parent.
+
+    URIs come back in the input's style (same scheme, absolute local paths). Empty if nothing is there."""
+    fs, path = resolve(uri)
+    prefix = _prefix(uri)
+    if fs.isfile(path):
+        root, found = posixpath.dirname(path), {path: fs.info(path)}
+    else:
+        root, found = path.rstrip("/"), fs.find(path, detail=True)
+    return [
+        ListedFile(prefix + name, prefix + root, name[len(root) :].lstrip("/"), int(info.get("size") or 0))
+        for name, info in sorted(found.items())
+        if info.get("type", "file") == "file"
+    ]
+
+
+def read_bytes(uri: str, *, attempts: int = 4, backoff_s: float = 0.5) -> bytes:
+    """The whole file; storage errors are retried with exponential backoff (0.5 s, 1 s, 2 s ...),
+    missing files and permission errors are not. The last error propagates."""
+    failures = 0
+    while True:
+        try:
+            fs, path = resolve(uri)
+            return fs.cat_file(path)
+        except NOT_RETRIED:
+            raise
+        except Exception:
+            failures += 1
+            if failures >= attempts:
+                raise
+            time.sleep(backoff_s * 2 ** (failures - 1))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically: local = temporary name + rename; object stores = one PUT."""
+    fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.exists(path)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or a whole folder; nothing to do if it is not there."""
+    fs, path = resolve(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def move_tree(source: str, destination: str) -> None:
+    """Move a folder (or file) to a destination that does not exist yet.
+
+    Local: one rename. Object stores: server-side copies of the objects (concurrent on gcsfs and
+    s3fs), then the sources are deleted."""
+    fs, src = resolve(source)
+    _, dst = resolve(destination)
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(src, dst)
+        return
+    names = [src] if fs.isfile(src) else fs.find(src)
+    fs.copy(names, [dst + name[len(src) :] for name in names])
+    fs.rm(src, recursive=True)
+
+
+def _gcs() -> AbstractFileSystem:
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if emulator in ("", "default"):
+        return fsspec.filesystem("gs", use_listings_cache=False)
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    if not emulator.startswith(("http://", "https://")):
+        emulator = f"http://{emulator}"
+    return fsspec.filesystem("gs", token="anon", endpoint_url=emulator, use_listings_cache=False)
+
+
+def _protocol(uri: str) -> str:
+    protocol, _ = fsspec.core.split_protocol(uri)
+    return protocol or "file"
+
+
+def _prefix(uri: str) -> str:
+    protocol, _ = fsspec.core.split_protocol(uri)
+    return f"{protocol}://" if protocol else ""

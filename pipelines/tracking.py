@@ -1,0 +1,136 @@
+"""The one MLflow adapter of training: find-or-create a run by name, params, metrics, images.
+
+Everything here goes through an explicit `MlflowClient(tracking_uri)` and a run id, never the
+global "active run": Ray workers do not inherit the driver's MLflow settings, so the driver resolves
+the tracking URI once (`tracking_uri()`), finds or creates the run (`start_or_resume`) and hands
+both to the rank-0 worker (`RunLogger`) through the train loop config.
+
+- Tracking URI: `MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the current directory. A
+  relative sqlite path is made absolute, because Ray workers run in other directories.
+- Experiments created here on a sqlite store keep their artifacts in `mlartifacts/` next to the
+  database file (MLflow's default would be `./mlruns` of the current directory).
+- A run is found again by its tag `sr3.run_name` (= `--run-name`) in the experiment, so a rerun
+  with the same name continues the same MLflow run and its metric steps.
+- Params: MLflow refuses to change a logged param, so a resumed run logs only params it does not
+  have yet and returns the ones whose value differs (the caller prints them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+RUN_NAME_TAG = "sr3.run_name"
+DEFAULT_EXPERIMENT = "sr3"
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use everywhere: argument, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    uri = uri or os.environ.get(TRACKING_ENV) or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        uri = prefix + os.path.abspath(uri[len(prefix):])  # sqlite:////abs/path/mlflow.db
+    return uri
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go next to the database file (`mlartifacts/`), not into
+    `./mlruns` of whatever directory the run happened to start in; servers choose their own."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and ":memory:" not in uri:
+        return "file://" + os.path.join(os.path.dirname(uri[len(prefix):]), "mlartifacts")
+    return None
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """The newest run tagged `sr3.run_name = run_name` in `experiment`, or None."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def start_or_resume(uri: str, experiment: str, run_name: str,
+                    tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(run id, resumed): the run named `run_name` in `experiment`, created if absent."""
+    client = _client(uri)
+    run_id = find_run(uri, experiment, run_name)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=default_artifact_location(uri))
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={RUN_NAME_TAG: run_name, **(tags or {})})
+    return run.info.run_id, False
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """Log params the run lacks; return {key: (logged, new)} for those whose value differs."""
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    existing = client.get_run(run_id).data.params
+    values = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
+    conflicts = {k: (existing[k], v) for k, v in values.items() if k in existing and existing[k] != v}
+    new = [Param(k, v) for k, v in sorted(values.items()) if k not in existing]
+    for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=new[i:i + MAX_PARAMS_PER_BATCH])
+    return conflicts
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    for key, value in tags.items():
+        _client(uri).set_tag(run_id, key, str(value))
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run FINISHED (or FAILED / KILLED)."""
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def run_metrics(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """[(step, value)] of one metric, by step: for tests and reports."""
+    history = _client(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+class RunLogger:
+    """Metrics and images of one run, from the rank-0 training worker."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.client = _client(uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if v is not None and np.isfinite(v)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        """An (H, W, 3) uint8 image as a PNG artifact at `artifact_file` (e.g. val/step_100.png)."""
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)

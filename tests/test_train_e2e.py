@@ -1,0 +1,180 @@
+"""End to end: `ray job submit --working-dir . -- python jobs/train.py ...` against a real
+`ray start --head`, tracking to a real `mlflow server` on loopback, registering the model with an
+alias; then `models:/NAME@ALIAS` is loaded as a pyfunc and must give the same output as the
+in-memory model (checkpoint EMA weights) for the same seed.
+
+The head gets its own ports and temp dir (so it cannot collide with the test session's local Ray or
+anyone else's cluster) and runs as `ray start --head --block` in its own process group, which the
+test stops by that group's id (never `ray stop`, which would stop every Ray on the machine). The
+MLflow server runs in its own process group too. Resuming by --run-name through the CLI is covered
+in-process by tests/test_train.py; here the job runs once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from train_support import HR, write_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process group this test started (start_new_session), then SIGKILL what is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # also reaches children that outlived the leader
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    root = Path(f"/tmp/sr3h{os.getpid()}")  # short: Ray's unix socket paths are length-limited
+    gcs, dashboard, node, objects, agent, agent_grpc, metrics, env_agent, client = _free_ports(9)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "wb")
+    process = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs), "--temp-dir", str(root),
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--node-manager-port", str(node), "--object-manager-port", str(objects),
+         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(env_agent),
+         "--ray-client-server-port", str(client), "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while True:  # the job agent answers some seconds after `ray start` returns
+            probe = subprocess.run([RAY, "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray head did not start: {probe.stderr[-2000:]}")
+            time.sleep(2)
+        yield address, env
+    finally:
+        _stop_group(process, grace_s=5)  # a clean Ray shutdown takes ~30 s; the group is ours alone
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    (port,) = _free_ports(1)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop_group(process, grace_s=10)  # the server and its uvicorn worker: our own group
+
+
+def _submit(address: str, env: dict[str, str], runtime_env: dict, args: list[str]) -> str:
+    command = [RAY, "job", "submit", "--address", address, "--working-dir", ".",
+               "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/train.py", *args]
+    for _ in range(10):  # the job agent may answer "No available agent" for a few more seconds
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode == 0 or "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_job_submit_trains_registers_and_pyfunc_matches_in_memory_model(
+        ray_head: tuple[str, dict[str, str]], mlflow_server: str, tmp_path: Path) -> None:
+    import mlflow
+
+    from pipelines.pairs import read_part
+    from pipelines.pyfunc import super_resolve_frame
+    from sr3model.weights import load_model
+
+    address, env = ray_head
+    pairs = write_pairs(tmp_path / "pairs", n_train=8, n_val=2)
+    storage = tmp_path / "runs"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server, "RAY_USAGE_STATS_ENABLED": "0"}}
+    printed = _submit(address, env, runtime_env, [
+        "--pairs", pairs, "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--num-workers", "2",
+        "--storage", str(storage), "--run-name", "e2e", "--experiment", "e2e", "--register", "sr3-e2e",
+        "--val-images", "2", "--val-steps", "2", "--log-every", "1",
+        "--set", "unet.channels=8", "--set", "unet.norm_groups=4", "--set", "unet.attention_head_channels=8"])
+    assert "run e2e: 2 steps" in printed
+    assert "model: models:/sr3-e2e@champion (version 1)" in printed
+
+    client = mlflow.MlflowClient(mlflow_server)
+    version = client.get_model_version_by_alias("sr3-e2e", "champion")
+    assert version.version == "1"
+    run = client.get_run(version.run_id)
+    assert run.info.run_name == "e2e" and run.info.status == "FINISHED"
+    assert run.data.params["unet.channels"] == "8"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert {"val_psnr", "val_ssim", "val_consistency", "images_per_s"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "validation")] == ["validation/step_00000002.png"]
+
+    mlflow.set_tracking_uri(mlflow_server)
+    served = mlflow.pyfunc.load_model("models:/sr3-e2e@champion")
+    frame = pd.DataFrame({"lr": read_part(pairs, "val", columns=["lr"]).column("lr").to_pylist()})
+    params = {"seed": 7, "steps": 3, "sampler": "ddim"}
+    out = served.predict(frame, params=params)
+    assert list(out.columns) == ["sr", "height", "width"] and len(out) == 2
+    image = np.asarray(Image.open(io.BytesIO(out["sr"][0])))
+    assert image.shape == (HR, HR, 3) and image.dtype == np.uint8
+
+    checkpoint = max(p for p in (storage / "e2e").glob("checkpoint_*") if p.is_dir())
+    local = super_resolve_frame(load_model(checkpoint, ema=True), frame, params)
+    assert list(out["sr"]) == list(local["sr"])  # same weights (EMA), same seed -> same pixels
+    other = served.predict(frame, params={**params, "seed": 8})
+    assert list(other["sr"]) != list(out["sr"])  # the seed matters: the comparison above can fail
