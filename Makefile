@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED ?= 0
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT ?= false
+# Jobs and tests that start `python` or `ray` by name get the project's environment.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test bench
 install: $(VENV)/.installed

@@ -1,9 +1,10 @@
 """Pair building: the Ray Data builder against plain single-process Pillow loops, same files, same run.
 
-    python benchmarks/bench_pairs.py [--count 320] [--recipe imagenet --hr-size 256 --scale 4]
+    python benchmarks/bench_pairs.py [--count 320] [--rounds 3] [--recipe imagenet --hr-size 256 --scale 4]
 
 Inputs: `--count` JPEGs of about 1-4 Mpx made once from the photos bundled in skimage.data
-(random resizes, crops, flips, rotations), cached in `--cache-dir`. Three timings on the same files:
+(random resizes, crops, flips, rotations), cached in `--cache-dir`. Four timings on the same files,
+interleaved over `--rounds` rounds (medians reported):
 
 - plain loop:     Image.open → convert RGB → recipe crop/resize → bicubic LR → PNG (Pillow
                   defaults: full-size decode, compress level 6), one process: what one writes first.
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--hr-size", type=int, default=256)
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--patches-per-image", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "sr3-bench-pairs")
     args = parser.parse_args()
     if args.recipe == "faces":
@@ -117,14 +119,6 @@ def main() -> None:
     print(f"{len(paths)} JPEGs, mean {megapixels:.1f} Mpx, in {inputs} ({time.perf_counter() - started:.1f}s)")
     print(f"recipe {spec.recipe}, HR {spec.hr_size}, scale {spec.scale}, {os.cpu_count()} CPUs")
 
-    plain = plain_loop(paths, spec)
-    print(f"plain Pillow loop:   {plain:7.1f} images/s")
-    same_ops = same_ops_loop(paths, spec)
-    print(f"same-ops loop:       {same_ops:7.1f} images/s")
-    pooled = pool_loop(paths, spec, os.cpu_count() or 1)
-    print(f"process pool:        {pooled:7.1f} images/s  (machine's parallel ceiling now: "
-          f"{pooled / same_ops:.2f}x, load average {os.getloadavg()[0]:.1f})")
-
     import ray
 
     from pipelines.pairs import build_pairs
@@ -133,17 +127,35 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     options = dict(patches_per_image=spec.patches_per_image, progress=lambda message: None)
     with tempfile.TemporaryDirectory() as output:
-        cold = build_pairs([str(inputs)], output, spec.recipe, spec.hr_size, spec.scale, limit=32, **options)
-        summary = build_pairs([str(inputs)], output, spec.recipe, spec.hr_size, spec.scale, **options)
-    ray.shutdown()
-    assert summary["rejected"] == 0 and summary["listed"] == len(paths), summary
-    builder = summary["files_per_s"]
-    print(f"Ray Data builder:    {builder:7.1f} images/s  ({summary['tasks']} tasks; "
-          f"warm-up on 32 files took {cold['elapsed_s']:.1f}s)")
-    print(f"builder / plain loop    = {builder / plain:.2f}x")
-    print(f"builder / same-ops loop = {builder / same_ops:.2f}x  (parallelism alone)")
-    print(f"builder / process pool  = {builder / pooled:.2f}x  (Ray's overhead)")
 
+        def builder() -> float:
+            summary = build_pairs([str(inputs)], output, spec.recipe, spec.hr_size, spec.scale, **options)
+            assert summary["rejected"] == 0 and summary["listed"] == len(paths), summary
+            return summary["files_per_s"]
+
+        warm_up = build_pairs([str(inputs)], output, spec.recipe, spec.hr_size, spec.scale, limit=32, **options)
+        print(f"Ray warm-up (starts the workers) on 32 files: {warm_up['elapsed_s']:.1f}s")
+        measures = {
+            "plain Pillow loop": lambda: plain_loop(paths, spec),
+            "same-ops loop": lambda: same_ops_loop(paths, spec),
+            "process pool": lambda: pool_loop(paths, spec, os.cpu_count() or 1),
+            "Ray Data builder": builder,
+        }
+        runs: dict[str, list[float]] = {name: [] for name in measures}
+        for index in range(args.rounds):  # interleaved, so that other users' load hits all alike
+            for name, measure in measures.items():
+                runs[name].append(measure())
+            print(f"round {index + 1}: " + ", ".join(f"{name} {runs[name][-1]:.1f}" for name in runs)
+                  + f" images/s (load average {os.getloadavg()[0]:.1f})")
+    ray.shutdown()
+
+    median = {name: float(np.median(values)) for name, values in runs.items()}
+    for name, value in median.items():
+        print(f"{name + ':':19s} {value:7.1f} images/s (median of {args.rounds})")
+    builder_rate = median["Ray Data builder"]
+    print(f"builder / plain loop    = {builder_rate / median['plain Pillow loop']:.2f}x")
+    print(f"builder / same-ops loop = {builder_rate / median['same-ops loop']:.2f}x  (parallelism alone)")
+    print(f"pool / same-ops loop    = {median['process pool'] / median['same-ops loop']:.2f}x  (the machine's ceiling)")
 
 if __name__ == "__main__":
     main()

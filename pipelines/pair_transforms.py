@@ -8,6 +8,8 @@ Keys and splits:
   bucket or a copy of the data elsewhere gives every file the same key. Patch rows add `#p<index>`.
 - split = "val" when blake2b(source key) mapped to [0, 1) is below val_fraction, else "train";
   all patches of a photo share their source's split (no train/val leakage between crops).
+- reject reasons: those of `sr3model.imageio.REASONS`, plus `read_error` (storage still failing
+  after retries) and `error` (anything unexpected while processing one file).
 - patch positions come from a numpy Generator seeded by blake2b(seed, source key): the same
   photo always gives the same crops, whatever task or order it is processed in.
 """
@@ -126,9 +128,14 @@ def rows_for_file(key: str, source: str, data: bytes | None, error: str | None, 
         return [reject_row(key, source, "read_error", error)]
     try:
         image = decode_image(data or b"", draft_size=spec.draft_size)
-        hrs = hr_images(image, key, spec)
+        pairs = [
+            (row_key, encode_png(hr), encode_png(lr_from_hr(hr, spec.scale)))
+            for row_key, hr in hr_images(image, key, spec)
+        ]
     except ImageRejected as rejected:
         return [reject_row(key, source, rejected.reason, rejected.detail)]
+    except Exception as unexpected:  # a file that breaks the pipeline still must not fail the job
+        return [reject_row(key, source, "error", f"{type(unexpected).__name__}: {unexpected}")]
     split = split_for(key, spec.val_fraction)
     return [
         {
@@ -138,12 +145,12 @@ def rows_for_file(key: str, source: str, data: bytes | None, error: str | None, 
             "recipe": spec.recipe,
             "hr_size": spec.hr_size,
             "scale": spec.scale,
-            "hr": encode_png(hr),
-            "lr": encode_png(lr_from_hr(hr, spec.scale)),
+            "hr": hr,
+            "lr": lr,
             "reason": None,
             "detail": None,
         }
-        for row_key, hr in hrs
+        for row_key, hr, lr in pairs
     ]
 
 

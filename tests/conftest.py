@@ -7,7 +7,8 @@
 - `gcs_bucket` (function): a fresh, empty bucket on it, as "gs://<name>".
 - `ray_local` (session): `ray.init(address="local", num_cpus=2, include_dashboard=False)`, started
   after the emulator so workers inherit its variables (also passed as runtime_env env_vars);
-  shut down at the end. Yields the cluster's GCS address for extra drivers (`--ray-address`).
+  shut down at the end. Yields the cluster address (Ray's head "GCS" address, not Cloud Storage)
+  that extra drivers can join, e.g. `--ray-address` of a job run in a subprocess.
 - `photo_dir` (session): real photographs from skimage.data as JPEG/PNG/WebP/TIFF files in nested
   folders; `photo_arrays` holds the RGB arrays they were written from.
 - `odd_files` (session): one folder of bad and unusual files (`write_odd_files`), with the reject
@@ -84,6 +85,7 @@ def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture()
 def gcs_bucket(gcs_server: str) -> str:
+    """A new empty bucket on the emulator: "gs://test-<random>"."""
     from pipelines import storage
 
     name = f"test-{uuid.uuid4().hex[:12]}"
@@ -94,7 +96,7 @@ def gcs_bucket(gcs_server: str) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local(gcs_server: str) -> Iterator[str]:
-    """A local Ray for the session; yields its GCS address."""
+    """A local Ray for the session; yields its cluster address."""
     import ray
 
     from pipelines import storage

@@ -70,9 +70,13 @@ def test_every_odd_file_gives_pairs_or_one_reject(odd_files) -> None:
             assert [(row["reason"], row["source"], row["hr"]) for row in rows] == [(reason, f"/in/odd/{name}", None)]
 
 
-def test_read_errors_become_rejects() -> None:
+def test_read_and_processing_errors_become_rejects(photo_dir: Path) -> None:
     (row,) = rows_for_file("k", "gs://b/k", None, "TimeoutError: gave up", IMAGENET)
     assert (row["reason"], row["detail"]) == ("read_error", "TimeoutError: gave up")
+    broken = PairSpec("imagenet", hr_size=64, scale=4)
+    object.__setattr__(broken, "scale", 3)  # bypass validation: LR of 64 px by 3 cannot be made
+    (row,) = rows_for_file("k", "src", (photo_dir / "astronaut.jpg").read_bytes(), None, broken)
+    assert row["reason"] == "error" and row["detail"].startswith("ValueError")
 
 
 def test_patches_are_deterministic_and_share_their_source_split(photo_dir: Path) -> None:

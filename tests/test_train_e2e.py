@@ -68,6 +68,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, di
     gcs, dashboard, node, objects, agent, agent_grpc, metrics, env_agent, client = _free_ports(9)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    # A job's `python` is whatever the node's PATH finds, as on a cluster image: make it this
+    # interpreter, also when the tests run without an activated virtual environment (CI).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "wb")
     process = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs), "--temp-dir", str(root),
