@@ -122,7 +122,9 @@ def hr_images(image: Image.Image, key: str, spec: PairSpec) -> list[tuple[str, I
     return [(f"{key}#p{index:03d}", patch) for index, patch in enumerate(patches)]
 
 
-def rows_for_file(key: str, source: str, data: bytes | None, error: str | None, spec: PairSpec) -> list[dict[str, Any]]:
+def rows_for_file(
+    key: str, source: str, data: bytes | None, error: str | None, spec: PairSpec
+) -> list[dict[str, Any]]:
     """All output rows of one file: its pair rows, or exactly one reject row."""
     if error is not None:
         return [reject_row(key, source, "read_error", error)]
