@@ -1,6 +1,6 @@
 """Quickstart: the whole pipeline on embedded defaults (local Ray, local files, MLflow in SQLite).
 
-    python jobs/quickstart.py [--workdir quickstart] [--steps 600]
+    python jobs/quickstart.py [--workdir quickstart] [--steps 400]
 
 Builds pairs from the photos bundled with scikit-image (Ray Data), trains a `tiny` SR3 model
 (Ray Train, tracked in MLflow, registered as models:/sr3-quickstart@champion), super-resolves
@@ -18,7 +18,7 @@ from pipelines.quickstart import run  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("quickstart"), help="where everything goes")
-    parser.add_argument("--steps", type=int, default=600, help="training steps of the tiny model")
+    parser.add_argument("--steps", type=int, default=400, help="training steps of the tiny model")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (2 workers)")
     parser.add_argument("--patches-per-image", type=int, default=48)
     parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
