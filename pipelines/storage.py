@@ -47,17 +47,17 @@ class ListedFile:
 
 def resolve(uri: str) -> tuple[AbstractFileSystem, str]:
     """A URI or local path → (fsspec filesystem, path inside it without protocol)."""
-    protocol = _protocol(uri)
-    if protocol in ("file", "local"):
+    scheme = protocol(uri)
+    if scheme in ("file", "local"):
         fs: AbstractFileSystem = LocalFileSystem()
-    elif protocol in ("gs", "gcs"):
+    elif scheme in ("gs", "gcs"):
         fs = _gcs()
-    elif protocol in ("s3", "s3a"):
+    elif scheme in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         options = {"endpoint_url": endpoint} if endpoint else {}
         fs = fsspec.filesystem("s3", use_listings_cache=False, **options)
     else:
-        fs = fsspec.filesystem(protocol)
+        fs = fsspec.filesystem(scheme)
     return fs, fs._strip_protocol(uri)
 
 
@@ -163,7 +163,8 @@ def _gcs() -> AbstractFileSystem:
     return fsspec.filesystem("gs", token="anon", endpoint_url=emulator, use_listings_cache=False)
 
 
-def _protocol(uri: str) -> str:
+def protocol(uri: str) -> str:
+    """The URI's scheme (`gs`, `s3`, ...); `file` for local paths."""
     protocol, _ = fsspec.core.split_protocol(uri)
     return protocol or "file"
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import time
 from dataclasses import dataclass
@@ -54,16 +53,11 @@ class TrainResult:
 def decode_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """PNG bytes columns `hr`, `lr` → float32 (B, 3, H, W) arrays in [-1, 1] (Ray Data task).
 
-    Pillow only (what `sr3model.imageio.decode_png` does for the 8-bit RGB PNGs of the pairs
-    contract), so that decode tasks never import torch."""
-    from PIL import Image
-
-    def rgb(data: bytes) -> np.ndarray:
-        image = Image.open(io.BytesIO(data))
-        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    Decodes with `sr3model.imageio.decode_png`, which loads without torch."""
+    from sr3model.imageio import decode_png
 
     def stack(column: np.ndarray) -> np.ndarray:
-        pixels = np.stack([rgb(bytes(b)) for b in column])  # (B, H, W, 3)
+        pixels = np.stack([np.asarray(decode_png(bytes(b)), dtype=np.uint8) for b in column])  # (B, H, W, 3)
         return (pixels.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)  # (B, 3, H, W)
 
     return {"hr": stack(batch["hr"]), "lr": stack(batch["lr"])}
@@ -95,7 +89,7 @@ def train_dataset(pairs: str):
 def _storage(uri: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for RunConfig: explicit pyarrow fs for object stores."""
     fs, path = storage.resolve(uri)
-    if storage._protocol(uri) in ("file", "local"):
+    if storage.protocol(uri) in ("file", "local"):
         return os.path.abspath(path), None
     return path, storage.to_pyarrow(fs)
 
@@ -186,5 +180,5 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
 
 
 def _checkpoint_uri(storage_uri: str, path: str) -> str:
-    protocol = storage._protocol(storage_uri)
+    protocol = storage.protocol(storage_uri)
     return path if protocol in ("file", "local") else f"{protocol}://{path.lstrip('/')}"

@@ -8,12 +8,23 @@
     samplers    `ddpm` (Algorithm 2), `ddim`; one signature, a registry
     training    Algorithm 1's step: Adam + warm-up, clipping, EMA, augmentation
     ema, weights, metrics, resample, imageio
+
+The torch-backed names are imported on first use (PEP 562), so `sr3model.config` and
+`sr3model.imageio` load without torch: Ray Data decode workers start without its ~3 s import.
 """
 
+from importlib import import_module
+
 from .config import PRESETS, SR3Config, override, preset
-from .model import SR3
-from .samplers import SAMPLERS, get_sampler
-from .weights import load_model, save_model
+
+_LAZY = {"SR3": "model", "SAMPLERS": "samplers", "get_sampler": "samplers", "load_model": "weights",
+         "save_model": "weights"}
 
 __all__ = ["PRESETS", "SR3", "SR3Config", "SAMPLERS", "get_sampler", "load_model", "override",
            "preset", "save_model"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
