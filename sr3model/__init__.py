@@ -6,6 +6,7 @@
     layers/unet the paper's U-Net (BigGAN residual blocks, attention, FiLM on γ)
     model       `SR3`: objectives sr3 | residual | regression | unconditional
     samplers    `ddpm` (Algorithm 2), `ddim`; one signature, a registry
+    tiling      any image size: joint denoising of overlapping tiles, blended ε̂
     training    Algorithm 1's step: Adam + warm-up, clipping, EMA, augmentation
     ema, weights, metrics, resample, imageio
 
@@ -18,10 +19,10 @@ from importlib import import_module
 from .config import PRESETS, SR3Config, override, preset
 
 _LAZY = {"SR3": "model", "SAMPLERS": "samplers", "get_sampler": "samplers", "load_model": "weights",
-         "save_model": "weights"}
+         "save_model": "weights", "load_model_bytes": "weights", "super_resolve_any": "tiling"}
 
-__all__ = ["PRESETS", "SR3", "SR3Config", "SAMPLERS", "get_sampler", "load_model", "override",
-           "preset", "save_model"]
+__all__ = ["PRESETS", "SR3", "SR3Config", "SAMPLERS", "get_sampler", "load_model", "load_model_bytes", "override",
+           "preset", "save_model", "super_resolve_any"]
 
 
 def __getattr__(name: str):

@@ -21,7 +21,7 @@ from torch import nn
 from .config import SR3Config
 from .diffusion import eps_loss, q_sample, sample_noise_level
 from .resample import upsample
-from .samplers import Callback, Denoiser, get_sampler, randn
+from .samplers import Callback, Denoiser, Generators, get_sampler, randn
 from .schedules import NoiseSchedule, inference_schedule, training_schedule
 from .unet import build_unet
 
@@ -47,8 +47,8 @@ class SR3(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def denoiser(self) -> Denoiser:
-        """The ε-predicting callable the samplers use: (x, y_t, γ) → ε̂."""
-        def eps_hat(x: torch.Tensor | None, y_t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """The ε-predicting callable the samplers use: (x, y_t, γ) → ε̂ (regression: y0, y_t = None)."""
+        def eps_hat(x: torch.Tensor | None, y_t: torch.Tensor | None, gamma: torch.Tensor) -> torch.Tensor:
             return self.net(self._inputs(x, y_t), gamma)
         return eps_hat
 
@@ -76,12 +76,14 @@ class SR3(nn.Module):
     @torch.no_grad()
     def super_resolve(self, lr: torch.Tensor | None = None, *, sampler: str | None = None,
                       schedule: NoiseSchedule | None = None, samples: int = 1,
-                      batch: int | None = None, generator: torch.Generator | None = None,
+                      batch: int | None = None, generator: Generators = None,
                       callback: Callback | None = None, denoiser: Denoiser | None = None) -> torch.Tensor:
         """Samples (B, samples, 3, H, W) in [-1, 1] for LR images (B, 3, h, w).
 
         Unconditional models take `lr=None` and `batch=B`. `denoiser` replaces the plain network
-        call (e.g. the tiled denoiser for large images); `schedule` defaults to the config's.
+        call (e.g. `sr3model.tiling.TiledDenoiser` for images larger than the model's size);
+        `schedule` defaults to the config's. `generator` is one generator or one per output row
+        (B·samples, image-major), so each sample's noise can be its own.
         """
         cfg = self.config
         if lr is not None and lr.shape[1] != 3:
@@ -89,8 +91,8 @@ class SR3(nn.Module):
         x = self.condition(lr)
         if x is not None:
             x = x.repeat_interleave(samples, dim=0)  # (B·samples, 3, H, W)
-        if cfg.objective == "regression":
-            out = self.net(x, torch.ones(x.shape[0], device=x.device))
+        if cfg.objective == "regression":  # one step, γ = 1; the denoiser ignores y_t
+            out = (denoiser or self.denoiser())(x, None, torch.ones(x.shape[0], device=x.device))
         else:
             n = (lr.shape[0] if lr is not None else (batch or 1)) * samples
             shape = (n, 3, cfg.hr_size, cfg.hr_size) if x is None else tuple(x.shape)

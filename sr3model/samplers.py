@@ -9,7 +9,8 @@ Every sampler has one signature and lives in `SAMPLERS`:
 - `x`: the conditioning image (B, C, H, W), or None with `shape` given;
 - `schedule`: an inference `NoiseSchedule` (any number of steps, any start/end — the network is
   conditioned on γ, so no retraining is needed);
-- `generator`: a `torch.Generator` for reproducible noise; `y_T` to pass the start noise instead;
+- `generator`: a `torch.Generator` for reproducible noise, or one per row (then each image's noise
+  is its own, whatever batch it is in); `y_T` to pass the start noise instead;
 - `callback(step, total, y_t)`: progress, called after each refinement step.
 
 The single refinement steps `ddpm_step` and `ddim_step` are public, to write other loops.
@@ -23,7 +24,7 @@ Both return y0 unclipped; callers map it to images (see `sr3model.model`).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -32,20 +33,32 @@ from .schedules import NoiseSchedule
 
 Denoiser = Callable[[Optional[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]  # one, or one per row
 
 
 class Sampler(Protocol):
     def __call__(self, denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *,
-                 shape: tuple[int, ...] | None = None, generator: torch.Generator | None = None,
+                 shape: tuple[int, ...] | None = None, generator: Generators = None,
                  callback: Callback | None = None, y_T: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-def randn(shape, *, generator: torch.Generator | None, like: torch.Tensor | None = None,
+def randn(shape, *, generator: Generators, like: torch.Tensor | None = None,
           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, then moved next to `like`."""
+    """Standard normal noise drawn on the generator's device, then moved next to `like`.
+
+    `generator` may be a sequence of one generator per row (shape[0] of them): row i is drawn from
+    generator i alone, so an image's noise does not depend on which batch it was sampled in."""
+    target = like.device if like is not None else device
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generators = list(generator)
+        if len(generators) != shape[0]:
+            raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype).to(target)
+                for g in generators]
+        return torch.cat(rows)
     gen_device = generator.device if generator is not None else device
     z = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
-    return z.to(like.device if like is not None else device)
+    return z.to(target)
 
 
 def _levels(value: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
@@ -83,7 +96,7 @@ def _start(x: torch.Tensor | None, shape, generator, y_T) -> torch.Tensor:
 
 @torch.no_grad()
 def ddpm(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *, shape=None,
-         generator: torch.Generator | None = None, callback: Callback | None = None,
+         generator: Generators = None, callback: Callback | None = None,
          y_T: torch.Tensor | None = None) -> torch.Tensor:
     """Algorithm 2: T refinement steps, variance 1 − α_t, no noise added on the last step."""
     y = _start(x, shape, generator, y_T)
@@ -98,7 +111,7 @@ def ddpm(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *,
 
 @torch.no_grad()
 def ddim(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *, shape=None,
-         generator: torch.Generator | None = None, callback: Callback | None = None,
+         generator: Generators = None, callback: Callback | None = None,
          y_T: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic DDIM over the schedule's γ levels (the start noise is the only randomness)."""
     y = _start(x, shape, generator, y_T)

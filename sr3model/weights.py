@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from .config import SR3Config
 from .model import SR3
@@ -64,9 +64,18 @@ def load_model(directory: str | Path, *, ema: bool = True, device: str | torch.d
     """Rebuild the model from config.json and load EMA weights when present (else the raw ones)."""
     directory = Path(directory)
     config = load_config(directory)
-    model = SR3(config)
     path = directory / (EMA_FILE if ema and (directory / EMA_FILE).exists() else MODEL_FILE)
-    state = load_file(path)
-    check_state(model.net.state_dict(), state, str(path))
+    return _build(config, load_file(path), str(path), device)
+
+
+def load_model_bytes(config_json: str, weights: bytes, *, device: str | torch.device = "cpu") -> SR3:
+    """The model from a config.json text and the bytes of one safetensors file (e.g. shipped to
+    remote workers through an object store instead of a shared file system)."""
+    return _build(SR3Config.from_json(config_json), load(weights), "the given weights", device)
+
+
+def _build(config: SR3Config, state: dict[str, torch.Tensor], source: str, device) -> SR3:
+    model = SR3(config)
+    check_state(model.net.state_dict(), state, source)
     model.net.load_state_dict(state)
     return model.to(device).eval()
