@@ -1,0 +1,69 @@
+"""Super-resolve every new image of a bucket with a registered model (see pipelines/upscale.py).
+
+    python jobs/upscale.py --model models:/sr3-natural@champion --input gs://bkt/photos \\
+        --output gs://bkt/photos-x4 --steps 100 --sampler ddpm --batch-size 16 --workers 4
+
+INPUT/a/b/name.ext → OUTPUT/a/b/name.<format> (name_s<k>.<format> when --samples > 1), plus
+OUTPUT/_manifest/*.parquet, OUTPUT/_rejects/*.parquet and OUTPUT/_SUMMARY.json. Rerunning skips
+what is done, so a scheduled run only processes new images. Sampling defaults come from the model
+(the schedule stored by jobs/search_schedule.py --apply, else its config); flags override.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Batch super-resolution of a bucket with Ray Data.")
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model directory")
+    parser.add_argument("--input", required=True, help="folder or bucket prefix of images (any fsspec URI)")
+    parser.add_argument("--output", required=True, help="output folder or bucket prefix")
+    parser.add_argument("--steps", type=int, help="refinement steps K (default: the model's)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the model's")
+    parser.add_argument("--schedule", metavar="START,END", help="linear β schedule, e.g. 1e-4,0.2")
+    parser.add_argument("--batch-size", type=int, default=8, help="images (or tiles) per network call")
+    parser.add_argument("--samples", type=int, default=1, help="samples per image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tile", type=int, help="LR tile size for other sizes (default: the model's LR size)")
+    parser.add_argument("--overlap", type=int, help="LR pixels shared by neighbouring tiles (default: tile/4)")
+    parser.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
+    parser.add_argument("--num-gpus-per-worker", type=float, help="default: 1 if the cluster has GPUs, else 0")
+    parser.add_argument("--workers", type=int, help="sampling actors (default: the GPUs, or 1 on CPU)")
+    parser.add_argument("--max-output-pixels", type=int, help="reject larger outputs (default 8192²)")
+    parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pipelines.runtime import init_ray
+    from pipelines.upscale import DEFAULT_MAX_OUTPUT_PIXELS, upscale
+
+    init_ray(args.ray_address)
+    try:
+        summary = upscale(
+            args.model, args.input, args.output, steps=args.steps, sampler=args.sampler,
+            schedule=args.schedule, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
+            tile=args.tile, overlap=args.overlap, fmt=args.format,
+            num_gpus_per_worker=args.num_gpus_per_worker, workers=args.workers,
+            max_output_pixels=args.max_output_pixels or DEFAULT_MAX_OUTPUT_PIXELS)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"upscale: error: {error}", file=sys.stderr)
+        return 2
+    reasons = ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items())
+    print(f"upscale: {summary['listed']} listed, {summary['done']} done, {summary['skipped']} skipped "
+          f"(already done), {summary['rejected']} rejected{f' ({reasons})' if reasons else ''}, "
+          f"{summary['skipped_rejected']} rejected before, in {summary['elapsed_s']:.1f}s")
+    print(f"model: {summary['model']}; output: {args.output} (manifest in _manifest/, rejects in _rejects/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
