@@ -196,7 +196,8 @@ def write_batch(batch: dict[str, np.ndarray], output: str, fmt: str, record: dic
     """Encode and write a batch of results, then its manifest and rejects parts (Ray Data task).
 
     Rows hold `samples` outputs packed in `out` (N × H × W × 3 uint8 bytes) and their noise seeds
-    in `seeds` (N int64 bytes), or a reject `reason`.
+    in `seeds` (N int64 bytes), or a reject `reason`. `record` holds the model and sampling
+    columns of the manifest; a batch column of the same name overrides it per row (the cascade).
     Returns one small row per source: status ("done" | "rejected") and reason."""
     manifest, rejects, status = [], [], {"source": [], "status": [], "reason": []}
     stamp = now()
@@ -214,8 +215,9 @@ def write_batch(batch: dict[str, np.ndarray], output: str, fmt: str, record: dic
         seeds = np.frombuffer(batch["seeds"][i], dtype=np.int64)
         for k, (name, image) in enumerate(zip(names, images)):
             storage.write_bytes(storage.join(output, name), encode(image, fmt))
+            row_record = {k: (_plain(batch[k][i]) if k in batch else v) for k, v in record.items()}  # per-row
             manifest.append({
-                **record, "source": str(source), "output": name, "sample": k,
+                **row_record, "source": str(source), "output": name, "sample": k,
                 "seed": int(seeds[k]),
                 "input_width": int(batch["width"][i]), "input_height": int(batch["height"][i]),
                 "output_width": width, "output_height": height, "input_bytes": int(batch["input_bytes"][i]),
@@ -223,6 +225,10 @@ def write_batch(batch: dict[str, np.ndarray], output: str, fmt: str, record: dic
         status["status"].append("done")
     write_parts(output, manifest, rejects)
     return status
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def write_parts(output: str, manifest: list[dict[str, Any]], rejects: list[dict[str, Any]]) -> None:

@@ -189,3 +189,37 @@ def test_names_cannot_escape_the_output_prefix(tmp_path: Path) -> None:
     assert [item["relpath"] for item in todo] == ["a.jpg", "ok/b.png"]
     assert sorted(r["reason"] for r in rejects) == ["output_collision", "unsafe_name"]
     assert counts["listed"] == 4
+
+
+def test_cascade_of_a_tiny_base_and_one_stage(ray_local, registry, tmp_path: Path, monkeypatch) -> None:
+    uri, stage_uri, _ = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    base = save_tiny(tmp_path / "base", "unconditional", 1, "hr_size=16", "lr_size=4")
+    output = tmp_path / "cascade"
+    job = _load_job("cascade")
+    assert job.main(["--base", str(base), "--stage", stage_uri, "--num-samples", "3", "--output", str(output),
+                     "--steps", "4,2", "--batch-size", "2", "--keep-intermediate"]) == 0
+    rows = {row["output"]: row for row in _manifest(str(output))}
+    finals = [f"sample_{i:06d}.png" for i in range(3)]
+    middles = [f"intermediate/stage0_16px/sample_{i:06d}.png" for i in range(3)]
+    assert sorted(rows) == sorted(finals + middles)
+    for name in finals:
+        with Image.open(output / name) as image:
+            assert image.size == (64, 64)
+        assert rows[name]["model_name"] == "tiny-up" and rows[name]["steps"] == 2
+        assert rows[name]["source"] == f"intermediate/stage0_16px/{name}"
+    for name in middles:
+        with Image.open(output / name) as image:
+            assert image.size == (16, 16)
+        assert rows[name]["source"] == "noise" and rows[name]["steps"] == 4 and rows[name]["model_uri"] == str(base)
+    assert len({rows[name]["seed"] for name in finals + middles}) == 6
+    first = np.asarray(Image.open(output / finals[0]))
+
+    # Two more samples: only they are generated; the first ones are not redone.
+    assert job.main(["--base", str(base), "--stage", stage_uri, "--num-samples", "5", "--output", str(output),
+                     "--steps", "4,2"]) == 0
+    assert sorted(r["output"] for r in _manifest(str(output))) == sorted(
+        finals + middles + ["sample_000003.png", "sample_000004.png"])
+    np.testing.assert_array_equal(np.asarray(Image.open(output / finals[0])), first)
+    assert job.main(["--base", stage_uri, "--stage", stage_uri, "--num-samples", "1", "--output",
+                     str(tmp_path / "bad")]) == 2
