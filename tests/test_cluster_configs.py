@@ -19,7 +19,10 @@ def _job_parser(script: str):
 
 
 def _entrypoints(document) -> list[str]:
+    """`entrypoint:` values, and the command after `--` of any `ray job submit` string."""
     found = []
+    if isinstance(document, str) and "ray job submit" in document:
+        found.append(document.split(" -- ", 1)[1])
     if isinstance(document, dict):
         for key, value in document.items():
             if key == "entrypoint" and isinstance(value, str):
@@ -34,7 +37,8 @@ def _entrypoints(document) -> list[str]:
 
 def test_there_are_cluster_configs():
     names = {p.relative_to(ROOT / "cluster").as_posix() for p in FILES}
-    assert {"gcp-gpu.yaml", "runtime-env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml"} <= names
+    assert {"gcp-gpu.yaml", "runtime-env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml",
+            "kuberay/raycronjob-upscale.yaml", "kuberay/cronjob-upscale.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -59,3 +63,14 @@ def test_kuberay_manifests_are_ray_io_v1():
     for name in ("raycluster.yaml", "rayjob-train.yaml"):
         manifest = yaml.safe_load((ROOT / "cluster" / "kuberay" / name).read_text())
         assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] in ("RayCluster", "RayJob")
+
+
+def test_scheduled_upscaling_runs_the_upscale_job_nightly_never_twice_at_once():
+    cron = yaml.safe_load((ROOT / "cluster" / "kuberay" / "raycronjob-upscale.yaml").read_text())
+    assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
+    assert len(cron["spec"]["schedule"].split()) == 5 and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert shlex.split(cron["spec"]["jobTemplate"]["entrypoint"])[1] == "jobs/upscale.py"
+    plain = yaml.safe_load((ROOT / "cluster" / "kuberay" / "cronjob-upscale.yaml").read_text())
+    assert (plain["kind"], plain["spec"]["concurrencyPolicy"]) == ("CronJob", "Forbid")
+    (command,) = _entrypoints(plain)
+    assert command.split()[1] == "jobs/upscale.py"
