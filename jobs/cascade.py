@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
+
 
 def _steps(text: str) -> list[int]:
     try:
@@ -36,11 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=_steps, help="K for all models, or K,K,… base first (default: each model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
     parser.add_argument("--keep-intermediate", action="store_true", help="also write every stage's images")
-    parser.add_argument("--workers", type=int, help="sampling actors (default: the GPUs, or 1 on CPU)")
-    parser.add_argument("--num-gpus-per-worker", type=float, help="default: 1 if the cluster has GPUs, else 0")
-    parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
+    add_sampling_worker_flags(parser)
     return parser.parse_args(argv)
 
 

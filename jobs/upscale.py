@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Batch super-resolution of a bucket with Ray Data.")
@@ -33,11 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tile", type=int, help="LR tile size for other sizes (default: the model's LR size)")
     parser.add_argument("--overlap", type=int, help="LR pixels shared by neighbouring tiles (default: tile/4)")
-    parser.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
-    parser.add_argument("--num-gpus-per-worker", type=float, help="default: 1 if the cluster has GPUs, else 0")
-    parser.add_argument("--workers", type=int, help="sampling actors (default: the GPUs, or 1 on CPU)")
     parser.add_argument("--max-output-pixels", type=int, help="reject larger outputs (default 8192²)")
-    parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
+    add_sampling_worker_flags(parser)
     return parser.parse_args(argv)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipelines import storage, upscale_io
 from pipelines.models import Sampling, resolve_model, sampling_for
+from pipelines.runtime import sampling_workers
 
 SAMPLE_NAME = "sample_{:06d}"
 
@@ -130,10 +131,7 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
     progress(f"{num_samples} samples: {len(todo)} to do, {num_samples - len(todo)} already done")
     statuses: Counter[str] = Counter()
     if todo:
-        gpus = num_gpus_per_worker if num_gpus_per_worker is not None else (
-            1 if ray.cluster_resources().get("GPU", 0) else 0)
-        workers = workers or max(1, int(ray.cluster_resources().get("GPU", 0)) if gpus else 1)
-        threads = 0 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        gpus, workers, threads = sampling_workers(num_gpus_per_worker, workers)
         models = [ray.put((ref.config_json, ref.weights)) for ref in refs]
         record = {**refs[-1].record(), **samplings[-1].record()}  # columns; rows carry their stage's values
         dataset = (

@@ -31,6 +31,7 @@ import numpy as np
 
 from pipelines import storage, upscale_io
 from pipelines.models import ModelRef, Sampling, parse_schedule, resolve_model, sampling_for
+from pipelines.runtime import sampling_workers
 
 DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
 
@@ -111,8 +112,6 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
             max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS, tracking_uri: str | None = None,
             progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Super-resolve every new image under `input_uri` into `output_uri`; returns the summary."""
-    import ray
-
     started = time.perf_counter()
     if fmt not in upscale_io.FORMATS:
         raise ValueError(f"--format {fmt!r}: choose from {sorted(upscale_io.FORMATS)}")
@@ -137,14 +136,10 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     statuses: Counter[str] = Counter()
     reasons: Counter[str] = Counter(r["reason"] for r in rejects)
     if todo:
-        gpus = num_gpus_per_worker if num_gpus_per_worker is not None else (
-            1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) else 0)
-        workers = workers or max(1, int(ray.cluster_resources().get("GPU", 0)) if gpus else 1)
-        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
-        options = UpscaleOptions(samples, seed, batch_size, tile, overlap,
-                                 threads=0 if gpus else max(1, cpus // workers))
-        statuses, more = _run(ref, chosen, options, todo, output_uri, fmt, gpus, workers, max_output_pixels,
-                              len(listed), progress)
+        gpus, workers, threads = sampling_workers(num_gpus_per_worker, workers)
+        options = UpscaleOptions(samples, seed, batch_size, tile, overlap, threads)
+        statuses, more = _stream(ref, chosen, options, todo, output_uri, fmt, gpus, workers, max_output_pixels,
+                                 progress)
         reasons.update(more)
     summary = {
         "model": ref.pinned, "model_name": ref.name, "model_version": ref.version, **chosen.record(),
@@ -159,9 +154,9 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     return summary
 
 
-def _run(ref: ModelRef, chosen: Sampling, options: UpscaleOptions, todo: list[dict[str, Any]], output: str,
-         fmt: str, gpus: float, workers: int, max_output_pixels: int, total: int,
-         progress: Callable[[str], None]) -> tuple[Counter, Counter]:
+def _stream(ref: ModelRef, chosen: Sampling, options: UpscaleOptions, todo: list[dict[str, Any]], output: str,
+            fmt: str, gpus: float, workers: int, max_output_pixels: int,
+            progress: Callable[[str], None]) -> tuple[Counter, Counter]:
     import ray
     import ray.data
 
