@@ -6,11 +6,19 @@
 - `lr_psnr`: the same comparison in dB.
 - `diversity`: SRDiff's σ — per-pixel standard deviation across N samples of one input, averaged,
   on [0, 1] images; samples (B, N, 3, H, W).
+- `LPIPS` / `load_lpips`: LPIPS v0.1 with the AlexNet backbone (Zhang et al. 2018), the same
+  computation as torchmetrics' `learned_perceptual_image_patch_similarity(net_type="alex")`, but
+  without torchvision: the backbone's weights come from a local file (torchvision's AlexNet
+  state dict, e.g. `alexnet-owt-7be5be79.pth`), the linear calibration layers from the file
+  torchmetrics ships (`lpips_models/alex.pth`). Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from .resample import downsample
@@ -53,3 +61,62 @@ def diversity(samples: torch.Tensor) -> torch.Tensor:
     if samples.ndim != 5 or samples.shape[1] < 2:
         raise ValueError("diversity needs samples shaped (B, N>=2, C, H, W)")
     return to_unit(samples).std(dim=1, unbiased=True).mean(dim=(1, 2, 3))
+
+
+# -- LPIPS (AlexNet) ------------------------------------------------------------------------------
+LPIPS_SLICES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))  # AlexNet `features` indices per tap
+LPIPS_CHANNELS = (64, 192, 384, 256, 256)
+_LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # LPIPS' ScalingLayer, on [-1, 1] images
+_LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
+def _alexnet_features() -> nn.Sequential:
+    """torchvision's `AlexNet().features`, same layer indices (so its state dict loads as is)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance per image pair (B,) for images in [-1, 1]; lower = more alike, 0 if equal."""
+
+    def __init__(self, backbone: dict[str, torch.Tensor], linear: dict[str, torch.Tensor]):
+        super().__init__()
+        features = _alexnet_features()
+        features.load_state_dict({k.removeprefix("features."): v for k, v in backbone.items()
+                                  if not k.startswith("classifier.")})
+        self.slices = nn.ModuleList(features[a:b] for a, b in LPIPS_SLICES)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
+        for k, lin in enumerate(self.lins):
+            lin.weight.data.copy_(linear[f"lin{k}.model.1.weight"])
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT)[None, :, None, None], persistent=False)
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE)[None, :, None, None], persistent=False)
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        h0, h1 = ((t.float().clamp(-1, 1) - self.shift) / self.scale for t in (a, b))  # (B, 3, H, W)
+        total = torch.zeros(a.shape[0], device=a.device)
+        for tap, lin in zip(self.slices, self.lins):
+            h0, h1 = tap(h0), tap(h1)
+            f0 = h0 / torch.sqrt(1e-8 + h0.square().sum(dim=1, keepdim=True))  # unit-normalised channels
+            f1 = h1 / torch.sqrt(1e-8 + h1.square().sum(dim=1, keepdim=True))
+            total = total + lin((f0 - f1).square()).mean(dim=(1, 2, 3))
+        return total
+
+
+def lpips_linear_file() -> Path:
+    """The LPIPS linear calibration weights that torchmetrics ships (AlexNet backbone)."""
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    return Path(tm_lpips.__file__).parent / "lpips_models" / "alex.pth"
+
+
+def load_lpips(backbone_path: str | Path, device: str | torch.device = "cpu") -> LPIPS:
+    """LPIPS with torchvision's AlexNet weights from `backbone_path` (a local file)."""
+    backbone = torch.load(backbone_path, map_location="cpu", weights_only=True)
+    linear = torch.load(lpips_linear_file(), map_location="cpu", weights_only=True)
+    return LPIPS(backbone, linear).to(device)

@@ -1,0 +1,78 @@
+"""Evaluate a model on held-out pairs against bicubic and baselines (see pipelines/evaluate.py).
+
+    python jobs/evaluate.py --model models:/sr3-faces@champion --pairs gs://bkt/pairs/ffhq-16-128 \\
+        --steps 100 --samples 4 --baseline models:/sr3-faces-regression@champion --limit 256 \\
+        --report gs://bkt/reports/faces-v3 --fid-weights /weights/pt_inception-2015-12-05-6726825d.pth
+
+Writes REPORT/metrics.json ({method: {metric: value}, "_meta": ...}) and REPORT/index.html (metric
+table, image grid LR | bicubic | baselines | samples | HR), and logs them to an MLflow run
+(experiment sr3-eval) tagged with the model version. FID/IS and LPIPS need local weight files
+(--fid-weights / SR3_FID_WEIGHTS, --lpips-weights / SR3_LPIPS_WEIGHTS); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+EXTRA_METRICS = ("fid", "is", "lpips")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate an SR model on the val split of a pairs dataset.")
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model directory")
+    parser.add_argument("--pairs", required=True, help="jobs/build_pairs.py output URI (its val/ split is used)")
+    parser.add_argument("--steps", type=int, help="refinement steps K (default: the model's)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the model's")
+    parser.add_argument("--schedule", metavar="START,END",
+                        help="linear β schedule of --model, e.g. 1e-4,0.2 (default: stored by the search, else config)")
+    parser.add_argument("--samples", type=int, default=1, help="samples per pair (N > 1 adds diversity σ)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="URI", nargs="+",
+                        help="baseline model(s) to compare, e.g. a regression model; repeatable")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N val pairs (by key)")
+    parser.add_argument("--report", help="report folder or URI (default: reports/eval-<timestamp>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metrics", nargs="+", choices=EXTRA_METRICS,
+                        help="perceptual metrics besides PSNR/SSIM/consistency/LR-PSNR/diversity "
+                             "(default: those whose weights are given)")
+    parser.add_argument("--fid-weights", help="local Inception weights for FID/IS (or SR3_FID_WEIGHTS)")
+    parser.add_argument("--lpips-weights", help="local torchvision AlexNet weights for LPIPS (or SR3_LPIPS_WEIGHTS)")
+    parser.add_argument("--experiment", default="sr3-eval", help="MLflow experiment")
+    parser.add_argument("--run-name", help="MLflow run name (default: eval-<model>-<timestamp>)")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per network call")
+    parser.add_argument("--grid-rows", type=int, default=8, help="pairs shown in the report's image grid (default 8)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    args = parser.parse_args(argv)
+    args.baseline = [uri for group in args.baseline for uri in group]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pipelines.evaluate import evaluate
+
+    def say(message: str) -> None:
+        print(f"evaluate: {message}", flush=True)
+
+    try:
+        result = evaluate(
+            args.model, args.pairs, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+            samples=args.samples, baselines=args.baseline, limit=args.limit, report_uri=args.report,
+            seed=args.seed, metrics=args.metrics, fid_weights=args.fid_weights,
+            lpips_weights=args.lpips_weights, experiment=args.experiment, run_name=args.run_name,
+            device=args.device, batch_size=args.batch_size, grid_rows=args.grid_rows, say=say)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
+    say(f"report: {result.report}/index.html (metrics.json beside it)")
+    say(f"mlflow: {result.tracking_uri} experiment {args.experiment} run {result.run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

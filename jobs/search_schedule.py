@@ -1,0 +1,80 @@
+"""Search the inference noise schedule per step budget (see pipelines/schedule_search.py).
+
+    python jobs/search_schedule.py --model models:/sr3-faces@champion --pairs gs://bkt/pairs/ffhq-16-128 \\
+        --steps 25 50 100 --grid 5 --limit 32 --apply
+
+For each K, tries --grid × --grid linear schedules (β_1 log-spaced in [1e-6, 1e-2], β_K in
+[1e-2, 0.8]) on the first --limit val pairs with the same noise seeds, scores them (default: FID
+with --fid-weights / SR3_FID_WEIGHTS, else SSIM), logs every trial as a nested MLflow run and
+plots the best score against K. --apply stores the best schedule per K with the model version, so
+jobs/upscale.py uses it by default for those steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "fid", "is", "lpips")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Grid-search the linear noise schedule's β_1, β_K per step budget.")
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model directory")
+    parser.add_argument("--pairs", required=True, help="jobs/build_pairs.py output URI (its val/ split is used)")
+    parser.add_argument("--steps", type=int, nargs="+", required=True, metavar="K", help="step budgets to search")
+    parser.add_argument("--metric", choices=METRICS,
+                        help="score to optimise (default: fid with Inception weights, else ssim)")
+    parser.add_argument("--grid", type=int, default=5, help="values per axis (N×N schedules per K)")
+    parser.add_argument("--limit", type=int, default=32, help="val pairs to score on (the first N by key)")
+    parser.add_argument("--apply", action="store_true",
+                        help="store the best schedule per K with the model version (used by jobs/upscale.py)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the model's")
+    parser.add_argument("--start-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(1e-6, 1e-2),
+                        help="β_1 range (default 1e-6 1e-2)")
+    parser.add_argument("--end-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(1e-2, 0.8),
+                        help="β_K range (default 1e-2 0.8)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every trial")
+    parser.add_argument("--fid-weights", help="local Inception weights for FID (or SR3_FID_WEIGHTS)")
+    parser.add_argument("--lpips-weights", help="local torchvision AlexNet weights for LPIPS (or SR3_LPIPS_WEIGHTS)")
+    parser.add_argument("--report", help="folder or URI for search.json and the plot "
+                                         "(default: reports/search-<timestamp>)")
+    parser.add_argument("--experiment", default="sr3-schedule-search", help="MLflow experiment")
+    parser.add_argument("--run-name", help="MLflow parent run name (default: search-<model>-<timestamp>)")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per network call")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pipelines.schedule_search import search
+
+    def say(message: str) -> None:
+        print(f"search_schedule: {message}", flush=True)
+
+    try:
+        result = search(
+            args.model, args.pairs, args.steps, metric=args.metric, grid_n=args.grid, limit=args.limit,
+            sampler=args.sampler, seed=args.seed, apply=args.apply, start_range=args.start_range,
+            end_range=args.end_range, fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
+            experiment=args.experiment, run_name=args.run_name, device=args.device,
+            batch_size=args.batch_size, report_uri=args.report, say=say)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"search_schedule: error: {error}", file=sys.stderr)
+        return 2
+    for k, best in sorted(result.best.items()):
+        say(f"K={k}: best {result.metric} {best['value']:.4g} with β {best['beta_start']:g}→{best['beta_end']:g}")
+    if args.apply:
+        say(f"stored: {result.stored}" if result.stored else "nothing stored (no trial had a score)")
+    say(f"report: {result.report} (search.json, metric_vs_steps.png); mlflow run {result.run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

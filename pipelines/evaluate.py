@@ -1,0 +1,396 @@
+"""Evaluate an SR model on held-out pairs (`jobs/evaluate.py`): bicubic, the model and baselines.
+
+    PAIRS/val ──decode──> LR, HR ──bicubic | model samples | baseline samples──> metrics per method
+        ──> REPORT/metrics.json, REPORT/index.html + PNGs (pipelines.report) ──> one MLflow run
+
+Metrics (`sr3model.metrics`; means over the pairs, and over the samples of each pair):
+
+| key           | what                                                                   | better |
+| ------------- | ---------------------------------------------------------------------- | ------ |
+| `psnr` `ssim` | against HR, on [0, 1] images (torchmetrics)                            | ↑      |
+| `consistency` | MSE(bicubic-downsampled output, LR input) ×1e-5 (SR3 Table 2)          | ↓      |
+| `lr_psnr`     | the same comparison in dB                                              | ↑      |
+| `diversity`   | σ across the N samples of one input (only when N > 1; SRDiff)          |        |
+| `fid`, `is`   | Fréchet Inception distance to the HR set; Inception score (torchmetrics + torch-fidelity) | ↓ ↑ |
+| `lpips`       | LPIPS-AlexNet against HR (`sr3model.metrics.LPIPS`, no torchvision)    | ↓      |
+
+FID, IS and LPIPS never download weights. Inception weights (torch-fidelity's
+`pt_inception-2015-12-05-6726825d.pth`): `--fid-weights PATH` or `SR3_FID_WEIGHTS`; AlexNet
+weights (torchvision's `alexnet-owt-7be5be79.pth`): `--lpips-weights PATH` or `SR3_LPIPS_WEIGHTS`.
+They are computed when their weights are given, or when asked for (`--metrics fid lpips`); a
+metric that cannot run (no weights, no torch-fidelity, unreadable file) is one clear note in the
+output, the report and the run, and everything else is still computed.
+
+Noise: every output has its own generator, seeded by (seed, pair key, sample index) as the upscale
+job does (`upscale_io.image_seed`): a rerun reproduces each image whatever the batch size, and
+the schedule search's trials all see the same noise. Regression models are deterministic: they
+are sampled once per pair whatever N.
+
+MLflow: one run per evaluation in experiment `sr3-eval`, linked to the model version by tags
+(see `pipelines.report.log_run`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines import report, tracking
+from pipelines.models import ModelRef, parse_schedule, resolve_model, sampling_for
+from pipelines.pairs import read_part
+from pipelines.report import metric_prefix
+from pipelines.upscale_io import image_seed
+from sr3model import metrics as M
+
+BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr")
+EXTRA_METRICS = ("fid", "is", "lpips")
+LOWER_IS_BETTER = {"consistency", "fid", "lpips"}
+FID_ENV, LPIPS_ENV = "SR3_FID_WEIGHTS", "SR3_LPIPS_WEIGHTS"
+DEFAULT_EXPERIMENT = "sr3-eval"
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Held-out pairs sorted by key, kept as PNG bytes and decoded one batch at a time."""
+
+    keys: list[str]
+    hr_png: list[bytes]
+    lr_png: list[bytes]
+    shapes: tuple[tuple[int, ...], tuple[int, ...]]  # (HR, LR) shape of one pair, (3, H, W)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """HR (b, 3, H, W) and LR (b, 3, h, w) in [-1, 1] of pairs start..stop-1."""
+        from sr3model.imageio import decode_png, to_tensor
+
+        hr = [to_tensor(decode_png(b)) for b in self.hr_png[start:stop]]
+        lr = [to_tensor(decode_png(b)) for b in self.lr_png[start:stop]]
+        for key, h, l in zip(self.keys[start:stop], hr, lr):
+            if (tuple(h.shape), tuple(l.shape)) != self.shapes:
+                raise ValueError(f"pair {key}: HR/LR shapes {tuple(h.shape)}/{tuple(l.shape)} differ from the "
+                                 f"first pair's {self.shapes[0]}/{self.shapes[1]}; evaluate one size at a time")
+        return torch.stack(hr), torch.stack(lr)
+
+    def batches(self, size: int) -> Iterator[tuple[int, list[str], torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self), size):
+            yield (start, self.keys[start:start + size], *self.batch(start, start + size))
+
+
+def load_val(pairs: str, limit: int | None = None) -> EvalSet:
+    """The first `limit` pairs (by key) of the val/ split of a build_pairs output."""
+    from sr3model.imageio import decode_png, to_tensor
+
+    rows = sorted(read_part(pairs, "val", columns=["key", "source", "hr", "lr"]).to_pylist(),
+                  key=lambda row: row["key"])[:limit]
+    if not rows:
+        raise ValueError(f"{pairs}: no val/ pairs (build them with jobs/build_pairs.py --val-fraction > 0)")
+    shapes = tuple(tuple(to_tensor(decode_png(rows[0][c])).shape) for c in ("hr", "lr"))
+    return EvalSet([r["key"] for r in rows], [r["hr"] for r in rows], [r["lr"] for r in rows], shapes)
+
+
+def bicubic(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The bicubic baseline = the conditioning image x, (B, 1, 3, H, W)."""
+    from sr3model.resample import upsample
+
+    return upsample(lr, size).clamp(-1, 1)[:, None]
+
+
+def check_model(model, data: EvalSet, label: str) -> None:
+    cfg = model.config
+    if not cfg.conditional:
+        raise ValueError(f"{label}: an unconditional model cannot be evaluated on LR/HR pairs")
+    lr_px, hr_px = data.shapes[1][-1], data.shapes[0][-1]
+    if cfg.scale * lr_px != hr_px:
+        raise ValueError(f"{label}: the model upscales ×{cfg.scale}, the pairs are {lr_px}→{hr_px} px")
+
+
+def sample(model, keys: Sequence[str], lr: torch.Tensor, *, sampler: str, schedule, samples: int = 1,
+           seed: int = 0) -> torch.Tensor:
+    """Outputs (b, N, 3, H, W) on the CPU for LR images (b, 3, h, w) named `keys`; N = 1 for a
+    regression model. Sample k of pair `key` always gets the noise seeded by (seed, key, k)."""
+    n = 1 if model.config.objective == "regression" else samples
+    device = next(model.parameters()).device
+    generators = [torch.Generator(device=device).manual_seed(image_seed(seed, key, k))
+                  for key in keys for k in range(n)]  # image-major, as super_resolve expects
+    return model.super_resolve(lr.to(device), sampler=sampler, schedule=schedule, samples=n,
+                               generator=generators).cpu()
+
+
+def per_image(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PSNR, SSIM, consistency, LR-PSNR per output (B·N,) (+ diversity per pair when N > 1)."""
+    b, n = images.shape[:2]
+    flat = images.reshape(b * n, *images.shape[2:])
+    hr_n, lr_n = hr.repeat_interleave(n, dim=0), lr.repeat_interleave(n, dim=0)
+    scores = {"psnr": M.psnr(flat, hr_n), "ssim": M.ssim(flat, hr_n),
+              "consistency": M.consistency(flat, lr_n), "lr_psnr": M.lr_psnr(flat, lr_n)}
+    if n > 1:
+        scores["diversity"] = M.diversity(images)
+    return scores
+
+
+def base_scores(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+    """Means of `per_image` for outputs (B, N, 3, H, W)."""
+    return {k: float(v.double().mean()) for k, v in per_image(images, hr, lr).items()}
+
+
+def _weights(flag: str | None, env: str) -> str | None:
+    return flag or os.environ.get(env) or None
+
+
+class Perceptual:
+    """FID / IS / LPIPS on local weight files; what cannot run becomes a note, never an error.
+
+    Per method: `start()`, `update(outputs, hr)` for every batch, `compute()`. The real (HR)
+    features of FID are collected during the first method's pass and kept for the others."""
+
+    def __init__(self, wanted: Iterable[str] | None = None, *, fid_weights: str | None = None,
+                 lpips_weights: str | None = None, device: str = "cpu", batch_size: int = 16):
+        fid_path, lpips_path = _weights(fid_weights, FID_ENV), _weights(lpips_weights, LPIPS_ENV)
+        wanted = set(wanted) if wanted is not None else (
+            ({"fid", "is"} if fid_path else set()) | ({"lpips"} if lpips_path else set()))
+        unknown = wanted - set(EXTRA_METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(EXTRA_METRICS)}")
+        self.notes: list[str] = []
+        self.device, self.batch_size = device, batch_size
+        self.fid = self.inception = self.lpips = None
+        self.real_done, self.real, self.fake = False, 0, 0
+        if wanted & {"fid", "is"}:
+            self._load_inception(wanted & {"fid", "is"}, fid_path)
+        if "lpips" in wanted:
+            self._load_lpips(lpips_path)
+
+    @property
+    def available(self) -> list[str]:
+        return [name for name, obj in (("fid", self.fid), ("is", self.inception), ("lpips", self.lpips)) if obj]
+
+    def _skip(self, names: Iterable[str], why: str) -> None:
+        self.notes.append(f"{'/'.join(n.upper() for n in sorted(names))} skipped: {why}")
+
+    def _load_inception(self, names: set[str], path: str | None) -> None:
+        if not path:
+            return self._skip(names, f"no Inception weights; pass --fid-weights PATH or set {FID_ENV} "
+                                     "(torch-fidelity's pt_inception-2015-12-05-6726825d.pth)")
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+        if not _TORCH_FIDELITY_AVAILABLE:
+            return self._skip(names, "FID and IS need the torch-fidelity package (pip install torch-fidelity); "
+                                     f"the Inception weights {path} are unused")
+        if not Path(path).is_file():
+            return self._skip(names, f"--fid-weights / {FID_ENV}: no such file {path}")
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+            from torchmetrics.image.inception import InceptionScore
+
+            if "fid" in names:
+                self.fid = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False,
+                                                    feature_extractor_weights_path=path).to(self.device)
+            if "is" in names:
+                net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
+                                         feature_extractor_weights_path=path)
+                self.inception = InceptionScore(feature=net, normalize=True).to(self.device)
+        except Exception as error:  # a wrong or corrupt file: say so, go on with the rest
+            self._skip(names, f"cannot load Inception weights {path}: {error}")
+
+    def _load_lpips(self, path: str | None) -> None:
+        if not path:
+            return self._skip(["lpips"], f"no AlexNet weights; pass --lpips-weights PATH or set {LPIPS_ENV} "
+                                         "(torchvision's alexnet-owt-7be5be79.pth)")
+        try:
+            self.lpips = M.load_lpips(path, self.device)
+        except Exception as error:
+            self._skip(["lpips"], f"cannot load AlexNet weights {path}: {error}")
+
+    def _chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        for start in range(0, len(images), self.batch_size):
+            yield images[start:start + self.batch_size].to(self.device)
+
+    def start(self) -> None:
+        self.fake = 0
+        for metric in (self.fid, self.inception):
+            if metric is not None:
+                metric.reset()  # FID keeps its real features (reset_real_features=False)
+
+    def update(self, images: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feed outputs (b, N, 3, H, W) and their HR; returns per-output LPIPS (b·N,) if available."""
+        flat = images.reshape(-1, *images.shape[2:])
+        self.fake += len(flat)
+        if self.fid is not None:
+            if not self.real_done:
+                self.real += len(hr)
+                for chunk in self._chunks(hr):
+                    self.fid.update(M.to_unit(chunk), real=True)
+            for chunk in self._chunks(flat):
+                self.fid.update(M.to_unit(chunk), real=False)
+        if self.inception is not None:
+            for chunk in self._chunks(flat):
+                self.inception.update(M.to_unit(chunk))
+        if self.lpips is None:
+            return {}
+        hr_n = hr.repeat_interleave(images.shape[1], dim=0)
+        return {"lpips": torch.cat([self.lpips(a, b).cpu() for a, b in zip(self._chunks(flat), self._chunks(hr_n))])}
+
+    def compute(self) -> dict[str, float | None]:
+        """FID and IS of everything fed since `start()` (None with fewer than 2 images)."""
+        self.real_done = self.real_done or self.fid is not None
+        out: dict[str, float | None] = {}
+        if self.fid is not None:
+            out["fid"] = float(self.fid.compute()) if min(self.real, self.fake) >= 2 else None
+        if self.inception is not None:
+            self.inception.splits = max(1, min(10, self.fake))
+            out["is"] = float(self.inception.compute()[0]) if self.fake >= 2 else None
+        return out
+
+
+class Running:
+    """One method's metrics, accumulated batch by batch (memory stays one batch)."""
+
+    def __init__(self, perceptual: Perceptual | None = None):
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.perceptual = perceptual
+        if perceptual is not None:
+            perceptual.start()
+
+    def add(self, images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> None:
+        found = per_image(images, hr, lr)
+        if self.perceptual is not None:
+            found.update(self.perceptual.update(images, hr))
+        for key, value in found.items():
+            self.values.setdefault(key, []).append(value)
+
+    def result(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {k: float(torch.cat(v).double().mean()) for k, v in self.values.items()}
+        if self.perceptual is not None:
+            out.update(self.perceptual.compute())
+        return out
+
+
+@dataclass
+class EvalResult:
+    report: str
+    metrics: dict[str, dict[str, float | None]]
+    meta: dict[str, Any]
+    notes: list[str]
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+
+def label_of(ref: ModelRef) -> str:
+    """"NAME vN" for registry models, the folder name of a model directory, else the URI."""
+    if ref.name:
+        return ref.label
+    if ref.directory:
+        return Path(ref.directory.rstrip("/")).name or ref.uri
+    return ref.uri
+
+
+def _unique(label: str, taken: Iterable[str]) -> str:
+    taken, candidate, i = set(taken), label, 2
+    while candidate in taken:
+        candidate, i = f"{label} #{i}", i + 1
+    return candidate
+
+
+def default_report_dir(kind: str = "eval") -> str:
+    return f"reports/{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _method(label: str, produce: Callable, data: EvalSet, perceptual: Perceptual, batch_size: int,
+            keep: int, say: Say | None) -> tuple[dict[str, float | None], torch.Tensor]:
+    """Run one method over every batch: (its metrics, its outputs for the first `keep` pairs)."""
+    running, kept = Running(perceptual), []
+    for start, keys, hr, lr in data.batches(batch_size):
+        images = produce(keys, lr, tuple(hr.shape[-2:]))  # (b, N, 3, H, W)
+        running.add(images, hr, lr)
+        if start < keep:
+            kept.append(images[:keep - start])
+        if say:
+            say(f"{label}: {start + len(keys)}/{len(data)} pairs")
+    return running.result(), torch.cat(kept)
+
+
+def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: str | None = None,
+             schedule: str | None = None, samples: int = 1, baselines: Sequence[str] = (),
+             limit: int | None = None, report_uri: str | None = None, seed: int = 0,
+             metrics: Sequence[str] | None = None, fid_weights: str | None = None,
+             lpips_weights: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+             run_name: str | None = None, tracking_uri: str | None = None, device: str | None = None,
+             batch_size: int = 16, grid_rows: int = 8, log_mlflow: bool = True,
+             say: Say = print) -> EvalResult:
+    """Evaluate `model_uri` (and `baselines`) on the val pairs; write the report; log the run."""
+    if samples < 1:
+        raise ValueError("--samples must be at least 1")
+    uri, device = tracking.tracking_uri(tracking_uri), _device(device)
+    report_uri = report_uri or default_report_dir("eval")
+    data = load_val(pairs, limit)
+    say(f"{len(data)} val pairs from {pairs} ({data.shapes[1][-1]}→{data.shapes[0][-1]} px)")
+    perceptual = Perceptual(metrics, fid_weights=fid_weights, lpips_weights=lpips_weights,
+                            device=device, batch_size=batch_size)
+    for note in perceptual.notes:
+        say(note)
+    ref = resolve_model(model_uri, uri)
+    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule))
+    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps))
+                                for b in (resolve_model(u, uri) for u in baselines)]
+    rows = max(1, min(grid_rows, len(data)))  # pairs shown in the report's grid
+
+    results, shown = {}, {}
+    results["bicubic"], shown["bicubic"] = _method("bicubic", lambda keys, lr, size: bicubic(lr, size), data,
+                                                   perceptual, batch_size, rows, None)
+    described: dict[str, dict[str, Any]] = {"bicubic": {}}
+    model_label = ""
+    for current, how in models:
+        label = _unique(label_of(current), results)
+        model_label = model_label or label
+        model = current.load(device)
+        check_model(model, data, label)
+        regression = model.config.objective == "regression"
+        say(f"{label}: " + ("regression, one pass" if regression else
+                            f"{how.sampler}, {how.steps} steps, β {how.beta_start:g}→{how.beta_end:g} "
+                            f"({how.source}), {samples} sample(s) per pair"))
+        net_schedule = how.schedule(model)
+
+        def produce(keys, lr, size):  # called within this iteration only
+            return sample(model, keys, lr, sampler=how.sampler, schedule=net_schedule, samples=samples, seed=seed)
+
+        results[label], shown[label] = _method(label, produce, data, perceptual, batch_size, rows, say)
+        described[label] = {**current.record(), **({"objective": "regression"} if regression else how.record())}
+        del model
+    for label, values in results.items():
+        say(f"{label:>16}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items() if v is not None))
+
+    meta = {"model": model_label, **ref.record(), "model_given": model_uri, "pairs": pairs,
+            "n_images": len(data), "samples": samples, "seed": seed, **chosen.record(),
+            "methods": described, "lower_is_better": sorted(LOWER_IS_BETTER),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    hr, lr = data.batch(0, rows)
+    columns = [("LR", torch.nn.functional.interpolate(lr, size=tuple(hr.shape[-2:]), mode="nearest")),
+               ("bicubic", shown["bicubic"][:, 0])]
+    columns += [(label, imgs[:, 0]) for label, imgs in shown.items() if label not in ("bicubic", model_label)]
+    main = shown[model_label]
+    columns += [(f"{model_label} s{k + 1}" if main.shape[1] > 1 else model_label, main[:, k])
+                for k in range(main.shape[1])]
+    columns.append(("HR", hr))
+
+    result = EvalResult(report_uri, results, meta, perceptual.notes, tracking_uri=uri)
+    with report.staged(report_uri) as folder:
+        report.write_report(folder, title=f"SR3 evaluation: {model_label}", results=results, meta=meta,
+                            notes=perceptual.notes, columns=columns, keys=data.keys[:rows])
+        if log_mlflow:
+            name = run_name or f"eval-{metric_prefix(model_label)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            result.run_id = report.log_run(uri, experiment, name, ref, report_uri, meta, results,
+                                           notes=perceptual.notes, folder=folder)
+    return result

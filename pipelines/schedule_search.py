@@ -1,0 +1,292 @@
+"""Noise-schedule search (`jobs/search_schedule.py`): for each step budget K, a grid search over
+the linear inference schedule's first and last noise levels β_1, β_K on held-out pairs.
+
+Why it is cheap: the network is conditioned on the continuous noise level γ, not on a step index
+(SR3 §2.5), so any schedule can be tried on a trained model without retraining; a trial costs K
+network passes per pair. The best schedule per K is the paper's hyper-parameter search; its score
+against K is the paper's "quality vs. refinement steps" curve (`metric_vs_steps.png`).
+
+Grid (`--grid N` values per axis, log-spaced, rounded to 4 significant digits; N = 1 takes the
+geometric middle of each range):
+
+- β_1 in START_RANGE = [1e-6, 1e-2]. β_1 = 1 − γ_1 is the noise variance left before the last
+  step: from the first level of SR3's training schedule (1e-6) to 1e-2 (noise std 0.1, where the
+  last step already returns a visibly smoothed posterior mean).
+- β_K in END_RANGE = [1e-2, 0.8]. With β_1, it sets how fast the chain reaches pure noise: the
+  sampler starts from N(0, I), which matches only if γ_K = ∏(1 − β_t) ≈ 0. Many steps need a
+  small β_K (SR3: 100 steps from 1e-4 to 0.1, γ_K ≈ 0.006); few steps need a large one (at K = 4
+  a linear schedule gets γ_K below 0.1 only with β_K near 0.8).
+- Pairs with β_1 > β_K are dropped (possible only with custom `--start-range` / `--end-range`).
+
+Metric (`--metric`): `fid` when Inception weights are given (`--fid-weights` / SR3_FID_WEIGHTS)
+and torch-fidelity is installed, else `ssim`. Not `psnr`: PSNR is maximised by the posterior mean,
+so a PSNR search drifts to schedules that stop early (large β_1) and return blur — it ranks
+exactly the failure a generative sampler should avoid. Not `consistency`/`lr_psnr`: they only
+see what survives downsampling to LR, so they cannot see left-over high-frequency noise, the other
+typical failure of a too-short schedule. SSIM compares local structure and contrast, so both
+left-over noise and strong smoothing lower it; it is bounded and stable on a few dozen pairs.
+All of psnr, ssim, consistency, lr_psnr (and fid, is, lpips with weights) can be chosen; every
+trial logs all the cheap ones anyway.
+
+Trials are comparable: the same pairs (the first `--limit` of val/ by key), and for each pair the
+same noise seeds in every trial (`pipelines.evaluate.sample`, seeded by (seed, key)).
+
+MLflow: one parent run (experiment `sr3-schedule-search`) tagged with the model version, params of
+the search, metrics `best_<metric>`, `best_beta_start`, `best_beta_end` stepped by K, and the
+artifacts `search.json` + `metric_vs_steps.png`; one nested child run per trial
+(`mlflow.parentRunId`) with params steps, beta_start, beta_end, sampler and all its metrics
+(plus `gamma_K`, the signal left at the chain's start). `--apply` stores the best schedule per K
+with the model version (`pipelines.models.store_sampling`); `jobs/upscale.py` then uses it by
+default for those steps (`pipelines.models.sampling_for`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import report, tracking
+from pipelines.evaluate import (
+    BASE_METRICS,
+    EXTRA_METRICS,
+    FID_ENV,
+    LOWER_IS_BETTER,
+    Perceptual,
+    Running,
+    Say,
+    _device,
+    check_model,
+    default_report_dir,
+    label_of,
+    load_val,
+    sample,
+)
+from pipelines.models import resolve_model, store_sampling
+from pipelines.report import metric_prefix
+
+START_RANGE = (1e-6, 1e-2)
+END_RANGE = (1e-2, 0.8)
+DEFAULT_METRIC = "ssim"
+DEFAULT_EXPERIMENT = "sr3-schedule-search"
+METRICS = BASE_METRICS + EXTRA_METRICS
+
+
+def _axis(low: float, high: float, n: int) -> list[float]:
+    if not 0 < low <= high < 1:
+        raise ValueError(f"a β range needs 0 < low ≤ high < 1, got [{low:g}, {high:g}]")
+    values = [math.sqrt(low * high)] if n == 1 else np.geomspace(low, high, n).tolist()
+    return [float(f"{v:.4g}") for v in values]
+
+
+def grid(n: int, start_range: Sequence[float] = START_RANGE,
+         end_range: Sequence[float] = END_RANGE) -> list[tuple[float, float]]:
+    """(β_1, β_K) candidates: n log-spaced values per axis, pairs with β_1 > β_K dropped."""
+    if n < 1:
+        raise ValueError("--grid must be at least 1")
+    return [(s, e) for s in _axis(*start_range, n) for e in _axis(*end_range, n) if s <= e]
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether score `a` beats `b` for this metric."""
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+@dataclass
+class Trial:
+    steps: int
+    beta_start: float
+    beta_end: float
+    gamma_K: float  # noqa: N815 (the paper's symbol)
+    scores: dict[str, float | None]
+    value: float | None
+    run_id: str | None = None
+
+
+@dataclass
+class SearchResult:
+    metric: str
+    sampler: str
+    trials: list[Trial]
+    best: dict[int, dict[str, Any]]  # K → {"sampler", "beta_start", "beta_end", "metric", "value"}
+    report: str
+    run_id: str | None = None
+    stored: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def choose_metric(metric: str | None, *, fid_weights: str | None = None, lpips_weights: str | None = None,
+                  device: str = "cpu", batch_size: int = 16) -> tuple[str, Perceptual | None, list[str]]:
+    """(metric, the perceptual scorer it needs or None, notes); an explicit metric that cannot
+    run is an error, the default falls back to DEFAULT_METRIC with a note."""
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"--metric {metric!r}: choose from {list(METRICS)}")
+    if metric in BASE_METRICS:
+        return metric, None, []
+    if metric is None:
+        fid_given = bool(fid_weights or os.environ.get(FID_ENV))
+        perceptual = Perceptual(["fid"] if fid_given else [], fid_weights=fid_weights, device=device,
+                                batch_size=batch_size)
+        if perceptual.available:
+            return "fid", perceptual, []
+        return DEFAULT_METRIC, None, [*perceptual.notes, f"scoring with {DEFAULT_METRIC}, the default "
+                                      "without Inception weights (see pipelines/schedule_search.py)"]
+    perceptual = Perceptual([metric], fid_weights=fid_weights, lpips_weights=lpips_weights, device=device,
+                            batch_size=batch_size)
+    if metric not in perceptual.available:
+        raise ValueError(f"--metric {metric}: " + "; ".join(perceptual.notes))
+    return metric, perceptual, []
+
+
+def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | None = None, grid_n: int = 5,
+           limit: int | None = 32, sampler: str | None = None, seed: int = 0, apply: bool = False,
+           start_range: Sequence[float] = START_RANGE, end_range: Sequence[float] = END_RANGE,
+           fid_weights: str | None = None, lpips_weights: str | None = None,
+           experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
+           tracking_uri: str | None = None, device: str | None = None, batch_size: int = 16,
+           report_uri: str | None = None, say: Say = print) -> SearchResult:
+    """Grid-search (β_1, β_K) for each K in `steps`; log every trial; optionally store the best."""
+    from mlflow import MlflowClient
+
+    if not steps or any(k < 1 for k in steps):
+        raise ValueError("--steps needs one or more positive step counts")
+    uri, device = tracking.tracking_uri(tracking_uri), _device(device)
+    candidates = grid(grid_n, start_range, end_range)
+    if not candidates:
+        raise ValueError("no (β_1, β_K) pair in the grid has β_1 ≤ β_K; widen --start-range / --end-range")
+    metric, perceptual, notes = choose_metric(metric, fid_weights=fid_weights, lpips_weights=lpips_weights,
+                                              device=device, batch_size=batch_size)
+    for note in notes:
+        say(note)
+    ref = resolve_model(model_uri, uri)
+    if apply and not (ref.name and ref.version) and not ref.directory:
+        raise ValueError(f"{model_uri}: --apply needs a registered model (models:/NAME/VERSION) or a model "
+                         "directory to store the schedule with")
+    model = ref.load(device)
+    if model.config.objective == "regression":
+        raise ValueError(f"{model_uri}: a regression model has no noise schedule to search")
+    sampler = sampler or model.config.diffusion.sample_sampler
+    data = load_val(pairs, limit)
+    check_model(model, data, label_of(ref))
+    hr, lr = data.batch(0, len(data))  # a small subset, decoded once for every trial
+    steps = sorted(set(int(k) for k in steps))
+    say(f"{label_of(ref)}: {len(candidates)} schedules × K in {steps} on {len(data)} val pairs, "
+        f"{sampler}, scored by {metric}")
+
+    run_id = _start_parent(uri, experiment, run_name, ref, {
+        "metric": metric, "sampler": sampler, "steps": " ".join(map(str, steps)), "grid": grid_n,
+        "start_range": f"{start_range[0]:g},{start_range[1]:g}", "end_range": f"{end_range[0]:g},{end_range[1]:g}",
+        "limit": limit, "n_images": len(data), "seed": seed, "pairs": pairs, "model_uri": ref.pinned})
+    trials: list[Trial] = []
+    best: dict[int, dict[str, Any]] = {}
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    try:
+        for k in steps:
+            for i, (b1, bk) in enumerate(candidates):
+                schedule = model.inference_schedule(k, b1, bk)
+                images = torch.cat([sample(model, data.keys[s:s + batch_size], lr[s:s + batch_size],
+                                           sampler=sampler, schedule=schedule, seed=seed)
+                                    for s in range(0, len(data), batch_size)])
+                running = Running(perceptual)
+                running.add(images, hr, lr)
+                scores = running.result()
+                value = scores.get(metric)
+                value = value if value is not None and math.isfinite(value) else None
+                trial = Trial(k, b1, bk, float(schedule.gammas[-1]), scores, value)
+                trial.run_id = _log_trial(client, experiment_id, run_id, sampler, metric, trial)
+                trials.append(trial)
+                if value is not None and (k not in best or better(metric, value, best[k]["value"])):
+                    best[k] = {"sampler": sampler, "beta_start": b1, "beta_end": bk, "metric": metric,
+                               "value": value}
+                shown = "no score" if value is None else f"{value:.4g}"
+                leader = f" (best {best[k]['value']:.4g})" if k in best else ""
+                say(f"K={k} [{i + 1}/{len(candidates)}] β {b1:g}→{bk:g}: {metric} {shown}{leader}")
+        result = SearchResult(metric, sampler, trials, best, report_uri or default_report_dir("search"),
+                              run_id, notes=notes)
+        if apply and best:
+            result.stored = store_sampling(ref, best, uri)
+            say(f"stored the best schedule per K in {result.stored}")
+        _finish_parent(uri, run_id, result, start_range, end_range, grid_n)
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    return result
+
+
+def _start_parent(uri: str, experiment: str, run_name: str | None, ref, params: dict[str, Any]) -> str:
+    tags = {"sr3.model_name": ref.name or "", "sr3.model_version": ref.version or "",
+            "sr3.model_uri": ref.pinned, "sr3.job": "search_schedule"}
+    name = run_name or f"search-{metric_prefix(label_of(ref))}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id, _ = tracking.start_or_resume(uri, experiment, name, tags)
+    tracking.log_params(uri, run_id, params)
+    return run_id
+
+
+def _log_trial(client, experiment_id: str, parent: str, sampler: str, metric: str, trial: Trial) -> str:
+    """A nested child run of the parent: params of the schedule, all its metrics (step = K)."""
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(experiment_id, run_name=f"K{trial.steps}-{trial.beta_start:g}-{trial.beta_end:g}",
+                            tags={"mlflow.parentRunId": parent, "sr3.job": "search_schedule.trial"})
+    params = {"steps": trial.steps, "beta_start": trial.beta_start, "beta_end": trial.beta_end,
+              "sampler": sampler, "metric": metric}
+    now = int(time.time() * 1000)
+    values = {**trial.scores, "gamma_K": trial.gamma_K}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                     metrics=[Metric(k, float(v), now, trial.steps) for k, v in values.items()
+                              if v is not None and math.isfinite(v)])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def plot(best: dict[int, dict[str, Any]], metric: str, path) -> None:
+    """Best score per K against K (the paper's quality-vs-steps figure), Agg canvas, no pyplot."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5, 3.8), layout="constrained")
+    axes = figure.subplots()
+    ks = sorted(best)
+    values = [best[k]["value"] for k in ks]
+    axes.plot(ks, values, "o-")
+    for k, v in zip(ks, values):
+        axes.annotate(f"{best[k]['beta_start']:.2g}→{best[k]['beta_end']:.2g}", (k, v), fontsize=7,
+                      textcoords="offset points", xytext=(0, 6), ha="center")
+    if len(ks) > 1:
+        axes.set_xscale("log")
+    axes.set_xticks(ks, labels=[str(k) for k in ks])
+    axes.minorticks_off()
+    axes.set_xlabel("refinement steps K")
+    axes.set_ylabel(f"best {metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
+    axes.set_title("best linear schedule per step budget")
+    axes.grid(alpha=0.3)
+    figure.savefig(path, dpi=120)
+
+
+def _finish_parent(uri: str, run_id: str, result: SearchResult, start_range, end_range, grid_n: int) -> None:
+    from mlflow import MlflowClient
+
+    logger = tracking.RunLogger(uri, run_id)
+    for k, chosen in sorted(result.best.items()):
+        logger.log_metrics({f"best_{result.metric}": chosen["value"], "best_beta_start": chosen["beta_start"],
+                            "best_beta_end": chosen["beta_end"]}, step=k)
+    if result.stored:
+        tracking.set_tags(uri, run_id, {"sr3.sampling_stored": result.stored})
+    document = {"metric": result.metric, "lower_is_better": result.metric in LOWER_IS_BETTER,
+                "sampler": result.sampler, "grid": grid_n, "start_range": list(start_range),
+                "end_range": list(end_range), "best": {str(k): v for k, v in sorted(result.best.items())},
+                "stored": result.stored, "notes": result.notes,
+                "trials": [asdict(t) for t in result.trials]}
+    with report.staged(result.report) as folder:
+        (folder / "search.json").write_text(json.dumps(report.finite(document), indent=2, allow_nan=False))
+        if result.best:
+            plot(result.best, result.metric, folder / "metric_vs_steps.png")
+        MlflowClient(uri).log_artifacts(run_id, str(folder), artifact_path="search")
+    tracking.end_run(uri, run_id)

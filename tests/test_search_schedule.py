@@ -1,0 +1,139 @@
+"""jobs/search_schedule.py: the grid, the metric choice, and a search on a tiny registered model
+whose `--apply` makes `sampling_for` (what jobs/upscale.py calls) return a schedule of the grid."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines import evaluate as E
+from pipelines import schedule_search as S
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _no_weight_env(monkeypatch):
+    monkeypatch.delenv(E.FID_ENV, raising=False)
+    monkeypatch.delenv(E.LPIPS_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread beats two that contend with
+    other processes (measured: the search test takes 5 s instead of 40 s under load)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_grid_is_log_spaced_within_the_ranges_and_drops_start_above_end():
+    points = S.grid(5)
+    starts, ends = sorted({s for s, _ in points}), sorted({e for _, e in points})
+    assert starts == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
+    assert ends[0] == pytest.approx(S.END_RANGE[0]) and ends[-1] == pytest.approx(S.END_RANGE[1])
+    ratios = [b / a for a, b in zip(ends, ends[1:])]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-3)  # geometric steps
+    assert len(points) == 25  # the default ranges meet only at 1e-2, where start == end is allowed
+    overlapping = S.grid(3, (1e-3, 1e-1), (1e-3, 1e-1))
+    assert (1e-1, 1e-3) not in overlapping and len(overlapping) == 6  # 3 + 2 + 1 with start ≤ end
+    assert S.grid(1, (1e-4, 1e-2), (1e-2, 0.5)) == [(1e-3, pytest.approx(math.sqrt(5e-3), rel=1e-3))]
+    with pytest.raises(ValueError):
+        S.grid(2, (1e-2, 1e-4))
+    assert S.better("ssim", 0.9, 0.8) and S.better("consistency", 1.0, 2.0) and not S.better("fid", 3.0, 2.0)
+
+
+def test_metric_choice_defaults_to_ssim_and_refuses_fid_without_weights():
+    metric, scorer, notes = S.choose_metric(None)
+    assert (metric, scorer) == ("ssim", None) and "ssim" in notes[-1]
+    assert S.choose_metric("consistency")[0] == "consistency"
+    with pytest.raises(ValueError, match="--fid-weights"):
+        S.choose_metric("fid")
+    with pytest.raises(ValueError, match="choose from"):
+        S.choose_metric("accuracy")
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    from model_support import register_tiny, save_tiny
+    from train_support import write_pairs
+
+    root = tmp_path_factory.mktemp("search")
+    tracking_uri = f"sqlite:///{root}/mlflow.db"
+    pairs = write_pairs(root / "pairs", n_train=1, n_val=3)
+    uri, version = register_tiny(save_tiny(root / "sr3"), tracking_uri, "tiny-search")
+    return root, tracking_uri, pairs, uri, version
+
+
+def test_search_apply_stores_the_best_grid_schedule_that_upscale_then_uses(registered, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipelines.models import resolve_model, sampling_for
+
+    root, tracking_uri, pairs, uri, version = registered
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    before = sampling_for(resolve_model(uri), steps=3)
+    assert before.source == "config"
+    out = tmp_path / "search"
+    code = _job("search_schedule").main(["--model", uri, "--pairs", pairs, "--steps", "2", "3", "--grid", "2",
+                                         "--limit", "2", "--apply", "--report", str(out)])
+    assert code == 0
+
+    found = json.loads((out / "search.json").read_text())
+    assert found["metric"] == "ssim" and len(found["trials"]) == 2 * 4
+    candidates = S.grid(2)
+    ref = resolve_model(uri)  # what jobs/upscale.py does, then sampling_for with its flags
+    for k in (2, 3):
+        trials = [t for t in found["trials"] if t["steps"] == k]
+        winner = max(trials, key=lambda t: t["value"])
+        chosen = sampling_for(ref, steps=k)
+        assert chosen.source == "search" and chosen.sampler == "ddpm"
+        assert (chosen.beta_start, chosen.beta_end) in candidates
+        assert (chosen.beta_start, chosen.beta_end) == (winner["beta_start"], winner["beta_end"])
+        assert ref.sampling[k]["metric"] == "ssim" and ref.sampling[k]["value"] == pytest.approx(winner["value"])
+    assert sampling_for(ref, steps=5).source == "config"  # a budget that was not searched
+    assert sampling_for(ref, steps=2, sampler="ddim").source == "config"  # searched for ddpm only
+    assert (out / "metric_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("sr3-schedule-search").experiment_id
+    runs = client.search_runs([experiment])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 8 and parent.data.tags["sr3.model_version"] == version
+    assert {(c.data.params["steps"], float(c.data.params["beta_start"]), float(c.data.params["beta_end"]))
+            for c in children} == {(str(k), s, e) for k in (2, 3) for s, e in candidates}
+    assert all({"ssim", "psnr", "consistency", "lr_psnr", "gamma_K"} <= set(c.data.metrics) for c in children)
+    history = client.get_metric_history(parent.info.run_id, "best_ssim")
+    assert sorted(m.step for m in history) == [2, 3]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "search")} >= {
+        "search/search.json", "search/metric_vs_steps.png"}
+
+
+def test_search_on_a_model_directory_stores_sampling_json(tmp_path):
+    from model_support import save_tiny
+    from train_support import write_pairs
+
+    from pipelines.models import resolve_model, sampling_for
+
+    directory = save_tiny(tmp_path / "sr3")
+    pairs = write_pairs(tmp_path / "pairs", n_train=1, n_val=2)
+    result = S.search(str(directory), pairs, [2], metric="consistency", grid_n=1, limit=1, apply=True,
+                      tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", report_uri=str(tmp_path / "search"),
+                      say=lambda _: None)
+    assert result.stored == str(directory / "sampling.json")
+    chosen = sampling_for(resolve_model(str(directory)), steps=2)
+    assert (chosen.source, chosen.beta_start, chosen.beta_end) == ("search", *S.grid(1)[0])
