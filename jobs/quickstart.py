@@ -3,8 +3,8 @@
     python jobs/quickstart.py [--workdir quickstart] [--steps 400]
 
 Builds pairs from the photos bundled with scikit-image (Ray Data), trains a `tiny` SR3 model
-(Ray Train, tracked in MLflow, registered as models:/sr3-quickstart@champion), super-resolves
-held-out photos through the registry and writes an HTML report comparing bicubic and SR3.
+(Ray Train, tracked in MLflow, registered as models:/sr3-quickstart@champion), upscales held-out
+photos through the registry (Ray Data) and evaluates bicubic vs SR3 into an HTML report.
 """
 
 import argparse
@@ -23,9 +23,10 @@ def main() -> None:
     parser.add_argument("--patches-per-image", type=int, default=48)
     parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
     parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--eval-limit", type=int, default=64, help="held-out pairs the evaluation scores")
     args = parser.parse_args()
     run(args.workdir, steps=args.steps, batch_size=args.batch_size, patches=args.patches_per_image,
-        sampler=args.sampler, sample_steps=args.sample_steps)
+        sampler=args.sampler, sample_steps=args.sample_steps, eval_limit=args.eval_limit)
 
 
 if __name__ == "__main__":
