@@ -1,0 +1,195 @@
+"""Training throughput: the Ray Train loop against a bare single-process PyTorch loop, same run.
+
+    python benchmarks/bench_train.py [--steps 40] [--warmup 10] [--batch-size 8] [--log-every 10] [--rounds 1]
+
+Inputs: 16→64 patch pairs cut by `pipelines.pairs.build_pairs` (Ray Data, patches recipe) from
+12 photos bundled in skimage.data, in a temp dir; enough (by default) that the timed steps stay in
+the first epoch, as they would on a real dataset: each new epoch the Ray loop starts a new Ray Data
+read of its shard, a cost per epoch, not per step. Model: the `tiny` preset at global batch
+`--batch-size`. Both sides run `--warmup` + `--steps` optimiser steps and time only the last
+`--steps` (steady state: start-up, first-step allocation and Ray Data's start are excluded alike),
+by the wall clock read after every `--log-every`-th step:
+
+- bare loop:    `sr3model.training.train_step` in this process on the train pairs decoded into
+                memory (random batches), EMA and Adam as in training; `time.perf_counter()`.
+- Ray Train:    `pipelines.train.train` (what jobs/train.py calls: Ray Data decoding, TorchTrainer,
+                DDP with gloo, MLflow in a temp sqlite file, a checkpoint at the end; no validation,
+                no pyfunc logging) with 1 and 2 workers; the clock is the timestamp of the metrics
+                the loop logs to MLflow every `--log-every` steps, so an interval holds the steps,
+                the waits for data, the metrics' all-reduce and the MLflow call.
+
+Reported: images/s over all timed steps, and the best and the median `--log-every`-step window
+(pooled over rounds): other load on a shared machine only slows a window down, so the best window
+is the closest to the machine's unshared speed (timeit's reasoning) and the median moves less than
+the total.
+
+Same torch thread count everywhere: the bare loop uses torch's default (one per core); each Ray
+worker asks for cores / workers CPUs, and Ray sets OMP_NUM_THREADS (hence torch's threads) to that
+(floor, at least 1). Each worker writes its torch thread count to a probe file, printed below. Ray
+is started with twice the cores as logical CPUs so that Ray Data's decode tasks can run beside
+workers that hold every core. RAY_worker_niceness=0 so that Ray workers compete with other load on
+a shared machine on the same terms as this process (Ray's default is niceness 15). With `--rounds`
+above 1 the three loops run interleaved, round after round, and windows are pooled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sr3model.config import SR3Config, preset  # noqa: E402
+
+PROBE_DIR = ""  # set in main(); captured by value when `probed_loop` is pickled for the workers
+
+
+def probed_loop(loop_config: dict) -> None:
+    """`pipelines.train_loop.train_loop`, after writing this worker's torch thread count to a file."""
+    import ray.train
+
+    from pipelines.train_loop import train_loop
+
+    context = ray.train.get_context()
+    name = f"threads-{context.get_world_size()}w-rank{context.get_world_rank()}.txt"
+    (Path(PROBE_DIR) / name).write_text(str(torch.get_num_threads()))
+    train_loop(loop_config)
+
+
+def bare_loop(pairs: str, config: SR3Config, warmup: int, steps: int, window: int) -> dict:
+    """A plain single-process loop: images/s over all timed steps and per `window` steps."""
+    from pipelines.pairs import read_part
+    from pipelines.train import decode_pairs
+    from sr3model.ema import EMA
+    from sr3model.model import SR3
+    from sr3model.training import make_optimizer, train_step
+
+    table = read_part(pairs, "train", columns=["hr", "lr"])
+    arrays = decode_pairs({k: np.array(table.column(k).to_pylist(), dtype=object) for k in ("hr", "lr")})
+    hr_all, lr_all = torch.from_numpy(arrays["hr"]), torch.from_numpy(arrays["lr"])  # (N, 3, H, W)
+    torch.manual_seed(config.train.seed)
+    model = SR3(config)
+    ema = EMA(model.net, config.train.ema_decay)
+    optimizer = make_optimizer(model, config.train)
+    generator = torch.Generator().manual_seed(config.train.seed)
+    batch, order, stamps = config.train.batch_size, torch.randperm(len(hr_all)), {}
+    for step in range(warmup + steps):
+        first = (step * batch) % (len(order) - batch + 1)
+        index = order[first:first + batch]
+        train_step(model, optimizer, hr_all[index], lr_all[index], step=step, config=config.train,
+                   ema=ema, generator=generator)
+        if step + 1 >= warmup and (step + 1) % window == 0:
+            stamps[step + 1] = time.perf_counter()
+    return rates(stamps, warmup, steps, window, batch)
+
+
+def rates(stamps: dict[int, float], warmup: int, steps: int, window: int, batch: int) -> dict:
+    """images/s between the clock readings `stamps[step]` (s) taken after steps warmup, +window, ..."""
+    ends = range(warmup + window, warmup + steps + 1, window)
+    return {"overall": steps * batch / (stamps[warmup + steps] - stamps[warmup]),
+            "windows": [window * batch / (stamps[end] - stamps[end - window]) for end in ends]}
+
+
+def ray_train(pairs: str, config: SR3Config, workers: int, cores: int, warmup: int, steps: int,
+              log_every: int, root: Path) -> dict:
+    """Run `pipelines.train.train`; images/s from the timestamps of the metrics the loop logged."""
+    from mlflow import MlflowClient
+
+    import pipelines.train_loop
+    from pipelines.train import train
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    pipelines.train_loop.train_loop = probed_loop  # train() imports it by name at call time
+    tick = time.perf_counter()
+    result = train(pairs, config, steps=warmup + steps, num_workers=workers,
+                   cpus_per_worker=cores / workers, storage_uri=str(root / "checkpoints"),
+                   run_name=f"bench-{workers}w-{int(time.time())}", experiment="bench-train",
+                   tracking_uri=uri, log_every=log_every, val_images=0, max_failures=1, log_pyfunc=False)
+    total = time.perf_counter() - tick
+    logged = sorted(MlflowClient(uri).get_metric_history(result.run_id, "step_time_s"), key=lambda m: m.timestamp)
+    stamps = {m.step: m.timestamp / 1000 for m in logged}  # after a worker restart: the last attempt's
+    threads = [int((Path(PROBE_DIR) / f"threads-{workers}w-rank{r}.txt").read_text()) for r in range(workers)]
+    return {**rates(stamps, warmup, steps, log_every, config.train.batch_size), "total_s": total, "threads": threads}
+
+
+def main() -> None:
+    global PROBE_DIR
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="timed steps (a multiple of --log-every)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed first steps (a multiple of --log-every)")
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch (split over the Ray workers)")
+    parser.add_argument("--log-every", type=int, default=10, help="the loop's MLflow logging interval")
+    parser.add_argument("--patches-per-image", type=int, default=64, help="pairs = 12 photos x this")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions; medians reported")
+    args = parser.parse_args()
+    if args.steps % args.log_every or args.warmup % args.log_every or args.warmup < args.log_every:
+        parser.error("--steps and --warmup must be positive multiples of --log-every")
+    cores = os.cpu_count() or 1
+    config = preset("tiny")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=args.batch_size))
+
+    import ray
+
+    from pipelines.pairs import build_pairs
+    from pipelines.quickstart import TRAIN_PHOTOS, export_photos
+
+    with tempfile.TemporaryDirectory(prefix="sr3-bench-train-") as directory:
+        root = Path(directory)
+        PROBE_DIR = str(root)
+        ray.init(address="local", num_cpus=2 * cores, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        export_photos(root / "photos", TRAIN_PHOTOS)
+        summary = build_pairs([str(root / "photos")], str(root / "pairs"), "patches", 64, 4,
+                              patches_per_image=args.patches_per_image, progress=lambda message: None)
+        pairs = str(root / "pairs")
+        epoch = summary["train"] // args.batch_size  # steps per epoch (also for 2 workers: half the rows each)
+        print(f"{summary['train']} train pairs 16->64 from {len(TRAIN_PHOTOS)} photos ({epoch} steps per epoch); "
+              f"preset tiny, global batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, "
+              f"{cores} CPUs (load average {os.getloadavg()[0]:.1f})")
+        if args.warmup + args.steps > epoch:
+            print("note: the timed steps cross an epoch: the Ray loop re-reads its shard (Ray Data) there")
+
+        rounds: dict[str | int, list[dict]] = {"bare": [], 1: [], 2: []}
+        for index in range(args.rounds):  # interleaved, so that other users' load hits all alike
+            bare = bare_loop(pairs, config, args.warmup, args.steps, args.log_every)
+            rounds["bare"].append(bare)
+            print(f"round {index + 1}: bare loop {bare['overall']:.1f} images/s, {torch.get_num_threads()} "
+                  f"torch threads (load average {os.getloadavg()[0]:.1f})")
+            for workers in (1, 2):
+                run = ray_train(pairs, config, workers, cores, args.warmup, args.steps, args.log_every, root)
+                rounds[workers].append(run)
+                print(f"round {index + 1}: Ray Train {workers} worker(s) {run['overall']:.1f} images/s, "
+                      f"torch threads per worker {run['threads']} ({run['total_s']:.0f} s with start-up; "
+                      f"load average {os.getloadavg()[0]:.1f})")
+        ray.shutdown()
+
+    pooled = {name: [w for r in runs for w in r["windows"]] for name, runs in rounds.items()}
+    figures = {  # each: {loop: images/s}
+        f"best {args.log_every}-step window": {name: max(values) for name, values in pooled.items()},
+        f"median {args.log_every}-step window": {name: float(np.median(values)) for name, values in pooled.items()},
+        f"all {args.steps} timed steps": {name: float(np.median([r["overall"] for r in runs]))
+                                          for name, runs in rounds.items()},
+    }
+    print(f"\n| images/s, global batch {args.batch_size} | " + " | ".join(figures) + " |")
+    print("| --- |" + " --- |" * len(figures))
+    for name, label in (("bare", "bare PyTorch, 1 process"), (1, "Ray Train, 1 worker"), (2, "Ray Train, 2 workers")):
+        cells = [f"{f[name]:.1f} ({f[name] / f['bare']:.2f}x)" for f in figures.values()]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    for label, f in figures.items():
+        print(f"{label}: Ray Train 1 worker / bare loop = {f[1] / f['bare']:.2f}x (target >= 0.9x); "
+              f"2 workers / 1 worker = {f[2] / f[1]:.2f}x (the same {cores} cores over 2 processes)")
+
+
+if __name__ == "__main__":
+    main()
