@@ -34,6 +34,9 @@ from pipelines.models import ModelRef, Sampling, parse_schedule, resolve_model, 
 from pipelines.runtime import sampling_workers
 
 DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
+# Encoding and writing a batch is light next to sampling it: those tasks reserve no CPU (so CPU
+# actors may hold every core without starving the writes) and one task at a time (one extra worker process).
+WRITE_CPUS, WRITE_TASKS = 0, 1
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def _stream(ref: ModelRef, chosen: Sampling, options: UpscaleOptions, todo: list
                      compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch, batch_format="numpy",
                      num_gpus=gpus or None, num_cpus=0 if gpus else 1)
         .map_batches(upscale_io.write_batch, fn_kwargs={"output": output, "fmt": fmt, "record": record},
-                     batch_size=batch, batch_format="numpy", num_cpus=1)
+                     batch_size=batch, batch_format="numpy", num_cpus=WRITE_CPUS, concurrency=WRITE_TASKS)
     )
     statuses: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
