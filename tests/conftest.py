@@ -239,3 +239,22 @@ def _encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+@pytest.fixture()
+def no_weight_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FID/LPIPS weight files from the environment (tests that ask for them pass paths)."""
+    monkeypatch.delenv("SR3_FID_WEIGHTS", raising=False)
+    monkeypatch.delenv("SR3_LPIPS_WEIGHTS", raising=False)
+
+
+@pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one intra-op thread beats two that contend with
+    other processes (measured: the search test takes 5 s instead of 40 s under load)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -4,7 +4,6 @@ a regression baseline directory, N = 2 samples) checked in metrics.json, index.h
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -13,35 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from job_support import load_job
 from pipelines import evaluate as E
 from pipelines import report
 from sr3model import metrics as M
 from sr3model.resample import downsample
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _no_weight_env(monkeypatch):
-    monkeypatch.delenv(E.FID_ENV, raising=False)
-    monkeypatch.delenv(E.LPIPS_ENV, raising=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread beats two that contend with
-    other processes (measured: the search test takes 5 s instead of 40 s under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("no_weight_env", "one_torch_thread")
 
 
 @pytest.fixture
@@ -203,7 +182,7 @@ def test_evaluate_job_end_to_end(registered, tmp_path, monkeypatch, capsys):
     root, tracking_uri, pairs, regression, uri, version = registered
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     out = tmp_path / "report"
-    code = _job("evaluate").main(["--model", uri, "--pairs", pairs, "--steps", "2", "--samples", "2", "--baseline",
+    code = load_job("evaluate").main(["--model", uri, "--pairs", pairs, "--steps", "2", "--samples", "2", "--baseline",
                      str(regression), "--report", str(out), "--metrics", "fid", "lpips",
                      "--lpips-weights", str(_random_alexnet(tmp_path / "alexnet.pth"))])
     printed = capsys.readouterr().out

@@ -3,41 +3,15 @@ whose `--apply` makes `sampling_for` (what jobs/upscale.py calls) return a sched
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-import torch
 
-from pipelines import evaluate as E
+from job_support import load_job
 from pipelines import schedule_search as S
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _no_weight_env(monkeypatch):
-    monkeypatch.delenv(E.FID_ENV, raising=False)
-    monkeypatch.delenv(E.LPIPS_ENV, raising=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread beats two that contend with
-    other processes (measured: the search test takes 5 s instead of 40 s under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("no_weight_env", "one_torch_thread")
 
 
 def test_grid_is_log_spaced_within_the_ranges_and_drops_start_above_end():
@@ -88,7 +62,7 @@ def test_search_apply_stores_the_best_grid_schedule_that_upscale_then_uses(regis
     before = sampling_for(resolve_model(uri), steps=3)
     assert before.source == "config"
     out = tmp_path / "search"
-    code = _job("search_schedule").main(["--model", uri, "--pairs", pairs, "--steps", "2", "3", "--grid", "2",
+    code = load_job("search_schedule").main(["--model", uri, "--pairs", pairs, "--steps", "2", "3", "--grid", "2",
                                          "--limit", "2", "--apply", "--report", str(out)])
     assert code == 0
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from job_support import load_job
 from model_support import register_tiny, save_tiny
 from pipelines import storage, upscale_io
 from pipelines.models import resolve_model, store_sampling
@@ -33,18 +34,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
     return uri, model_uri, directory
 
 
-def _load_job(name: str):
-    """A job module loaded from jobs/NAME.py (jobs/ is a folder of scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _upscale(*argv: str) -> int:
-    return _load_job("upscale").main(list(argv))
+    return load_job("upscale").main(list(argv))
 
 
 def _manifest(output: str) -> list[dict]:
@@ -196,7 +187,7 @@ def test_cascade_of_a_tiny_base_and_one_stage(ray_local, registry, tmp_path: Pat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     base = save_tiny(tmp_path / "base", "unconditional", 1, "hr_size=16", "lr_size=4")
     output = tmp_path / "cascade"
-    job = _load_job("cascade")
+    job = load_job("cascade")
     assert job.main(["--base", str(base), "--stage", stage_uri, "--num-samples", "3", "--output", str(output),
                      "--steps", "4,2", "--batch-size", "2", "--keep-intermediate"]) == 0
     rows = {row["output"]: row for row in _manifest(str(output))}
