@@ -61,6 +61,8 @@ class DiffusionConfig:
     Training uses a linear β schedule of `steps` steps from `beta_start` to `beta_end`; the noise
     level γ is drawn per image from the piecewise-uniform p(γ). Inference has its own schedule
     (`sample_*`), free to differ because the network is conditioned on γ, not on a step index.
+    `sample_clip` clips ŷ0 to the image range at every step, as the DDPM and SR3 reference samplers
+    do; false gives Algorithm 2 exactly as printed.
     """
 
     steps: int = 2000
@@ -71,6 +73,7 @@ class DiffusionConfig:
     sample_beta_start: float = 1e-4
     sample_beta_end: float = 0.1
     sample_sampler: str = "ddpm"
+    sample_clip: bool = True  # clip ŷ0 to the image range while sampling (`samplers.clipped`)
 
     def __post_init__(self) -> None:
         _check(self.steps > 0 and self.sample_steps > 0, "diffusion steps must be positive")

@@ -21,7 +21,7 @@ from torch import nn
 from .config import SR3Config
 from .diffusion import eps_loss, q_sample, sample_noise_level
 from .resample import upsample
-from .samplers import Callback, Denoiser, Generators, get_sampler, randn
+from .samplers import Callback, Denoiser, Generators, clipped, get_sampler, randn
 from .schedules import NoiseSchedule, inference_schedule, training_schedule
 from .unet import build_unet
 
@@ -77,13 +77,16 @@ class SR3(nn.Module):
     def super_resolve(self, lr: torch.Tensor | None = None, *, sampler: str | None = None,
                       schedule: NoiseSchedule | None = None, samples: int = 1,
                       batch: int | None = None, generator: Generators = None,
-                      callback: Callback | None = None, denoiser: Denoiser | None = None) -> torch.Tensor:
+                      callback: Callback | None = None, denoiser: Denoiser | None = None,
+                      clip: bool | None = None) -> torch.Tensor:
         """Samples (B, samples, 3, H, W) in [-1, 1] for LR images (B, 3, h, w).
 
         Unconditional models take `lr=None` and `batch=B`. `denoiser` replaces the plain network
         call (e.g. `sr3model.tiling.TiledDenoiser` for images larger than the model's size);
         `schedule` defaults to the config's. `generator` is one generator or one per output row
-        (B·samples, image-major), so each sample's noise can be its own.
+        (B·samples, image-major), so each sample's noise can be its own. `clip` (default the
+        config's `diffusion.sample_clip`) keeps ŷ0 in the image range at every step
+        (`samplers.clipped`; for the residual model, ŷ0 + x).
         """
         cfg = self.config
         if lr is not None and lr.shape[1] != 3:
@@ -99,7 +102,10 @@ class SR3(nn.Module):
             device = x.device if x is not None else next(self.parameters()).device
             y_T = randn(shape, generator=generator, device=device)
             run = get_sampler(sampler or cfg.diffusion.sample_sampler)
-            out = run(denoiser or self.denoiser(), x, schedule or self.inference_schedule(),
+            denoise = denoiser or self.denoiser()
+            if cfg.diffusion.sample_clip if clip is None else clip:
+                denoise = clipped(denoise, -1 - x, 1 - x) if cfg.objective == "residual" else clipped(denoise)
+            out = run(denoise, x, schedule or self.inference_schedule(),
                       generator=generator, callback=callback, y_T=y_T)
             if cfg.objective == "residual":
                 out = out + x

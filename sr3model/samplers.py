@@ -20,6 +20,14 @@ The single refinement steps `ddpm_step` and `ddim_step` are public, to write oth
   y_{t−1} = √γ_{t−1} ŷ0 + √(1−γ_{t−1}) ε̂; the same network, typically far fewer steps.
 
 Both return y0 unclipped; callers map it to images (see `sr3model.model`).
+
+`clipped(denoiser, low, high)` is the standard sampling refinement that Algorithm 2 as printed
+leaves out (Ho et al. 2020's sampler and the SR3 reference code both do it): ŷ0 (eq. 10) is clipped
+to the image range and ε̂ replaced by the noise consistent with the clipped ŷ0. With that ε̂, eq. 11's
+mean is exactly the posterior mean of q(y_{t−1} | ŷ0, y_t) (eq. 4–5) for the clipped ŷ0, and DDIM
+steps towards it. At high noise levels (small γ) ŷ0 = (y_t − √(1−γ) ε̂)/√γ amplifies every error of
+ε̂ by 1/√γ; unclipped, those errors decide the sample's global colour. `SR3.super_resolve` applies it
+unless the config says `diffusion.sample_clip=false`.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
-from .diffusion import ddpm_mean, predict_y0
+from .diffusion import ddpm_mean, predict_eps, predict_y0
 from .schedules import NoiseSchedule
 
 Denoiser = Callable[[Optional[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,6 +129,21 @@ def ddim(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *,
         if callback is not None:
             callback(i + 1, total, y)
     return y
+
+
+def clipped(denoiser: Denoiser, low: torch.Tensor | float = -1.0,
+            high: torch.Tensor | float = 1.0) -> Denoiser:
+    """`denoiser` with ŷ0 clipped to [low, high]: returns the ε consistent with the clipped ŷ0.
+
+    Bounds may be tensors shaped like y_t (the residual model's y0 is HR − x, so its bounds are
+    −1 − x and 1 − x). Where ŷ0 lies inside the bounds, ε̂ is returned unchanged."""
+    def eps_hat(x: torch.Tensor | None, y_t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        eps = denoiser(x, y_t, gamma)
+        y0 = predict_y0(y_t, gamma, eps)
+        inside = torch.minimum(torch.maximum(y0, torch.as_tensor(low, dtype=y0.dtype, device=y0.device)),
+                               torch.as_tensor(high, dtype=y0.dtype, device=y0.device))
+        return torch.where(inside == y0, eps, predict_eps(y_t, gamma, inside))
+    return eps_hat
 
 
 SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm, "ddim": ddim}

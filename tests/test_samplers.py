@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sr3model.diffusion import ddpm_mean, predict_eps
-from sr3model.samplers import SAMPLERS, ddpm_step, get_sampler
+from sr3model.diffusion import ddpm_mean, posterior, predict_eps, predict_y0
+from sr3model.samplers import SAMPLERS, clipped, ddpm_step, get_sampler
 from sr3model.schedules import linear_schedule
 
 
@@ -23,9 +23,11 @@ def y0():
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 @pytest.mark.parametrize("steps,start,end", [(1, 0.5, 0.5), (2, 1e-4, 0.3), (10, 1e-4, 0.1),
                                              (100, 1e-6, 0.05)])
-def test_oracle_denoiser_recovers_y0(name, y0, steps, start, end):
+@pytest.mark.parametrize("clip", [False, True])
+def test_oracle_denoiser_recovers_y0(name, y0, steps, start, end, clip):
     schedule = linear_schedule(steps, start, end)
-    out = get_sampler(name)(oracle(y0), torch.zeros_like(y0), schedule,
+    denoiser = clipped(oracle(y0)) if clip else oracle(y0)
+    out = get_sampler(name)(denoiser, torch.zeros_like(y0), schedule,
                             generator=torch.Generator().manual_seed(1))
     assert out.shape == y0.shape
     assert torch.allclose(out, y0, atol=2e-4), float((out - y0).abs().max())
@@ -80,3 +82,55 @@ def test_ddpm_adds_no_noise_on_the_last_step(y0):
 def test_unknown_sampler_is_a_clear_error():
     with pytest.raises(KeyError, match="ddim"):
         get_sampler("euler")
+
+
+def test_clipped_ddpm_step_is_the_posterior_mean_of_the_clipped_y0():
+    """Eq. 11 with the clipped denoiser's ε = μ of q(y_{t−1} | clip(ŷ0), y_t) (eq. 4–5)."""
+    g = torch.Generator().manual_seed(0)
+    y_t, eps_hat = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    schedule = linear_schedule(10, 1e-4, 0.3)
+    t = 6
+    alpha, gamma, gamma_prev = schedule.alphas[t], schedule.gammas[t], schedule.gammas_prev[t]
+    y0_hat = predict_y0(y_t, gamma, eps_hat)
+    assert (y0_hat.abs() > 1).any() and (y0_hat.abs() < 1).any()  # the case clipping is for
+    got = ddpm_step(clipped(lambda x, y, gm: eps_hat), None, y_t, alpha, gamma, None)
+    want, _ = posterior(y0_hat.clamp(-1, 1), y_t, gamma, gamma_prev, alpha)
+    assert torch.allclose(got, want, atol=1e-10)
+    unclipped = ddpm_step(lambda x, y, gm: eps_hat, None, y_t, alpha, gamma, None)
+    assert torch.allclose(unclipped, posterior(y0_hat, y_t, gamma, gamma_prev, alpha)[0], atol=1e-10)
+    assert not torch.allclose(got, unclipped)
+
+
+def test_clipped_keeps_y0_inside_tensor_bounds_and_leaves_in_range_predictions_alone():
+    g = torch.Generator().manual_seed(1)
+    y_t, eps_hat, x = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    gamma = torch.full((2,), 0.05)
+    low, high = -1 - x, 1 - x  # the residual model's y0 = HR − x
+    eps = clipped(lambda *_: eps_hat, low, high)(x, y_t, gamma)
+    y0 = predict_y0(y_t, gamma, eps)
+    assert (y0 >= low - 1e-5).all() and (y0 <= high + 1e-5).all()
+    raw = predict_y0(y_t, gamma, eps_hat)
+    inside = (raw >= low) & (raw <= high)
+    assert inside.any() and not inside.all()
+    assert torch.equal(eps[inside], eps_hat[inside])
+
+
+@pytest.mark.parametrize("objective", ["sr3", "residual", "unconditional"])
+def test_super_resolve_clips_y0_to_the_image_range_unless_the_config_says_not(objective):
+    """The last refinement step returns ŷ0: clipped, the image (ŷ0, or x + ŷ0 for the residual
+    model) lies in [-1, 1] before the final clamp; with `diffusion.sample_clip=false` it does not."""
+    from sr3model import SR3, override, preset
+
+    def final_image(model: SR3) -> torch.Tensor:
+        seen = []
+        lr = None if objective == "unconditional" else torch.rand(2, 3, 16, 16) * 2 - 1
+        model.super_resolve(lr, batch=2, sampler="ddim", schedule=linear_schedule(4, 1e-3, 0.3),
+                            denoiser=lambda x, y_t, g: -3 * y_t,  # ŷ0 far outside the range
+                            callback=lambda i, n, y: seen.append(y), generator=torch.Generator().manual_seed(0))
+        x = model.condition(lr)
+        return seen[-1] + x if objective == "residual" else seen[-1]
+
+    config = preset("tiny", objective)
+    assert final_image(SR3(config)).abs().max() <= 1 + 1e-5
+    raw = SR3(override(config, ["diffusion.sample_clip=false"]))
+    assert final_image(raw).abs().max() > 1.5
