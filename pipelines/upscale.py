@@ -176,7 +176,8 @@ def _stream(ref: ModelRef, chosen: Sampling, options: UpscaleOptions, todo: list
                      compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch, batch_format="numpy",
                      num_gpus=gpus or None, num_cpus=0 if gpus else 1)
         .map_batches(upscale_io.write_batch, fn_kwargs={"output": output, "fmt": fmt, "record": record},
-                     batch_size=batch, batch_format="numpy", num_cpus=WRITE_CPUS, concurrency=WRITE_TASKS)
+                     batch_size=batch, batch_format="numpy", num_cpus=WRITE_CPUS,
+                     compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS))
     )
     statuses: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
