@@ -28,7 +28,7 @@ import numpy as np
 
 from pipelines import storage, upscale_io
 from pipelines.models import Sampling, resolve_model, sampling_for
-from pipelines.runtime import sampling_workers
+from pipelines.runtime import WRITE_CPUS, WRITE_TASKS, input_blocks, sampling_workers
 
 SAMPLE_NAME = "sample_{:06d}"
 
@@ -131,11 +131,13 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
     progress(f"{num_samples} samples: {len(todo)} to do, {num_samples - len(todo)} already done")
     statuses: Counter[str] = Counter()
     if todo:
-        gpus, workers, threads = sampling_workers(num_gpus_per_worker, workers)
+        gpus, workers, threads = sampling_workers(num_gpus_per_worker, workers,
+                                                  model_bytes=sum(len(ref.weights) for ref in refs),
+                                                  blocks=input_blocks(len(todo), batch_size))
         models = [ray.put((ref.config_json, ref.weights)) for ref in refs]
         record = {**refs[-1].record(), **samplings[-1].record()}  # columns; rows carry their stage's values
         dataset = (
-            ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch_size, 1000)))
+            ray.data.from_items(todo, override_num_blocks=input_blocks(len(todo), batch_size))
             .map_batches(CascadeSampler, fn_constructor_kwargs={
                 "models": models, "samplings": [asdict(s) for s in samplings],
                 "records": [ref.record() for ref in refs],
@@ -144,7 +146,8 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
                 compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="numpy",
                 num_gpus=gpus or None, num_cpus=0 if gpus else 1, udf_modifying_row_count=True)
             .map_batches(upscale_io.write_batch, fn_kwargs={"output": output_uri, "fmt": fmt, "record": record},
-                         batch_size=None, batch_format="numpy", num_cpus=1)
+                         batch_size=None, batch_format="numpy", num_cpus=WRITE_CPUS,
+                         compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS))
         )
         for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             statuses.update(str(s) for s in rows["status"])

@@ -31,12 +31,9 @@ import numpy as np
 
 from pipelines import storage, upscale_io
 from pipelines.models import ModelRef, Sampling, parse_schedule, resolve_model, sampling_for
-from pipelines.runtime import sampling_workers
+from pipelines.runtime import WRITE_CPUS, WRITE_TASKS, input_blocks, sampling_workers
 
 DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
-# Encoding and writing a batch is light next to sampling it: those tasks reserve no CPU (so CPU
-# actors may hold every core without starving the writes) and one task at a time (one extra worker process).
-WRITE_CPUS, WRITE_TASKS = 0, 1
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,8 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     statuses: Counter[str] = Counter()
     reasons: Counter[str] = Counter(r["reason"] for r in rejects)
     if todo:
-        gpus, workers, threads = sampling_workers(num_gpus_per_worker, workers)
+        gpus, workers, threads = sampling_workers(num_gpus_per_worker, workers, model_bytes=len(ref.weights),
+                                                  blocks=input_blocks(len(todo), batch_size))
         options = UpscaleOptions(samples, seed, batch_size, tile, overlap, threads)
         statuses, more = _stream(ref, chosen, options, todo, output_uri, fmt, gpus, workers, max_output_pixels,
                                  progress)
@@ -168,7 +166,7 @@ def _stream(ref: ModelRef, chosen: Sampling, options: UpscaleOptions, todo: list
     record = {**ref.record(), **chosen.record()}  # the manifest's model and sampling columns
     batch = options.batch_size
     dataset = (
-        ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch, 1000)))
+        ray.data.from_items(todo, override_num_blocks=input_blocks(len(todo), batch))
         .map_batches(upscale_io.decode_batch, fn_kwargs={"max_output_pixels": max_output_pixels, "scale": scale},
                      batch_size=batch, batch_format="numpy", num_cpus=1)
         .map_batches(Upscaler, fn_constructor_kwargs={"model": [model], "sampling": asdict(chosen),
