@@ -61,8 +61,8 @@ class DiffusionConfig:
     Training uses a linear β schedule of `steps` steps from `beta_start` to `beta_end`; the noise
     level γ is drawn per image from the piecewise-uniform p(γ). Inference has its own schedule
     (`sample_*`), free to differ because the network is conditioned on γ, not on a step index.
-    `sample_clip` clips ŷ0 to the image range at every step, as the DDPM and SR3 reference samplers
-    do; false gives Algorithm 2 exactly as printed.
+    `sample_clip` clips ŷ0 to the image range at every step, as DDPM's published sampler and
+    common SR3 implementations do; false gives Algorithm 2 exactly as printed.
     """
 
     steps: int = 2000

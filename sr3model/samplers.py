@@ -22,8 +22,8 @@ The single refinement steps `ddpm_step` and `ddim_step` are public, to write oth
 Both return y0 unclipped; callers map it to images (see `sr3model.model`).
 
 `clipped(denoiser, low, high)` is the standard sampling refinement that Algorithm 2 as printed
-leaves out (Ho et al. 2020's sampler and the SR3 reference code both do it): ŷ0 (eq. 10) is clipped
-to the image range and ε̂ replaced by the noise consistent with the clipped ŷ0. With that ε̂, eq. 11's
+leaves out (Ho et al. 2020's published code and common SR3 implementations do it): ŷ0 (eq. 10) is
+clipped to the image range and ε̂ replaced by the noise consistent with the clipped ŷ0. With that ε̂, eq. 11's
 mean is exactly the posterior mean of q(y_{t−1} | ŷ0, y_t) (eq. 4–5) for the clipped ŷ0, and DDIM
 steps towards it. At high noise levels (small γ) ŷ0 = (y_t − √(1−γ) ε̂)/√γ amplifies every error of
 ε̂ by 1/√γ; unclipped, those errors decide the sample's global colour. `SR3.super_resolve` applies it
