@@ -25,8 +25,9 @@ def add_sampling_worker_flags(parser) -> None:
     """The flags that place the sampling actors of jobs/upscale.py and jobs/cascade.py."""
     parser.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
     parser.add_argument("--num-gpus-per-worker", type=float, help="default: 1 if the cluster has GPUs, else 0")
-    parser.add_argument("--workers", type=int, help="sampling actors (default: one per GPU; on CPU one single-threaded actor per CPU, "
-                        "fewer for few batches or a model too large to copy that often)")
+    parser.add_argument("--workers", type=int,
+                        help="sampling actors (default: one per GPU; on CPU one single-threaded actor per CPU, "
+                             "fewer for few batches or a model too large to copy that often)")
     parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
 
 
@@ -42,17 +43,23 @@ def input_blocks(items: int, batch: int) -> int:
 
 def sampling_workers(num_gpus_per_worker: float | None, workers: int | None, *, model_bytes: int = 0,
                      blocks: int | None = None) -> tuple[float, int, int]:
-    """(GPUs per actor, actors, torch threads per CPU actor) on the connected Ray cluster.
+    """`place_sampling_actors` on the connected Ray cluster's resources."""
+    import ray
+
+    init_ray()
+    return place_sampling_actors(ray.cluster_resources(), num_gpus_per_worker, workers,
+                                 model_bytes=model_bytes, blocks=blocks)
+
+
+def place_sampling_actors(resources: dict[str, float], num_gpus_per_worker: float | None, workers: int | None,
+                          *, model_bytes: int = 0, blocks: int | None = None) -> tuple[float, int, int]:
+    """(GPUs per actor, actors, torch threads per CPU actor) for a cluster's `resources`.
 
     With GPUs: one GPU per actor and as many actors as GPUs (threads 0 = torch's default). On CPU:
     one actor per CPU, each single-threaded — for these convolution sizes data parallelism beats a
     multi-threaded forward (benchmarks/bench_upscale.py: 2 actors × 1 thread sampled 1.2× faster
     than 1 actor × 2 threads on 2 cores) — but no more actors than `blocks` of work, nor than half
     the cluster's memory holds at 4× `model_bytes` each; the CPUs are shared out as torch threads."""
-    import ray
-
-    init_ray()
-    resources = ray.cluster_resources()
     cluster_gpus, cluster_cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     gpus = num_gpus_per_worker if num_gpus_per_worker is not None else (1 if cluster_gpus else 0)
     if gpus:

@@ -216,3 +216,18 @@ def test_cascade_of_a_tiny_base_and_one_stage(ray_local, registry, tmp_path: Pat
     np.testing.assert_array_equal(np.asarray(Image.open(output / finals[0])), first)
     assert job.main(["--base", stage_uri, "--stage", stage_uri, "--num-samples", "1", "--output",
                      str(tmp_path / "bad")]) == 2
+
+
+def test_sampling_actors_one_per_gpu_else_one_single_threaded_per_cpu_within_work_and_memory() -> None:
+    from pipelines.runtime import place_sampling_actors
+
+    gib = 2 ** 30
+    assert place_sampling_actors({"CPU": 16, "GPU": 4, "memory": 64 * gib}, None, None) == (1, 4, 0)
+    assert place_sampling_actors({"CPU": 16, "GPU": 4}, 0.5, None) == (0.5, 8, 0)
+    cpu = {"CPU": 8, "memory": 64 * gib}
+    assert place_sampling_actors(cpu, None, None, model_bytes=10 ** 6, blocks=100) == (0, 8, 1)
+    assert place_sampling_actors(cpu, None, None, model_bytes=10 ** 6, blocks=3) == (0, 3, 2)  # few batches
+    assert place_sampling_actors(cpu, None, None, model_bytes=4 * gib, blocks=100) == (0, 2, 4)  # 32 GiB / 16 GiB
+    assert place_sampling_actors(cpu, None, None, model_bytes=40 * gib, blocks=100) == (0, 1, 8)  # never 0
+    assert place_sampling_actors(cpu, None, 3, model_bytes=10 ** 6, blocks=100) == (0, 3, 2)  # --workers wins
+    assert place_sampling_actors({"CPU": 0}, None, None) == (0, 1, 1)  # autoscaling head without CPUs
