@@ -4,7 +4,8 @@
             OUTPUT/_manifest and OUTPUT/_rejects (pipelines.upscale_io.plan)
     from_items(to do) ─map_batches(decode_batch)───────── CPU tasks: fetch (threads) + decode
       ─map_batches(Upscaler, ActorPoolStrategy(W))─────── actors: the model loaded once per actor,
-                                                          one GPU each when asked, else CPU threads
+                                                          one GPU each, else one CPU each
+                                                          (pipelines.runtime.place_sampling_actors)
       ─map_batches(write_batch)───────────────────────── CPU tasks: encode, atomic writes, manifest
     driver: iterates the small status rows (progress), writes OUTPUT/_SUMMARY.json
 

@@ -77,16 +77,15 @@ class SR3(nn.Module):
     def super_resolve(self, lr: torch.Tensor | None = None, *, sampler: str | None = None,
                       schedule: NoiseSchedule | None = None, samples: int = 1,
                       batch: int | None = None, generator: Generators = None,
-                      callback: Callback | None = None, denoiser: Denoiser | None = None,
-                      clip: bool | None = None) -> torch.Tensor:
+                      callback: Callback | None = None, denoiser: Denoiser | None = None) -> torch.Tensor:
         """Samples (B, samples, 3, H, W) in [-1, 1] for LR images (B, 3, h, w).
 
         Unconditional models take `lr=None` and `batch=B`. `denoiser` replaces the plain network
         call (e.g. `sr3model.tiling.TiledDenoiser` for images larger than the model's size);
         `schedule` defaults to the config's. `generator` is one generator or one per output row
-        (B·samples, image-major), so each sample's noise can be its own. `clip` (default the
-        config's `diffusion.sample_clip`) keeps ŷ0 in the image range at every step
-        (`samplers.clipped`; for the residual model, ŷ0 + x).
+        (B·samples, image-major), so each sample's noise can be its own. With the config's
+        `diffusion.sample_clip`, ŷ0 stays in the image range at every step (`samplers.clipped`;
+        for the residual model, x + ŷ0).
         """
         cfg = self.config
         if lr is not None and lr.shape[1] != 3:
@@ -103,7 +102,7 @@ class SR3(nn.Module):
             y_T = randn(shape, generator=generator, device=device)
             run = get_sampler(sampler or cfg.diffusion.sample_sampler)
             denoise = denoiser or self.denoiser()
-            if cfg.diffusion.sample_clip if clip is None else clip:
+            if cfg.diffusion.sample_clip:
                 denoise = clipped(denoise, -1 - x, 1 - x) if cfg.objective == "residual" else clipped(denoise)
             out = run(denoise, x, schedule or self.inference_schedule(),
                       generator=generator, callback=callback, y_T=y_T)

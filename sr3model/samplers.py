@@ -140,8 +140,7 @@ def clipped(denoiser: Denoiser, low: torch.Tensor | float = -1.0,
     def eps_hat(x: torch.Tensor | None, y_t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         eps = denoiser(x, y_t, gamma)
         y0 = predict_y0(y_t, gamma, eps)
-        inside = torch.minimum(torch.maximum(y0, torch.as_tensor(low, dtype=y0.dtype, device=y0.device)),
-                               torch.as_tensor(high, dtype=y0.dtype, device=y0.device))
+        inside = y0.clamp(low, high)
         return torch.where(inside == y0, eps, predict_eps(y_t, gamma, inside))
     return eps_hat
 
