@@ -10,6 +10,8 @@ Metrics (`sr3model.metrics`; means over the pairs, and over the samples of each 
 | `psnr` `ssim` | against HR, on [0, 1] images (torchmetrics)                            | ↑      |
 | `consistency` | MSE(bicubic-downsampled output, LR input) ×1e-5 (SR3 Table 2)          | ↓      |
 | `lr_psnr`     | the same comparison in dB                                              | ↑      |
+| `colour_error`| mean |Δ| of per-channel means against HR, in 8-bit levels            | ↓      |
+| `detail_ratio`| high-frequency energy (image − bicubic round trip) over the HR's; 1 = as detailed as the photo; ratio of the set's means | → 1 |
 | `diversity`   | σ across the N samples of one input (only when N > 1; SRDiff)          |        |
 | `fid`, `is`   | Fréchet Inception distance to the HR set; Inception score (torchmetrics + torch-fidelity) | ↓ ↑ |
 | `lpips`       | LPIPS-AlexNet against HR (`sr3model.metrics.LPIPS`, no torchvision)    | ↓      |
@@ -48,9 +50,12 @@ from pipelines.report import metric_prefix
 from pipelines.upscale_io import image_seed
 from sr3model import metrics as M
 
-BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr")
+BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio")
 EXTRA_METRICS = ("fid", "is", "lpips")
-LOWER_IS_BETTER = {"consistency", "fid", "lpips"}
+LOWER_IS_BETTER = {"consistency", "colour_error", "fid", "lpips"}
+# Per-output energies whose set-level ratio is `detail_ratio` (a mean of per-image ratios would be
+# dominated by the flattest patches): summed in `Running`, never reported on their own.
+_DETAIL_SR, _DETAIL_HR = "_detail_sr", "_detail_hr"
 FID_ENV, LPIPS_ENV = "SR3_FID_WEIGHTS", "SR3_LPIPS_WEIGHTS"
 DEFAULT_EXPERIMENT = "sr3-eval"
 Say = Callable[[str], None]
@@ -126,20 +131,33 @@ def sample(model, keys: Sequence[str], lr: torch.Tensor, *, sampler: str, schedu
 
 
 def per_image(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:
-    """PSNR, SSIM, consistency, LR-PSNR per output (B·N,) (+ diversity per pair when N > 1)."""
+    """PSNR, SSIM, consistency, LR-PSNR, colour error per output (B·N,), the detail energies of
+    output and HR (`_detail_sr`, `_detail_hr`), and diversity per pair when N > 1."""
     b, n = images.shape[:2]
     flat = images.reshape(b * n, *images.shape[2:])
     hr_n, lr_n = hr.repeat_interleave(n, dim=0), lr.repeat_interleave(n, dim=0)
+    lr_size = tuple(lr.shape[-2:])
     scores = {"psnr": M.psnr(flat, hr_n), "ssim": M.ssim(flat, hr_n),
-              "consistency": M.consistency(flat, lr_n), "lr_psnr": M.lr_psnr(flat, lr_n)}
+              "consistency": M.consistency(flat, lr_n), "lr_psnr": M.lr_psnr(flat, lr_n),
+              "colour_error": M.colour_error(flat, hr_n),
+              _DETAIL_SR: M.detail_energy(flat, lr_size), _DETAIL_HR: M.detail_energy(hr_n, lr_size)}
     if n > 1:
         scores["diversity"] = M.diversity(images)
     return scores
 
 
+def summarise(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Set-level metrics from per-output values: means, and `detail_ratio` as a ratio of means."""
+    out = {k: float(v.double().mean()) for k, v in values.items() if k not in (_DETAIL_SR, _DETAIL_HR)}
+    if _DETAIL_SR in values:
+        out["detail_ratio"] = float(values[_DETAIL_SR].double().mean() / values[_DETAIL_HR].double().mean()
+                                    .clamp_min(1e-12))
+    return out
+
+
 def base_scores(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
-    """Means of `per_image` for outputs (B, N, 3, H, W)."""
-    return {k: float(v.double().mean()) for k, v in per_image(images, hr, lr).items()}
+    """Set-level metrics (`summarise`) of outputs (B, N, 3, H, W)."""
+    return summarise(per_image(images, hr, lr))
 
 
 def _weights(flag: str | None, env: str) -> str | None:
@@ -268,7 +286,7 @@ class Running:
             self.values.setdefault(key, []).append(value)
 
     def result(self) -> dict[str, float | None]:
-        out: dict[str, float | None] = {k: float(torch.cat(v).double().mean()) for k, v in self.values.items()}
+        out: dict[str, float | None] = dict(summarise({k: torch.cat(v) for k, v in self.values.items()}))
         if self.perceptual is not None:
             out.update(self.perceptual.compute())
         return out

@@ -38,10 +38,11 @@ from sr3model.imageio import to_uint8_batch
 if TYPE_CHECKING:
     from pipelines.models import ModelRef
 
-DIRECTION = {"psnr": "↑", "ssim": "↑", "consistency": "↓", "lr_psnr": "↑", "diversity": "",
-             "fid": "↓", "is": "↑", "lpips": "↓"}
+DIRECTION = {"psnr": "↑", "ssim": "↑", "consistency": "↓", "lr_psnr": "↑", "colour_error": "↓",
+             "detail_ratio": "→1", "diversity": "", "fid": "↓", "is": "↑", "lpips": "↓"}
 HEADINGS = {"psnr": "PSNR dB", "ssim": "SSIM", "consistency": "consistency ×1e-5", "lr_psnr": "LR-PSNR dB",
-            "diversity": "diversity σ", "fid": "FID", "is": "IS", "lpips": "LPIPS"}
+            "colour_error": "colour error /255", "detail_ratio": "detail ratio", "diversity": "diversity σ",
+            "fid": "FID", "is": "IS", "lpips": "LPIPS"}
 MIN_DISPLAY = 128  # px: small patches are shown enlarged (pixelated) in the HTML
 
 

@@ -176,7 +176,8 @@ def reduce_window(window: list[dict[str, float]], device: torch.device) -> dict[
 @torch.no_grad()
 def validate(model: SR3, ema: EMA, val: dict[str, torch.Tensor], lc: LoopConfig, step: int,
              logger) -> dict[str, float]:
-    """EMA weights, a fast sampler: PSNR, SSIM, consistency; grid LR | bicubic | output | HR."""
+    """EMA weights, a fast sampler: PSNR, SSIM, consistency, LR-PSNR, colour error, detail ratio;
+    grid LR | bicubic | output | HR."""
     tick = time.perf_counter()
     sampler_model = copy.deepcopy(model).eval()
     ema.copy_to(sampler_model.net)
@@ -186,11 +187,15 @@ def validate(model: SR3, ema: EMA, val: dict[str, torch.Tensor], lc: LoopConfig,
     sr = sampler_model.super_resolve(
         lr if conditional else None, batch=hr.shape[0], sampler=lc.val_sampler,
         schedule=sampler_model.inference_schedule(steps=lc.val_steps), generator=generator)[:, 0]
+    lr_size = tuple(lr.shape[-2:])
     results = {
         "val_psnr": float(sr_metrics.psnr(sr, hr).mean()),
         "val_ssim": float(sr_metrics.ssim(sr, hr).mean()),
         "val_consistency": float(sr_metrics.consistency(sr, lr).mean()),
         "val_lr_psnr": float(sr_metrics.lr_psnr(sr, lr).mean()),
+        "val_colour_error": float(sr_metrics.colour_error(sr, hr).mean()),
+        "val_detail_ratio": float(sr_metrics.detail_energy(sr, lr_size).mean()
+                                  / sr_metrics.detail_energy(hr, lr_size).mean().clamp_min(1e-12)),
     }
     results["val_time_s"] = time.perf_counter() - tick
     if logger is not None:

@@ -4,6 +4,13 @@
 - `consistency`: SR3 Table 2 — MSE between the SR output downsampled to LR size (bicubic,
   anti-aliased) and the LR input, on [0, 1] images, in units of 1e-5 (the table reports ×1e-5).
 - `lr_psnr`: the same comparison in dB.
+- `colour_error`: mean |Δ| between the output's and the HR's per-channel means, in 8-bit levels
+  (/255): the global colour shift open SR3 implementations are reported for; 0 = same colours.
+- `detail_energy` / `detail_ratio`: the energy (mean square) of what bicubic down-then-up removes,
+  image − bicubic(down(image)), on [0, 1] images: the high-frequency detail an SR model must invent.
+  The ratio output/HR is 1 for an output as detailed as the photo; bicubic's own output sits far
+  below (its detail is what the round trip keeps), grain above. Over a set, the ratio of summed
+  energies (`detail_ratio` of the means), so flat patches do not dominate.
 - `diversity`: SRDiff's σ — per-pixel standard deviation across N samples of one input, averaged,
   on [0, 1] images; samples (B, N, 3, H, W).
 - `LPIPS` / `load_lpips`: LPIPS v0.1 with the AlexNet backbone (Zhang et al. 2018), the same
@@ -21,7 +28,7 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from .resample import downsample
+from .resample import downsample, upsample
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -54,6 +61,24 @@ def consistency(sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
 def lr_psnr(sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
     """PSNR in dB between the downsampled output and the LR input, per image (B,)."""
     return -10 * torch.log10(_lr_mse(sr, lr).clamp_min(1e-12))
+
+
+def colour_error(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """Mean over R, G, B of |mean(sr_c) − mean(hr_c)|, in 8-bit levels, per image (B,)."""
+    delta = to_unit(sr).mean(dim=(2, 3)) - to_unit(hr).mean(dim=(2, 3))  # (B, 3)
+    return delta.abs().mean(dim=1) * 255
+
+
+def detail_energy(images: torch.Tensor, lr_size: int | tuple[int, int]) -> torch.Tensor:
+    """Mean square of image − bicubic_up(bicubic_down(image)) on [0, 1] images, per image (B,)."""
+    unit = to_unit(images)
+    smooth = upsample(downsample(unit, lr_size), tuple(unit.shape[-2:]))
+    return (unit - smooth).square().mean(dim=(1, 2, 3))
+
+
+def detail_ratio(sr: torch.Tensor, hr: torch.Tensor, lr_size: int | tuple[int, int]) -> torch.Tensor:
+    """High-frequency energy of the output relative to the HR's, per image (B,); 1 = as detailed."""
+    return detail_energy(sr, lr_size) / detail_energy(hr, lr_size).clamp_min(1e-12)
 
 
 def diversity(samples: torch.Tensor) -> torch.Tensor:

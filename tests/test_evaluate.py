@@ -39,10 +39,13 @@ def test_scores_of_identical_images_and_of_a_constant_shift(photo):
     assert same["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert same["consistency"] == pytest.approx(0.0, abs=1e-3)  # HR downsampled *is* the LR input
     assert "diversity" not in same  # one sample
+    assert same["colour_error"] == 0 and same["detail_ratio"] == pytest.approx(1.0, rel=1e-6)
     shifted = E.base_scores((photo - 0.2)[:, None], photo, lr)  # 0.1 in [0, 1] units: MSE 1e-2
     assert shifted["psnr"] == pytest.approx(20.0, abs=1e-3)
     assert shifted["consistency"] == pytest.approx(1e-2 * 1e5, rel=1e-3)  # downsampling keeps the shift
     assert shifted["lr_psnr"] == pytest.approx(20.0, abs=1e-3)
+    assert shifted["colour_error"] == pytest.approx(0.1 * 255, rel=1e-4)  # every channel 25.5 levels darker
+    assert shifted["detail_ratio"] == pytest.approx(1.0, rel=1e-3)  # a shift adds no detail
     two = torch.stack([photo + 0.1, photo - 0.1], dim=1)  # (1, 2, 3, H, W): ±0.05 in [0, 1] units
     pair = E.base_scores(two, photo, lr)
     assert pair["psnr"] == pytest.approx(-10 * math.log10(0.05**2), abs=1e-3)  # 26.02 dB, both samples
@@ -192,9 +195,11 @@ def test_evaluate_job_end_to_end(registered, tmp_path, monkeypatch, capsys):
     found = json.loads((out / "metrics.json").read_text())
     model = "tiny-eval v1"
     assert set(found) == {"bicubic", model, "regression-baseline", "_meta"}
-    assert set(found[model]) == {"psnr", "ssim", "consistency", "lr_psnr", "diversity", "lpips"}
-    assert set(found["regression-baseline"]) == set(found["bicubic"]) == {"psnr", "ssim", "consistency",
-                                                                        "lr_psnr", "lpips"}
+    assert set(found[model]) == {"psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio",
+                                "diversity", "lpips"}
+    assert set(found["regression-baseline"]) == set(found["bicubic"]) == {
+        "psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio", "lpips"}
+    assert found["bicubic"]["detail_ratio"] < 0.6  # bicubic restores little high-frequency detail
     assert found[model]["diversity"] > 0  # two samples of a stochastic sampler differ
     assert found["bicubic"]["lr_psnr"] > 35
     meta = found["_meta"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sr3model.metrics import consistency, diversity, lr_psnr, psnr, ssim
+from sr3model.metrics import colour_error, consistency, detail_ratio, diversity, lr_psnr, psnr, ssim
 from sr3model.resample import downsample, upsample
 
 
@@ -54,3 +54,21 @@ def test_diversity_is_zero_for_identical_samples_and_the_std_otherwise():
     assert float(diversity(two)) == pytest.approx(math.sqrt(0.5), rel=1e-6)
     with pytest.raises(ValueError):
         diversity(same[:, :1])
+
+
+def test_colour_error_is_the_mean_channel_shift_in_levels(image):
+    img = image.clamp(-0.8, 0.8)
+    assert float(colour_error(img, img)) == 0.0
+    shift = torch.tensor([0.2, 0.0, -0.1])[None, :, None, None]  # [-1, 1] units: 25.5, 0, 12.75 levels
+    assert float(colour_error(img + shift, img)) == pytest.approx((25.5 + 0 + 12.75) / 3, rel=1e-4)
+    noise = 0.1 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0))
+    assert float(colour_error(img + noise, img)) < 1.0  # zero-mean grain is not a colour shift
+
+
+def test_detail_ratio_is_one_for_the_photo_low_for_bicubic_high_for_grain(image):
+    lr = downsample(image, 16).clamp(-1, 1)
+    assert float(detail_ratio(image, image, 16)) == pytest.approx(1.0, rel=1e-6)
+    bicubic = upsample(lr, 64).clamp(-1, 1)
+    assert float(detail_ratio(bicubic, image, 16)) < 0.3  # bicubic restores little of the detail
+    grain = (image + 0.3 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    assert float(detail_ratio(grain, image, 16)) > 1.5
