@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from sr3model.config import SAMPLER_NAMES  # noqa: E402
+
 EXTRA_METRICS = ("fid", "is", "lpips")
 
 
@@ -28,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model directory")
     parser.add_argument("--pairs", required=True, help="jobs/build_pairs.py output URI (its val/ split is used)")
     parser.add_argument("--steps", type=int, help="refinement steps K (default: the model's)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the model's")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's")
     parser.add_argument("--schedule", metavar="START,END",
                         help="linear β schedule of --model, e.g. 1e-4,0.2 (default: stored by the search, else config)")
     parser.add_argument("--samples", type=int, default=1, help="samples per pair (N > 1 adds diversity σ)")

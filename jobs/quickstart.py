@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.quickstart import run  # noqa: E402
+from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
 
 def main() -> None:
@@ -21,7 +22,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="training steps of the tiny model")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (2 workers)")
     parser.add_argument("--patches-per-image", type=int, default=48)
-    parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    parser.add_argument("--sampler", default="ddpm", choices=SAMPLER_NAMES)
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--eval-limit", type=int, default=64, help="held-out pairs the evaluation scores")
     args = parser.parse_args()

@@ -3,8 +3,8 @@
     python jobs/search_schedule.py --model models:/sr3-faces@champion --pairs gs://bkt/pairs/ffhq-16-128 \\
         --steps 25 50 100 --grid 5 --limit 32 --apply
 
-For each K, tries --grid × --grid linear schedules (β_1 log-spaced in [1e-6, 1e-2], β_K in
-[1e-2, 0.8]) on the first --limit val pairs with the same noise seeds, scores them (default: FID
+For each K, tries --grid × --grid valid linear schedules (β_1 log-spaced in [1e-6, 1e-2], the first
+level γ_K in [γ_T/100, γ_T] of the training schedule's last γ_T, β_K solved for) on the first --limit val pairs with the same noise seeds, scores them (default: FID
 with --fid-weights / SR3_FID_WEIGHTS, else SSIM), logs every trial as a nested MLflow run and
 plots the best score against K. --apply stores the best schedule per K with the model version, so
 jobs/upscale.py uses it by default for those steps.
@@ -18,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+
+from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
 METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "fid", "is", "lpips")
 
@@ -34,11 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=32, help="val pairs to score on (the first N by key)")
     parser.add_argument("--apply", action="store_true",
                         help="store the best schedule per K with the model version (used by jobs/upscale.py)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the model's")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's")
     parser.add_argument("--start-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(1e-6, 1e-2),
                         help="β_1 range (default 1e-6 1e-2)")
-    parser.add_argument("--end-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(1e-2, 0.8),
-                        help="β_K range (default 1e-2 0.8)")
+    parser.add_argument("--gamma-k-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="range of the first (noisiest) level γ_K; default: the training schedule's last "
+                             "level γ_T and γ_T/100 (higher γ_K is refused: the start noise would not match)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every trial")
     parser.add_argument("--fid-weights", help="local Inception weights for FID (or SR3_FID_WEIGHTS)")
     parser.add_argument("--lpips-weights", help="local torchvision AlexNet weights for LPIPS (or SR3_LPIPS_WEIGHTS)")
@@ -62,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         result = search(
             args.model, args.pairs, args.steps, metric=args.metric, grid_n=args.grid, limit=args.limit,
             sampler=args.sampler, seed=args.seed, apply=args.apply, start_range=args.start_range,
-            end_range=args.end_range, fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
+            gamma_range=args.gamma_k_range, fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
             experiment=args.experiment, run_name=args.run_name, device=args.device,
             batch_size=args.batch_size, report_uri=args.report, say=say)
     except (FileNotFoundError, ValueError) as error:
         print(f"search_schedule: error: {error}", file=sys.stderr)
         return 2
     for k, best in sorted(result.best.items()):
-        say(f"K={k}: best {result.metric} {best['value']:.4g} with β {best['beta_start']:g}→{best['beta_end']:g}")
+        say(f"K={k}: best {result.metric} {best['value']:.4g} with β {best['beta_start']:g}→{best['beta_end']:.6g}")
     if args.apply:
         say(f"stored: {result.stored}" if result.stored else "nothing stored (no trial had a score)")
     say(f"report: {result.report} (search.json, metric_vs_steps.png); mlflow run {result.run_id}")

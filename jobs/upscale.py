@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from sr3model.config import SAMPLER_NAMES  # noqa: E402
+
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 
 
@@ -28,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="folder or bucket prefix of images (any fsspec URI)")
     parser.add_argument("--output", required=True, help="output folder or bucket prefix")
     parser.add_argument("--steps", type=int, help="refinement steps K (default: the model's)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the model's")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's")
     parser.add_argument("--schedule", metavar="START,END", help="linear β schedule, e.g. 1e-4,0.2")
     parser.add_argument("--batch-size", type=int, default=8, help="images (or tiles) per network call")
     parser.add_argument("--samples", type=int, default=1, help="samples per image")

@@ -123,7 +123,7 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
     for k, (ref, sampling) in enumerate(zip(refs, samplings)):
         size = size if k == 0 else size * ref.config().scale
         progress(f"stage {k}: {ref.label} → {size}px, {sampling.sampler} {sampling.steps} steps "
-                 f"({sampling.source} schedule {sampling.beta_start:g}→{sampling.beta_end:g})")
+                 f"({sampling.source} schedule {sampling.schedule_text})")
 
     final = [f"{SAMPLE_NAME.format(i)}.{upscale_io.EXTENSIONS[fmt]}" for i in range(num_samples)]
     done = set(upscale_io.read_table(output_uri, upscale_io.MANIFEST_DIR, ["output"]).column("output").to_pylist())

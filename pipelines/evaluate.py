@@ -377,7 +377,7 @@ def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: s
         check_model(model, data, label)
         regression = model.config.objective == "regression"
         say(f"{label}: " + ("regression, one pass" if regression else
-                            f"{how.sampler}, {how.steps} steps, β {how.beta_start:g}→{how.beta_end:g} "
+                            f"{how.sampler}, {how.steps} steps, schedule {how.schedule_text} "
                             f"({how.source}), {samples} sample(s) per pair"))
         net_schedule = how.schedule(model)
 

@@ -46,20 +46,27 @@ _RUN = re.compile(r"^runs:/(?P<run_id>[0-9a-f]+)(/.*)?$")
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to sample: sampler, number of steps K and the linear schedule's β_1, β_K."""
+    """How to sample: sampler, number of steps K and, for a linear schedule, its β_1, β_K (None:
+    the config's default schedule, K levels uniform in log-SNR; `sr3model.schedules`)."""
 
     sampler: str
     steps: int
-    beta_start: float
-    beta_end: float
+    beta_start: float | None
+    beta_end: float | None
     source: str  # "flags", "search" or "config": where the schedule came from
 
     def schedule(self, model: SR3):
+        """The K-step schedule; an explicit linear one that starts above the training schedule's
+        last γ raises ValueError naming γ_K (`sr3model.schedules.check_start`)."""
         return model.inference_schedule(self.steps, self.beta_start, self.beta_end)
 
+    @property
+    def schedule_text(self) -> str:
+        return "log-snr" if self.beta_start is None else f"{self.beta_start:g},{self.beta_end:g}"
+
     def record(self) -> dict[str, Any]:
-        return {"sampler": self.sampler, "steps": self.steps,
-                "schedule": f"{self.beta_start:g},{self.beta_end:g}", "schedule_source": self.source}
+        return {"sampler": self.sampler, "steps": self.steps, "schedule": self.schedule_text,
+                "schedule_source": self.source}
 
 
 @dataclass(frozen=True)
@@ -200,7 +207,9 @@ def sampling_for(ref: ModelRef, *, sampler: str | None = None, steps: int | None
     stored = ref.sampling.get(steps)
     if stored and stored.get("sampler", sampler) == sampler:
         return Sampling(sampler, steps, float(stored["beta_start"]), float(stored["beta_end"]), "search")
-    return Sampling(sampler, steps, diffusion.sample_beta_start, diffusion.sample_beta_end, "config")
+    if diffusion.sample_schedule == "linear":
+        return Sampling(sampler, steps, diffusion.sample_beta_start, diffusion.sample_beta_end, "config")
+    return Sampling(sampler, steps, None, None, "config")
 
 
 def parse_schedule(text: str | None) -> tuple[float, float] | None:

@@ -30,22 +30,25 @@ def say(message: str) -> None:
     print(f"[quickstart {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def photo(name: str):
+    """A photo bundled with scikit-image, as a numpy array (`motorcycle_left`/`_right`: the stereo pair)."""
+    from skimage import data
+
+    if name.startswith("motorcycle_"):
+        left, right, _ = data.stereo_motorcycle()
+        return left if name.endswith("left") else right
+    return getattr(data, name)()
+
+
 def export_photos(folder: Path, names: tuple[str, ...]) -> None:
     """Write skimage.data photos as PNG files (the bucket of the quickstart)."""
     from PIL import Image
-    from skimage import data
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         path = folder / f"{name}.png"
-        if path.exists():
-            continue
-        if name.startswith("motorcycle_"):
-            left, right, _ = data.stereo_motorcycle()
-            array = left if name.endswith("left") else right
-        else:
-            array = getattr(data, name)()
-        Image.fromarray(array).save(path)
+        if not path.exists():
+            Image.fromarray(photo(name)).save(path)
 
 
 def run_job(args: list[str], env: dict[str, str]) -> None:

@@ -1,5 +1,5 @@
 """Noise-schedule search (`jobs/search_schedule.py`): for each step budget K, a grid search over
-the linear inference schedule's first and last noise levels β_1, β_K on held-out pairs.
+the linear inference schedule's last β_1 and first level γ_K (hence β_K) on held-out pairs.
 
 Why it is cheap: the network is conditioned on the continuous noise level γ, not on a step index
 (SR3 §2.5), so any schedule can be tried on a trained model without retraining; a trial costs K
@@ -7,16 +7,16 @@ network passes per pair. The best schedule per K is the paper's hyper-parameter 
 against K is the paper's "quality vs. refinement steps" curve (`metric_vs_steps.png`).
 
 Grid (`--grid N` values per axis, log-spaced, rounded to 4 significant digits; N = 1 takes the
-geometric middle of each range):
+geometric middle of each range), only over valid schedules:
 
 - β_1 in START_RANGE = [1e-6, 1e-2]. β_1 = 1 − γ_1 is the noise variance left before the last
   step: from the first level of SR3's training schedule (1e-6) to 1e-2 (noise std 0.1, where the
   last step already returns a visibly smoothed posterior mean).
-- β_K in END_RANGE = [1e-2, 0.8]. With β_1, it sets how fast the chain reaches pure noise: the
-  sampler starts from N(0, I), which matches only if γ_K = ∏(1 − β_t) ≈ 0. Many steps need a
-  small β_K (SR3: 100 steps from 1e-4 to 0.1, γ_K ≈ 0.006); few steps need a large one (at K = 4
-  a linear schedule gets γ_K below 0.1 only with β_K near 0.8).
-- Pairs with β_1 > β_K are dropped (possible only with custom `--start-range` / `--end-range`).
+- γ_K, the first (noisiest) level, in [γ_T / 100, γ_T] where γ_T is the training schedule's last
+  level (`--gamma-k-range`). The sampler starts from N(0, I), which is q(y_K | y0) only when γ_K is
+  that small (`sr3model.schedules.check_start` refuses anything above γ_T); for each (K, β_1, γ_K)
+  the linear schedule's β_K is solved for (`sr3model.schedules.linear_end_for`), so every trial is
+  a valid schedule whatever K: a few steps need β_K near 1, many steps a small one.
 
 Metric (`--metric`): `fid` when Inception weights are given (`--fid-weights` / SR3_FID_WEIGHTS)
 and torch-fidelity is installed, else `ssim`. Not `psnr`: PSNR is maximised by the posterior mean,
@@ -73,25 +73,37 @@ from pipelines.models import resolve_model, store_sampling
 from pipelines.report import metric_prefix
 
 START_RANGE = (1e-6, 1e-2)
-END_RANGE = (1e-2, 0.8)
+GAMMA_K_SPAN = 100.0  # default γ_K range: [γ_T / 100, γ_T]
 DEFAULT_METRIC = "ssim"
 DEFAULT_EXPERIMENT = "sr3-schedule-search"
 METRICS = BASE_METRICS + EXTRA_METRICS
 
 
-def _axis(low: float, high: float, n: int) -> list[float]:
+def _axis(low: float, high: float, n: int, name: str = "β") -> list[float]:
     if not 0 < low <= high < 1:
-        raise ValueError(f"a β range needs 0 < low ≤ high < 1, got [{low:g}, {high:g}]")
+        raise ValueError(f"a {name} range needs 0 < low ≤ high < 1, got [{low:g}, {high:g}]")
     values = [math.sqrt(low * high)] if n == 1 else np.geomspace(low, high, n).tolist()
-    return [float(f"{v:.4g}") for v in values]
+    return sorted({float(f"{v:.4g}") for v in values})
 
 
-def grid(n: int, start_range: Sequence[float] = START_RANGE,
-         end_range: Sequence[float] = END_RANGE) -> list[tuple[float, float]]:
-    """(β_1, β_K) candidates: n log-spaced values per axis, pairs with β_1 > β_K dropped."""
+def gamma_k_range(limit: float) -> tuple[float, float]:
+    """The default range of first levels γ_K searched: [γ_T / 100, γ_T] (γ_T = `limit`)."""
+    return limit / GAMMA_K_SPAN, limit
+
+
+def grid(n: int, steps: int, gamma_range: Sequence[float], start_range: Sequence[float] = START_RANGE
+         ) -> list[tuple[float, float]]:
+    """(β_1, β_K) candidates for K = `steps`: n log-spaced β_1 × n log-spaced γ_K, each γ_K reached
+    by solving for β_K; duplicates dropped (K = 1 has a single β, 1 − γ_K)."""
+    from sr3model.schedules import linear_end_for
+
     if n < 1:
         raise ValueError("--grid must be at least 1")
-    return [(s, e) for s in _axis(*start_range, n) for e in _axis(*end_range, n) if s <= e]
+    gammas = _axis(*gamma_range, n, "γ_K")
+    if steps == 1:
+        return [(1 - g, 1 - g) for g in gammas]
+    out = [(b1, linear_end_for(steps, b1, g)) for b1 in _axis(*start_range, n) for g in gammas]
+    return list(dict.fromkeys(out))
 
 
 def better(metric: str, a: float, b: float) -> bool:
@@ -147,20 +159,18 @@ def choose_metric(metric: str | None, *, fid_weights: str | None = None, lpips_w
 
 def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | None = None, grid_n: int = 5,
            limit: int | None = 32, sampler: str | None = None, seed: int = 0, apply: bool = False,
-           start_range: Sequence[float] = START_RANGE, end_range: Sequence[float] = END_RANGE,
+           start_range: Sequence[float] = START_RANGE, gamma_range: Sequence[float] | None = None,
            fid_weights: str | None = None, lpips_weights: str | None = None,
            experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
            tracking_uri: str | None = None, device: str | None = None, batch_size: int = 16,
            report_uri: str | None = None, say: Say = print) -> SearchResult:
-    """Grid-search (β_1, β_K) for each K in `steps`; log every trial; optionally store the best."""
+    """Grid-search valid (β_1, β_K) for each K in `steps`; log every trial; optionally store the best.
+    `gamma_range` defaults to `gamma_k_range` of the model's training schedule."""
     from mlflow import MlflowClient
 
     if not steps or any(k < 1 for k in steps):
         raise ValueError("--steps needs one or more positive step counts")
     uri, device = tracking.tracking_uri(tracking_uri), _device(device)
-    candidates = grid(grid_n, start_range, end_range)
-    if not candidates:
-        raise ValueError("no (β_1, β_K) pair in the grid has β_1 ≤ β_K; widen --start-range / --end-range")
     metric, perceptual, notes = choose_metric(metric, fid_weights=fid_weights, lpips_weights=lpips_weights,
                                               device=device, batch_size=batch_size)
     for note in notes:
@@ -173,16 +183,25 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
     if model.config.objective == "regression":
         raise ValueError(f"{model_uri}: a regression model has no noise schedule to search")
     sampler = sampler or model.config.diffusion.sample_sampler
+    from sr3model.schedules import start_limit
+
+    gamma_t = start_limit(model.config.diffusion)
+    gamma_range = tuple(gamma_range or gamma_k_range(gamma_t))
+    if gamma_range[1] > gamma_t:
+        raise ValueError(f"--gamma-k-range {gamma_range[0]:g} {gamma_range[1]:g}: γ_K above the training schedule's "
+                         f"last level {gamma_t:.3g} does not match the start noise (see sr3model.schedules)")
+    candidates = {k: grid(grid_n, k, gamma_range, start_range) for k in sorted(set(int(k) for k in steps))}
     data = load_val(pairs, limit)
     check_model(model, data, label_of(ref))
     hr, lr = data.batch(0, len(data))  # a small subset, decoded once for every trial
     steps = sorted(set(int(k) for k in steps))
-    say(f"{label_of(ref)}: {len(candidates)} schedules × K in {steps} on {len(data)} val pairs, "
-        f"{sampler}, scored by {metric}")
+    say(f"{label_of(ref)}: {sum(map(len, candidates.values()))} schedules over K in {steps} (γ_K in "
+        f"[{gamma_range[0]:.3g}, {gamma_range[1]:.3g}]) on {len(data)} val pairs, {sampler}, scored by {metric}")
 
     run_id = _start_parent(uri, experiment, run_name, ref, {
         "metric": metric, "sampler": sampler, "steps": " ".join(map(str, steps)), "grid": grid_n,
-        "start_range": f"{start_range[0]:g},{start_range[1]:g}", "end_range": f"{end_range[0]:g},{end_range[1]:g}",
+        "start_range": f"{start_range[0]:g},{start_range[1]:g}",
+        "gamma_k_range": f"{gamma_range[0]:.4g},{gamma_range[1]:.4g}",
         "limit": limit, "n_images": len(data), "seed": seed, "pairs": pairs, "model_uri": ref.pinned})
     trials: list[Trial] = []
     best: dict[int, dict[str, Any]] = {}
@@ -190,7 +209,7 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
     experiment_id = client.get_run(run_id).info.experiment_id
     try:
         for k in steps:
-            for i, (b1, bk) in enumerate(candidates):
+            for i, (b1, bk) in enumerate(candidates[k]):
                 schedule = model.inference_schedule(k, b1, bk)
                 images = torch.cat([sample(model, data.keys[s:s + batch_size], lr[s:s + batch_size],
                                            sampler=sampler, schedule=schedule, seed=seed)
@@ -208,13 +227,14 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
                                "value": value}
                 shown = "no score" if value is None else f"{value:.4g}"
                 leader = f" (best {best[k]['value']:.4g})" if k in best else ""
-                say(f"K={k} [{i + 1}/{len(candidates)}] β {b1:g}→{bk:g}: {metric} {shown}{leader}")
+                say(f"K={k} [{i + 1}/{len(candidates[k])}] β {b1:g}→{bk:.6g} (γ_K {trial.gamma_K:.3g}): "
+                    f"{metric} {shown}{leader}")
         result = SearchResult(metric, sampler, trials, best, report_uri or default_report_dir("search"),
                               run_id, notes=notes)
         if apply and best:
             result.stored = store_sampling(ref, best, uri)
             say(f"stored the best schedule per K in {result.stored}")
-        _finish_parent(uri, run_id, result, start_range, end_range, grid_n)
+        _finish_parent(uri, run_id, result, start_range, gamma_range, grid_n)
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise
@@ -257,7 +277,7 @@ def plot(best: dict[int, dict[str, Any]], metric: str, path) -> None:
     values = [best[k]["value"] for k in ks]
     axes.plot(ks, values, "o-")
     for k, v in zip(ks, values):
-        axes.annotate(f"{best[k]['beta_start']:.2g}→{best[k]['beta_end']:.2g}", (k, v), fontsize=7,
+        axes.annotate(f"{best[k]['beta_start']:.2g}→{best[k]['beta_end']:.3g}", (k, v), fontsize=7,
                       textcoords="offset points", xytext=(0, 6), ha="center")
     if len(ks) > 1:
         axes.set_xscale("log")
@@ -270,7 +290,7 @@ def plot(best: dict[int, dict[str, Any]], metric: str, path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def _finish_parent(uri: str, run_id: str, result: SearchResult, start_range, end_range, grid_n: int) -> None:
+def _finish_parent(uri: str, run_id: str, result: SearchResult, start_range, gamma_range, grid_n: int) -> None:
     from mlflow import MlflowClient
 
     logger = tracking.RunLogger(uri, run_id)
@@ -281,7 +301,7 @@ def _finish_parent(uri: str, run_id: str, result: SearchResult, start_range, end
         tracking.set_tags(uri, run_id, {"sr3.sampling_stored": result.stored})
     document = {"metric": result.metric, "lower_is_better": result.metric in LOWER_IS_BETTER,
                 "sampler": result.sampler, "grid": grid_n, "start_range": list(start_range),
-                "end_range": list(end_range), "best": {str(k): v for k, v in sorted(result.best.items())},
+                "gamma_k_range": list(gamma_range), "best": {str(k): v for k, v in sorted(result.best.items())},
                 "stored": result.stored, "notes": result.notes,
                 "trials": [asdict(t) for t in result.trials]}
     with report.staged(result.report) as folder:

@@ -124,7 +124,7 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
         raise ValueError(f"{model_uri} is an unconditional model: use jobs/cascade.py --base")
     chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule))
     progress(f"model {ref.label} ({config.name}, {config.objective}, ×{config.scale}); "
-             f"{chosen.sampler}, {chosen.steps} steps, schedule {chosen.beta_start:g}→{chosen.beta_end:g} "
+             f"{chosen.sampler}, {chosen.steps} steps, schedule {chosen.schedule_text} "
              f"(from {chosen.source})")
 
     listed = storage.list_files(input_uri)

@@ -27,6 +27,9 @@ import typing
 from dataclasses import dataclass, field
 
 OBJECTIVES = ("sr3", "regression", "residual", "unconditional")
+PREDICTIONS = ("eps", "v", "x0")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")  # `sr3model.samplers.SAMPLERS`, named here without torch
+SAMPLE_SCHEDULES = ("log-snr", "linear")
 
 
 @dataclass(frozen=True)
@@ -59,17 +62,29 @@ class DiffusionConfig:
     """Noise schedule and loss (SR3 §2, §2.5, Appendix A).
 
     Training uses a linear β schedule of `steps` steps from `beta_start` to `beta_end`; the noise
-    level γ is drawn per image from the piecewise-uniform p(γ). Inference has its own schedule
-    (`sample_*`), free to differ because the network is conditioned on γ, not on a step index.
-    `sample_clip` clips ŷ0 to the image range at every step, as DDPM's published sampler and
-    common SR3 implementations do; false gives Algorithm 2 exactly as printed.
+    level γ is drawn per image from the piecewise-uniform p(γ). The network predicts `prediction`:
+    `eps` (the paper: ε), `v` (√γ·ε − √(1−γ)·y0, Salimans & Ho 2022) or `x0` (y0 itself); the loss
+    is the L_p error on that target and `SR3.denoiser()` turns any of them into ε̂ for the samplers.
+    Checkpoints written before the field existed load as `eps` (the dataclass default); the
+    presets choose `v` (benchmarks/bench_quality.py).
+
+    Inference has its own schedule, free to differ because the network is conditioned on γ, not
+    on a step index: `sample_schedule="log-snr"` (default) spaces K levels uniformly in
+    log-SNR from γ = 1 − 1e-4 down to the training schedule's last γ, whatever K is, so the start
+    noise always matches the first level; `"linear"` is the paper's linear β from
+    `sample_beta_start` to `sample_beta_end` over K steps, refused when its last γ lies above the
+    training schedule's (`schedules.check_start`). `sample_clip` clips ŷ0 to the image range at
+    every step, as DDPM's published sampler and common SR3 implementations do; false gives
+    Algorithm 2 exactly as printed.
     """
 
     steps: int = 2000
     beta_start: float = 1e-6
     beta_end: float = 1e-2
-    loss: int = 1  # p of the L_p norm in the ε-prediction loss (the paper uses 1 or 2)
+    loss: int = 1  # p of the L_p norm of the loss (the paper uses 1 or 2)
+    prediction: str = "eps"  # eps | v | x0: what the network predicts (the default keeps old checkpoints)
     sample_steps: int = 100
+    sample_schedule: str = "log-snr"  # log-snr | linear
     sample_beta_start: float = 1e-4
     sample_beta_end: float = 0.1
     sample_sampler: str = "ddpm"
@@ -81,6 +96,10 @@ class DiffusionConfig:
         _check(0 < self.sample_beta_start <= self.sample_beta_end < 1,
                "need 0 < sample_beta_start <= sample_beta_end < 1")
         _check(self.loss in (1, 2), "diffusion.loss must be 1 (L1) or 2 (L2)")
+        _check(self.prediction in PREDICTIONS, f"diffusion.prediction must be one of {PREDICTIONS}")
+        _check(self.sample_sampler in SAMPLER_NAMES, f"diffusion.sample_sampler must be one of {SAMPLER_NAMES}")
+        _check(self.sample_schedule in SAMPLE_SCHEDULES,
+               f"diffusion.sample_schedule must be one of {SAMPLE_SCHEDULES}")
 
 
 @dataclass(frozen=True)
@@ -228,6 +247,11 @@ def _parse_value(raw: str, current: object) -> object:
 
 
 # -- presets -------------------------------------------------------------------------------------
+# What every preset's network predicts: v removes the colour shift an ε-network shows at the same
+# budget (benchmarks/bench_quality.py; README "Quality"). `--set diffusion.prediction=eps` with the
+# sr3 objective is the paper exactly.
+DEFAULT_PREDICTION = "v"
+
 
 def _paper(name: str, lr: int, hr: int, channels: int, mult: tuple[int, ...], blocks: int,
            dropout: float) -> SR3Config:
@@ -235,6 +259,7 @@ def _paper(name: str, lr: int, hr: int, channels: int, mult: tuple[int, ...], bl
         name=name, lr_size=lr, hr_size=hr,
         unet=UNetConfig(channels=channels, channel_mult=mult, num_res_blocks=blocks,
                         dropout=dropout, checkpointing=hr >= 512),
+        diffusion=DiffusionConfig(prediction=DEFAULT_PREDICTION),
         train=TrainConfig(batch_size=256 if hr <= 256 else 128))
 
 
@@ -245,13 +270,14 @@ PRESETS: dict[str, SR3Config] = {
     "faces-256-1024": _paper("faces-256-1024", 256, 1024, 16, (1, 2, 4, 8, 16, 32, 32, 32), 2, 0.0),
     "peer-128": SR3Config(
         name="peer-128", lr_size=16, hr_size=128,
-        unet=UNetConfig(channels=64, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=2, dropout=0.2)),
+        unet=UNetConfig(channels=64, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=2, dropout=0.2),
+        diffusion=DiffusionConfig(prediction=DEFAULT_PREDICTION)),
     "tiny": SR3Config(
         name="tiny", lr_size=16, hr_size=64,
         unet=UNetConfig(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8,
                         attention_resolutions=(16,), attention_head_channels=32, dropout=0.0),
-        diffusion=DiffusionConfig(steps=1000, beta_start=1e-4, beta_end=2e-2, sample_steps=50,
-                                  sample_beta_start=1e-4, sample_beta_end=0.2),
+        diffusion=DiffusionConfig(steps=1000, beta_start=1e-4, beta_end=2e-2, prediction=DEFAULT_PREDICTION,
+                                  sample_steps=50),
         train=TrainConfig(lr=5e-4, warmup_steps=100, batch_size=8, ema_decay=0.99)),
 }
 # Parameter counts the paper reports (Table A.1); the README and a test compare ours.

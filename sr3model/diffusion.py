@@ -7,13 +7,24 @@ y_t the noisy image, γ the noise level (γ = ∏α, 1 = clean), ε standard nor
 | --------------------- | ------------------------------------------------------------------------ |
 | `q_sample`            | eq. 2 / §2.2: y_t = √γ · y0 + √(1−γ) · ε                                 |
 | `sample_noise_level`  | §2.5: γ ~ p(γ) = Σ_t 1/T · U(γ_{t−1}, γ_t), one draw per image            |
-| `eps_loss`            | eq. 6: E ‖f(x, y_t, γ) − ε‖_p^p, p ∈ {1, 2}                              |
+| `lp_loss`             | eq. 6: E ‖f(x, y_t, γ) − target‖_p^p, p ∈ {1, 2} (target ε in the paper) |
+| `target`              | what the network learns: ε (paper), v = √γ·ε − √(1−γ)·y0, or y0          |
+| `to_eps`              | the network's ε / v / y0 output as ε̂ (the samplers' currency)            |
 | `predict_y0`          | eq. 10: ŷ0 = (y_t − √(1−γ) · ε̂) / √γ                                     |
 | `predict_eps`         | eq. 10 solved for ε                                                      |
 | `posterior`           | eq. 4–5: q(y_{t−1} | y0, y_t) mean and variance                           |
 | `ddpm_mean`           | eq. 11: μ = (y_t − (1−α_t)/√(1−γ_t) · ε̂) / √α_t                          |
 
 Noise levels are per-image tensors of shape (B,); images are (B, C, H, W).
+
+Predictions (`diffusion.prediction`). With y_t = √γ y0 + √(1−γ) ε, the velocity
+v = √γ ε − √(1−γ) y0 (Salimans & Ho 2022) is a rotation of (ε, y0) by the angle with cos = √γ:
+
+    ε = √(1−γ) y_t + √γ v,        y0 = √γ y_t − √(1−γ) v.
+
+An ε-network's error reaches ŷ0 multiplied by √(1−γ)/√γ, which is huge at the noisiest levels
+where a sample's global colour is decided; a v-network's error reaches ŷ0 multiplied by √(1−γ) ≤ 1
+at every level. An x0-network predicts ŷ0 directly (its ε̂ divides by √(1−γ), large near γ = 1).
 """
 
 from __future__ import annotations
@@ -53,10 +64,41 @@ def sample_noise_level(schedule: NoiseSchedule, batch: int, *, generator: torch.
     return gamma.to(device=device, dtype=torch.float32)
 
 
-def eps_loss(eps_hat: torch.Tensor, eps: torch.Tensor, p: int = 1) -> torch.Tensor:
-    """Mean L_p error between predicted and true noise (the paper's loss, p = 1 or 2)."""
-    diff = (eps_hat.float() - eps.float()).abs()
+def lp_loss(prediction: torch.Tensor, target: torch.Tensor, p: int = 1) -> torch.Tensor:
+    """Mean L_p error between the network's output and its target (the paper's loss, p = 1 or 2)."""
+    diff = (prediction.float() - target.float()).abs()
     return diff.mean() if p == 1 else diff.square().mean()
+
+
+def predict_v(y0: torch.Tensor, gamma: torch.Tensor | float, eps: torch.Tensor) -> torch.Tensor:
+    """v = √γ ε − √(1−γ) y0."""
+    g = _bcast(gamma, y0)
+    return (g.sqrt() * eps - (1 - g).sqrt() * y0).to(y0.dtype)
+
+
+def target(prediction: str, y0: torch.Tensor, gamma: torch.Tensor | float, eps: torch.Tensor) -> torch.Tensor:
+    """The training target of a network that predicts `prediction` (eps | v | x0)."""
+    if prediction == "eps":
+        return eps
+    if prediction == "v":
+        return predict_v(y0, gamma, eps)
+    if prediction == "x0":
+        return y0
+    raise ValueError(f"unknown prediction {prediction!r}; choose eps, v or x0")
+
+
+def to_eps(prediction: str, output: torch.Tensor, y_t: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
+    """ε̂ from a network output that predicts `prediction` at y_t, level γ (float32, or float64)."""
+    if prediction == "eps":
+        return output
+    wide = torch.float64 if output.dtype == torch.float64 else torch.float32
+    out, y = output.to(wide), y_t.to(wide)
+    g = _bcast(gamma, out)
+    if prediction == "v":
+        return (1 - g).sqrt() * y + g.sqrt() * out
+    if prediction == "x0":
+        return (y - g.sqrt() * out) / (1 - g).sqrt()
+    raise ValueError(f"unknown prediction {prediction!r}; choose eps, v or x0")
 
 
 def predict_y0(y_t: torch.Tensor, gamma: torch.Tensor | float, eps: torch.Tensor) -> torch.Tensor:

@@ -9,21 +9,36 @@ Objectives (`SR3Config.objective`):
 | `regression`    | x, γ = 1               | y0 directly, L_p loss, one step  | SR3's baseline (§4)   |
 | `unconditional` | y_t, γ                 | ε; samples from noise alone      | DDPM base of cascade  |
 
+The diffusion objectives' network predicts `config.diffusion.prediction` — ε as in the paper, v, or
+y0 (see `sr3model.diffusion`); the loss is on that target and `denoiser()` converts the output to ε̂,
+so samplers, ŷ0 clipping and tiling see ε̂ whatever the network predicts.
+
 x is always the LR image upsampled bicubically to HR size; images are (B, 3, H, W) in [-1, 1].
 `forward(hr, lr)` returns the training loss, so the module can be wrapped by DDP as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .config import SR3Config
-from .diffusion import eps_loss, q_sample, sample_noise_level
+from .diffusion import lp_loss, q_sample, sample_noise_level, target, to_eps
 from .resample import upsample
 from .samplers import Callback, Denoiser, Generators, clipped, get_sampler, randn
 from .schedules import NoiseSchedule, inference_schedule, training_schedule
 from .unet import build_unet
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast for the U-Net: on CUDA by default ("auto"), anywhere with "bf16", never with "fp32"."""
+    use = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
 
 class SR3(nn.Module):
@@ -46,10 +61,23 @@ class SR3(nn.Module):
         parts = [t for t in (x, y_t) if t is not None]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def denoiser(self) -> Denoiser:
-        """The ε-predicting callable the samplers use: (x, y_t, γ) → ε̂ (regression: y0, y_t = None)."""
+    def denoiser(self, precision: str = "auto") -> Denoiser:
+        """The callable the samplers use: (x, y_t, γ) → ε̂, whatever the network predicts
+        (`diffusion.prediction`); for regression (y_t = None) the network's y0.
+
+        `precision`: "auto" runs the U-Net under bf16 autocast on CUDA and in fp32 elsewhere (CPUs
+        without bf16 units run it ~100× slower); "bf16" / "fp32" force it. The conversion to ε̂ and
+        everything the samplers do stays in fp32."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        prediction = self.config.diffusion.prediction
+
         def eps_hat(x: torch.Tensor | None, y_t: torch.Tensor | None, gamma: torch.Tensor) -> torch.Tensor:
-            return self.net(self._inputs(x, y_t), gamma)
+            inputs = self._inputs(x, y_t)
+            with autocast(inputs.device, precision):
+                out = self.net(inputs, gamma)
+            out = out.float() if out.dtype == torch.bfloat16 else out
+            return out if y_t is None else to_eps(prediction, out, y_t, gamma)
         return eps_hat
 
     # -- training (Algorithm 1) -----------------------------------------------------------------
@@ -61,12 +89,13 @@ class SR3(nn.Module):
         batch = hr.shape[0]
         if self.config.objective == "regression":
             ones = torch.ones(batch, device=hr.device)
-            return eps_loss(self.net(x, ones), hr, p)
+            return lp_loss(self.net(x, ones), hr, p)
         y0 = hr - x if self.config.objective == "residual" else hr
         gamma = sample_noise_level(self.schedule, batch, generator=generator, device=hr.device)
         eps = randn(y0.shape, generator=generator, like=y0, dtype=y0.dtype)
         y_t = q_sample(y0, gamma, eps)
-        return eps_loss(self.denoiser()(x, y_t, gamma), eps, p)
+        out = self.net(self._inputs(x, y_t), gamma)  # (B, 3, H, W): ε, v or y0
+        return lp_loss(out, target(self.config.diffusion.prediction, y0, gamma, eps), p)
 
     # -- inference (Algorithm 2) ----------------------------------------------------------------
     def inference_schedule(self, steps: int | None = None, beta_start: float | None = None,
@@ -77,7 +106,8 @@ class SR3(nn.Module):
     def super_resolve(self, lr: torch.Tensor | None = None, *, sampler: str | None = None,
                       schedule: NoiseSchedule | None = None, samples: int = 1,
                       batch: int | None = None, generator: Generators = None,
-                      callback: Callback | None = None, denoiser: Denoiser | None = None) -> torch.Tensor:
+                      callback: Callback | None = None, denoiser: Denoiser | None = None,
+                      precision: str = "auto") -> torch.Tensor:
         """Samples (B, samples, 3, H, W) in [-1, 1] for LR images (B, 3, h, w).
 
         Unconditional models take `lr=None` and `batch=B`. `denoiser` replaces the plain network
@@ -85,7 +115,8 @@ class SR3(nn.Module):
         `schedule` defaults to the config's. `generator` is one generator or one per output row
         (B·samples, image-major), so each sample's noise can be its own. With the config's
         `diffusion.sample_clip`, ŷ0 stays in the image range at every step (`samplers.clipped`;
-        for the residual model, x + ŷ0).
+        for the residual model, x + ŷ0). `precision` is the U-Net's (`denoiser`): bf16 autocast on
+        CUDA by default.
         """
         cfg = self.config
         if lr is not None and lr.shape[1] != 3:
@@ -94,14 +125,14 @@ class SR3(nn.Module):
         if x is not None:
             x = x.repeat_interleave(samples, dim=0)  # (B·samples, 3, H, W)
         if cfg.objective == "regression":  # one step, γ = 1; the denoiser ignores y_t
-            out = (denoiser or self.denoiser())(x, None, torch.ones(x.shape[0], device=x.device))
+            out = (denoiser or self.denoiser(precision))(x, None, torch.ones(x.shape[0], device=x.device))
         else:
             n = (lr.shape[0] if lr is not None else (batch or 1)) * samples
             shape = (n, 3, cfg.hr_size, cfg.hr_size) if x is None else tuple(x.shape)
             device = x.device if x is not None else next(self.parameters()).device
             y_T = randn(shape, generator=generator, device=device)
             run = get_sampler(sampler or cfg.diffusion.sample_sampler)
-            denoise = denoiser or self.denoiser()
+            denoise = denoiser or self.denoiser(precision)
             if cfg.diffusion.sample_clip:
                 denoise = clipped(denoise, -1 - x, 1 - x) if cfg.objective == "residual" else clipped(denoise)
             out = run(denoise, x, schedule or self.inference_schedule(),

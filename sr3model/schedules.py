@@ -7,6 +7,17 @@ SR3 trains with a linear β schedule (T = 2000, 1e-6 → 1e-2 by default) and, b
 is conditioned on the continuous noise level γ rather than on t (§2.5), samples with *another*
 schedule chosen at run time (e.g. 100 steps, 1e-4 → 0.1, found by a hyper-parameter search).
 Tensors are float64: γ_t near 1 needs the precision when 1 − γ_t is formed.
+
+Inference schedules must respect the step budget. Sampling starts from y_K ~ N(0, I), which is
+q(y_K | y0) only when γ_K ≈ 0; a K-step linear β schedule with fixed end points has a γ_K that
+depends on K (e.g. 0.27 for 25 steps of 1e-4 → 0.1) and then every sample inherits a colour shift
+from the mismatch. So:
+
+- `log_snr_schedule(K, γ_max, γ_min)` (the default, `diffusion.sample_schedule="log-snr"`) puts
+  the K levels uniformly in log-SNR λ = log(γ / (1 − γ)) (VDM, DPM-Solver) between γ_max = 1 − 1e-4
+  and γ_min = the training schedule's last γ, for any K ≥ 1;
+- `linear_schedule` (the paper's form, explicit β end points) is checked by `check_start`: its γ_K
+  must not lie above the training schedule's last γ, or a ValueError names γ_K.
 """
 
 from __future__ import annotations
@@ -30,6 +41,18 @@ class NoiseSchedule:
         self.gammas = torch.cumprod(self.alphas, dim=0)
         self.gammas_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.gammas[:-1]])
 
+    @classmethod
+    def from_gammas(cls, gammas: torch.Tensor) -> "NoiseSchedule":
+        """The schedule with these levels γ_1 > … > γ_T (α_t = γ_t / γ_{t−1}, γ_0 = 1)."""
+        gammas = torch.as_tensor(gammas, dtype=torch.float64)
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), gammas[:-1]])
+        return cls(1.0 - gammas / previous)
+
+    @property
+    def log_snr(self) -> torch.Tensor:
+        """λ_t = log(γ_t / (1 − γ_t)) for t = 1..T."""
+        return torch.log(self.gammas) - torch.log1p(-self.gammas)
+
     def __len__(self) -> int:
         return len(self.betas)
 
@@ -47,13 +70,68 @@ def linear_schedule(steps: int, beta_start: float, beta_end: float) -> NoiseSche
     return NoiseSchedule(torch.linspace(beta_start, beta_end, steps, dtype=torch.float64))
 
 
+GAMMA_MAX = 1 - 1e-4  # the cleanest level a default inference schedule visits
+START_SLACK = 1.01  # γ_K may exceed the training schedule's last γ by 1% (rounding), no more
+
+
+def log_snr_schedule(steps: int, gamma_max: float, gamma_min: float) -> NoiseSchedule:
+    """K levels uniform in log-SNR from `gamma_max` (step 1) down to `gamma_min` (step K)."""
+    if steps < 1:
+        raise ValueError("a schedule needs at least one step")
+    if not 0 < gamma_min < gamma_max < 1:
+        raise ValueError(f"need 0 < gamma_min < gamma_max < 1, got {gamma_min:g}, {gamma_max:g}")
+    high, low = (torch.logit(torch.tensor(g, dtype=torch.float64)) for g in (gamma_max, gamma_min))
+    lam = torch.linspace(float(high), float(low), steps, dtype=torch.float64) if steps > 1 else low[None]
+    return NoiseSchedule.from_gammas(torch.sigmoid(lam))
+
+
+def linear_end_for(steps: int, beta_start: float, gamma_k: float) -> float:
+    """The β_K whose K-step linear schedule from `beta_start` ends at level `gamma_k` (at or just
+    below it; β_K = β_1 when a constant schedule already goes lower). K = 1 has one β: 1 − γ_K."""
+    if steps == 1:
+        return 1 - gamma_k
+    def last(end: float) -> float:
+        return float(linear_schedule(steps, beta_start, end).gammas[-1])
+    low, high = beta_start, 1 - 1e-12
+    if last(low) <= gamma_k:
+        return low
+    for _ in range(100):  # γ_K falls monotonically as β_K grows: bisection
+        middle = (low + high) / 2
+        low, high = (middle, high) if last(middle) > gamma_k else (low, middle)
+    return high
+
+
 def training_schedule(config: DiffusionConfig) -> NoiseSchedule:
     return linear_schedule(config.steps, config.beta_start, config.beta_end)
 
 
+def start_limit(config: DiffusionConfig) -> float:
+    """The highest γ_K an inference schedule may start from: the training schedule's last γ."""
+    return float(training_schedule(config).gammas[-1])
+
+
+def check_start(schedule: NoiseSchedule, config: DiffusionConfig) -> NoiseSchedule:
+    """`schedule` if its first level γ_K matches pure-noise start y_K ~ N(0, I); else ValueError."""
+    gamma_k, limit = float(schedule.gammas[-1]), start_limit(config)
+    if gamma_k > limit * START_SLACK:
+        raise ValueError(
+            f"inference schedule {schedule!r} starts at γ_K = {gamma_k:.3g}, above the training schedule's "
+            f"last level {limit:.3g}: sampling starts from pure noise, which is q(y_K | y0) only when γ_K is "
+            f"that small, so every sample would inherit a colour shift. Raise β_end or the number of steps, "
+            f"or use the default log-SNR schedule (diffusion.sample_schedule=log-snr, no explicit β)")
+    return schedule
+
+
 def inference_schedule(config: DiffusionConfig, steps: int | None = None,
                        beta_start: float | None = None, beta_end: float | None = None) -> NoiseSchedule:
-    """The sampling schedule: the config's defaults, each overridable at run time."""
-    return linear_schedule(steps or config.sample_steps,
-                           config.sample_beta_start if beta_start is None else beta_start,
-                           config.sample_beta_end if beta_end is None else beta_end)
+    """The K-step sampling schedule (K = `steps`, default the config's `sample_steps`).
+
+    Explicit β end points (or `sample_schedule="linear"`) give the paper's linear β schedule,
+    checked by `check_start`; otherwise K levels uniform in log-SNR between `GAMMA_MAX` and the
+    training schedule's last γ."""
+    steps = steps or config.sample_steps
+    if beta_start is None and beta_end is None and config.sample_schedule == "log-snr":
+        return log_snr_schedule(steps, GAMMA_MAX, start_limit(config))
+    schedule = linear_schedule(steps, config.sample_beta_start if beta_start is None else beta_start,
+                               config.sample_beta_end if beta_end is None else beta_end)
+    return check_start(schedule, config)

@@ -105,7 +105,8 @@ class TiledDenoiser:
 def super_resolve_any(model, lr: torch.Tensor, *, tile: int | None = None, overlap: int | None = None,
                       tile_batch: int = 16, sampler: str | None = None,
                       schedule: NoiseSchedule | None = None, samples: int = 1,
-                      generator: Generators = None, callback: Callback | None = None) -> torch.Tensor:
+                      generator: Generators = None, callback: Callback | None = None,
+                      precision: str = "auto") -> torch.Tensor:
     """`model.super_resolve` for LR images (B, 3, h, w) of any size → (B, samples, 3, s·h, s·w).
 
     `tile` and `overlap` are LR pixels (defaults: the model's `lr_size` and a quarter of the tile);
@@ -123,12 +124,13 @@ def super_resolve_any(model, lr: torch.Tensor, *, tile: int | None = None, overl
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap {overlap} must be in [0, tile={tile})")
     h, w = lr.shape[-2:]
-    kwargs = dict(sampler=sampler, schedule=schedule, samples=samples, generator=generator, callback=callback)
+    kwargs = dict(sampler=sampler, schedule=schedule, samples=samples, generator=generator, callback=callback,
+                  precision=precision)
     if (h, w) == (tile, tile):
         return model.super_resolve(lr, **kwargs)
     padded_h, padded_w = max(h, tile), max(w, tile)
     if (padded_h, padded_w) != (h, w):
         lr = F.pad(lr, (0, padded_w - w, 0, padded_h - h), mode="replicate")
-    denoiser = TiledDenoiser(model.denoiser(), tile * scale, overlap * scale, tile_batch)
+    denoiser = TiledDenoiser(model.denoiser(precision), tile * scale, overlap * scale, tile_batch)
     out = model.super_resolve(lr, denoiser=denoiser, **kwargs)
     return out[..., :h * scale, :w * scale]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sr3model.diffusion import (ddpm_mean, eps_loss, posterior, predict_eps, predict_y0, q_sample,
+from sr3model.diffusion import (ddpm_mean, lp_loss, posterior, predict_eps, predict_y0, q_sample,
                                 sample_noise_level, sample_step_and_level)
 from sr3model.schedules import linear_schedule
 
@@ -89,6 +89,6 @@ def test_ddpm_mean_with_true_noise_equals_the_posterior_mean(schedule):
     assert torch.allclose(mu, ref, atol=1e-9)
 
 
-def test_eps_loss_is_l1_or_l2():
+def test_lp_loss_is_l1_or_l2():
     a, b = torch.zeros(2, 3), torch.full((2, 3), 2.0)
-    assert float(eps_loss(a, b, 1)) == 2.0 and float(eps_loss(a, b, 2)) == 4.0
+    assert float(lp_loss(a, b, 1)) == 2.0 and float(lp_loss(a, b, 2)) == 4.0

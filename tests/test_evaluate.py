@@ -218,7 +218,7 @@ def test_evaluate_job_end_to_end(registered, tmp_path, monkeypatch, capsys):
     assert run.data.tags["sr3.model_name"] == "tiny-eval" and run.data.tags["sr3.model_version"] == version
     assert run.data.tags["sr3.model_uri"] == f"models:/tiny-eval/{version}"
     assert run.data.params["sampler"] == "ddpm" and run.data.params["steps"] == "2"
-    assert run.data.params["schedule"] == "0.0001,0.2"  # the tiny preset's, nothing stored yet
+    assert run.data.params["schedule"] == "log-snr"  # the config's default schedule, nothing stored yet
     assert run.data.metrics["tiny-eval v1/diversity"] == pytest.approx(found[model]["diversity"])
     assert run.data.metrics["bicubic/psnr"] == pytest.approx(found["bicubic"]["psnr"])
     assert "regression-baseline/lpips" in run.data.metrics

@@ -1,55 +1,79 @@
-"""`tiny` memorises one (LR, HR) pair on CPU: the loss falls ≥10× and samples approach the pair.
+"""`tiny` learns one (LR, HR) pair on CPU: the end-to-end check of Algorithm 1 and 2 on a real photo.
 
-This is the end-to-end check of the science: Algorithm 1 (training) and Algorithm 2 (sampling)
-through the real U-Net, on a real photo. It takes about a minute on 2 idle CPU cores.
-
-The run uses eq. 6 with p = 2 (`diffusion.loss=2`). With p = 1 the same run's loss falls only
-7-8x in a CI-sized number of steps: the L1 error of ε at the lowest noise levels (γ → 1, where ε
-must be read from y_t − √γ·y0 at a scale of √(1−γ)) forms a floor near 0.1 that a longer run
-lowers slowly. The squared loss makes "falls 10x" measurable in a few hundred steps.
+The preset as shipped (v-prediction, L1 loss, its own noise schedule) memorises the astronaut's
+face. What is asserted has little variance, so the verdict does not hang on a CPU's floating-point
+kernels: the loss over the last 25 steps against the first 25, and the EMA model's ŷ0 at fixed
+noise levels γ with fixed noise, against the untrained model's (`_y0_psnr`). Then the samples of
+the few-step solver must lie near the pair, not near another photo. Each bound holds with a wide
+margin (the measured values are in the comments); an untrained model fails every one of them, and
+so does a broken loss (checked once by hand: training on a shuffled target — the next batch's
+noise — leaves the ŷ0 PSNR at γ = 0.01 where it started).
 """
 
 import torch
 from skimage import data
 
-from sr3model import SR3, override, preset
+from sr3model import SR3, preset
+from sr3model.diffusion import predict_y0, q_sample
+from sr3model.ema import EMA
 from sr3model.metrics import psnr
 from sr3model.resample import downsample
 from sr3model.training import make_optimizer, train_step
 
 STEPS = 300
+LEVELS = (0.5, 0.1, 0.01)  # γ at which ŷ0 is scored: the noisiest is where colour is decided
+
+
+def _photo(array) -> torch.Tensor:
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float()[None] / 127.5 - 1
 
 
 def _pair():
-    photo = torch.from_numpy(data.astronaut().copy()).permute(2, 0, 1).float()[None] / 127.5 - 1
-    hr = downsample(photo[:, :, :256, 100:356], 64).clamp(-1, 1)  # the astronaut's face, 64²
+    hr = downsample(_photo(data.astronaut()[:256, 100:356]), 64).clamp(-1, 1)  # the astronaut's face, 64²
     return hr, downsample(hr, 16).clamp(-1, 1)
 
 
+@torch.no_grad()
+def _y0_psnr(model: SR3, hr, lr) -> list[float]:
+    """PSNR of ŷ0 against HR at each of LEVELS, 4 fixed noise draws per level (same in every call)."""
+    model.eval()
+    x = model.condition(lr).expand(4, -1, -1, -1)
+    eps = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    out = []
+    for gamma in LEVELS:
+        g = torch.full((4,), gamma)
+        y_t = q_sample(hr.expand(4, -1, -1, -1), g, eps)
+        y0 = predict_y0(y_t, g, model.denoiser()(x, y_t, g)).clamp(-1, 1)
+        out.append(float(psnr(y0, hr.expand(4, -1, -1, -1)).mean()))
+    return out
+
+
 def _sample_psnr(model: SR3, target, lr) -> float:
-    """The worse of two DDIM samples' PSNR against `target` (same seed each call)."""
-    schedule = model.inference_schedule(steps=20, beta_end=0.5)
-    out = model.eval().super_resolve(lr, sampler="ddim", schedule=schedule, samples=2,
+    """The worse of two DPM-Solver++(2M) samples' PSNR against `target` (10 steps, same seed each call)."""
+    out = model.eval().super_resolve(lr, sampler="dpmpp-2m", schedule=model.inference_schedule(10), samples=2,
                                      generator=torch.Generator().manual_seed(1))
     return min(float(psnr(out[:, i], target)) for i in range(2))
 
 
-def test_tiny_overfits_one_pair_and_its_samples_approach_it():
+def test_tiny_learns_one_pair_and_its_samples_approach_it():
     torch.manual_seed(0)
     hr, lr = _pair()
-    config = override(preset("tiny"), ["diffusion.loss=2", "train.lr=3e-3",
-                                         "train.warmup_steps=20", "train.hflip=false"])
+    config = preset("tiny")
     model = SR3(config)
-    before = _sample_psnr(model, hr, lr)
+    before = _y0_psnr(model, hr, lr)  # measured: 7–18 dB (γ = 0.01 … 0.5): ŷ0 = √γ·y_t
+    ema = EMA(model.net, config.train.ema_decay)
     optimizer = make_optimizer(model, config.train)
     generator = torch.Generator().manual_seed(0)
     batch_hr, batch_lr = hr.expand(4, -1, -1, -1), lr.expand(4, -1, -1, -1)
-    losses = [train_step(model.train(), optimizer, batch_hr, batch_lr, step=s, config=config.train,
+    losses = [train_step(model.train(), optimizer, batch_hr, batch_lr, step=s, config=config.train, ema=ema,
                          generator=generator)["loss"] for s in range(STEPS)]
-    first, last = losses[0], sum(losses[-25:]) / 25
-    assert last <= first / 10, f"loss fell only {first / last:.1f}x ({first:.3f} -> {last:.3f})"
-    after = _sample_psnr(model, hr, lr)
-    assert after >= before + 6, f"samples did not approach the pair: {before:.1f} -> {after:.1f} dB"
-    other = downsample(torch.from_numpy(data.chelsea()[:256, :256].copy()).permute(2, 0, 1).float()[None]
-                       / 127.5 - 1, 64).clamp(-1, 1)
-    assert after >= _sample_psnr(model, other, lr) + 3  # near this pair, not near any photo
+    first, last = sum(losses[:25]) / 25, sum(losses[-25:]) / 25
+    assert last <= first / 3, f"loss fell only {first / last:.1f}x ({first:.3f} -> {last:.3f})"
+    ema.copy_to(model.net)
+    after = _y0_psnr(model, hr, lr)
+    gains = [a - b for a, b in zip(after, before)]
+    assert min(gains) >= 6 and after[-1] >= 20, f"ŷ0 PSNR at γ={LEVELS}: {before} -> {after} dB"
+    near = _sample_psnr(model, hr, lr)
+    other = downsample(_photo(data.chelsea()[:256, :256]), 64).clamp(-1, 1)
+    far = _sample_psnr(model, other, lr)
+    assert near >= 20 and near >= far + 6, f"samples: {near:.1f} dB to the pair, {far:.1f} dB to another photo"

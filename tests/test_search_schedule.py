@@ -14,19 +14,26 @@ from pipelines import schedule_search as S
 pytestmark = pytest.mark.usefixtures("no_weight_env", "one_torch_thread")
 
 
-def test_grid_is_log_spaced_within_the_ranges_and_drops_start_above_end():
-    points = S.grid(5)
-    starts, ends = sorted({s for s, _ in points}), sorted({e for _, e in points})
-    assert starts == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
-    assert ends[0] == pytest.approx(S.END_RANGE[0]) and ends[-1] == pytest.approx(S.END_RANGE[1])
-    ratios = [b / a for a, b in zip(ends, ends[1:])]
-    assert max(ratios) == pytest.approx(min(ratios), rel=1e-3)  # geometric steps
-    assert len(points) == 25  # the default ranges meet only at 1e-2, where start == end is allowed
-    overlapping = S.grid(3, (1e-3, 1e-1), (1e-3, 1e-1))
-    assert (1e-1, 1e-3) not in overlapping and len(overlapping) == 6  # 3 + 2 + 1 with start ≤ end
-    assert S.grid(1, (1e-4, 1e-2), (1e-2, 0.5)) == [(1e-3, pytest.approx(math.sqrt(5e-3), rel=1e-3))]
+LIMIT = 4.0e-5  # a training schedule's last level γ_T
+
+
+def test_grid_is_log_spaced_and_every_schedule_starts_where_the_noise_matches():
+    from sr3model.schedules import linear_schedule
+
+    for k in (2, 10, 100):
+        points = S.grid(5, k, S.gamma_k_range(LIMIT))
+        starts = sorted({s for s, _ in points})
+        assert starts == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3, 1e-2]) and len(points) == 25
+        levels = sorted(float(linear_schedule(k, s, e).gammas[-1]) for s, e in points)
+        assert levels[-1] <= LIMIT * (1 + 1e-9) and levels[0] == pytest.approx(LIMIT / 100, rel=1e-6)
+        distinct = sorted({round(g, 15) for g in levels})
+        ratios = [b / a for a, b in zip(distinct, distinct[1:])]
+        assert max(ratios) == pytest.approx(min(ratios), rel=1e-3)  # γ_K geometric
+    few, many = S.grid(1, 10, (LIMIT, LIMIT)), S.grid(1, 100, (LIMIT, LIMIT))
+    assert few[0][1] > 0.9 and many[0][1] < 0.2  # few steps need a large β_K, many a small one
+    assert S.grid(3, 1, (1e-6, 1e-4)) == [(1 - g, 1 - g) for g in (1e-6, 1e-5, 1e-4)]  # one step, one β
     with pytest.raises(ValueError):
-        S.grid(2, (1e-2, 1e-4))
+        S.grid(2, 10, (1e-2, 1e-4))
     assert S.better("ssim", 0.9, 0.8) and S.better("consistency", 1.0, 2.0) and not S.better("fid", 3.0, 2.0)
 
 
@@ -68,14 +75,17 @@ def test_search_apply_stores_the_best_grid_schedule_that_upscale_then_uses(regis
 
     found = json.loads((out / "search.json").read_text())
     assert found["metric"] == "ssim" and len(found["trials"]) == 2 * 4
-    candidates = S.grid(2)
-    ref = resolve_model(uri)  # what jobs/upscale.py does, then sampling_for with its flags
+    from sr3model.schedules import start_limit
+
+    ref = resolve_model(uri)
+    limit = start_limit(ref.config().diffusion)
+    candidates = {k: S.grid(2, k, S.gamma_k_range(limit)) for k in (2, 3)}  # what jobs/upscale.py does, then sampling_for with its flags
     for k in (2, 3):
         trials = [t for t in found["trials"] if t["steps"] == k]
         winner = max(trials, key=lambda t: t["value"])
         chosen = sampling_for(ref, steps=k)
         assert chosen.source == "search" and chosen.sampler == "ddpm"
-        assert (chosen.beta_start, chosen.beta_end) in candidates
+        assert (chosen.beta_start, chosen.beta_end) in candidates[k]
         assert (chosen.beta_start, chosen.beta_end) == (winner["beta_start"], winner["beta_end"])
         assert ref.sampling[k]["metric"] == "ssim" and ref.sampling[k]["value"] == pytest.approx(winner["value"])
     assert sampling_for(ref, steps=5).source == "config"  # a budget that was not searched
@@ -89,7 +99,7 @@ def test_search_apply_stores_the_best_grid_schedule_that_upscale_then_uses(regis
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 8 and parent.data.tags["sr3.model_version"] == version
     assert {(c.data.params["steps"], float(c.data.params["beta_start"]), float(c.data.params["beta_end"]))
-            for c in children} == {(str(k), s, e) for k in (2, 3) for s, e in candidates}
+            for c in children} == {(str(k), s, e) for k in (2, 3) for s, e in candidates[k]}
     assert all({"ssim", "psnr", "consistency", "lr_psnr", "gamma_K"} <= set(c.data.metrics) for c in children)
     history = client.get_metric_history(parent.info.run_id, "best_ssim")
     assert sorted(m.step for m in history) == [2, 3]
@@ -110,4 +120,8 @@ def test_search_on_a_model_directory_stores_sampling_json(tmp_path):
                       say=lambda _: None)
     assert result.stored == str(directory / "sampling.json")
     chosen = sampling_for(resolve_model(str(directory)), steps=2)
-    assert (chosen.source, chosen.beta_start, chosen.beta_end) == ("search", *S.grid(1)[0])
+    from sr3model.schedules import start_limit
+
+    limit = start_limit(resolve_model(str(directory)).config().diffusion)
+    assert (chosen.source, chosen.beta_start, chosen.beta_end) == ("search", *S.grid(1, 2, S.gamma_k_range(limit))[0])
+    assert float(chosen.schedule(resolve_model(str(directory)).load("cpu")).gammas[-1]) <= limit * 1.01

@@ -157,7 +157,7 @@ def test_gcs_bucket_and_the_schedule_stored_by_the_search(ray_local, registry, g
     for path in (tmp_path / "in").iterdir():
         storage.write_bytes(storage.join(gcs_bucket, "photos", "x", path.name), path.read_bytes())
     storage.write_bytes(storage.join(gcs_bucket, "photos", "x", "broken.png"), b"\x89PNG\r\n\x1a\n broken")
-    store_sampling(resolve_model(model_uri, uri), {3: {"sampler": "ddpm", "beta_start": 2e-3, "beta_end": 0.3,
+    store_sampling(resolve_model(model_uri, uri), {3: {"sampler": "ddpm", "beta_start": 2e-3, "beta_end": 0.99995,
                                                        "metric": "ssim", "value": 0.5}}, uri)
     output = storage.join(gcs_bucket, "photos", "x4")  # inside the input prefix: its files are not inputs
 
@@ -165,13 +165,13 @@ def test_gcs_bucket_and_the_schedule_stored_by_the_search(ray_local, registry, g
                     "--steps", "3", "--format", "webp") == 0
     rows = _manifest(output)
     assert sorted(row["output"] for row in rows) == ["x/p00.webp", "x/p01.webp", "x/wide.webp"]
-    assert {(row["schedule"], row["schedule_source"]) for row in rows} == {("0.002,0.3", "search")}
+    assert {(row["schedule"], row["schedule_source"]) for row in rows} == {("0.002,0.99995", "search")}
     assert [row["reason"] for row in _rejects(output)] == ["not_an_image"]
     fs, path = storage.resolve(storage.join(output, "x", "wide.webp"))
     with Image.open(fs.open(path)) as image:
         assert image.size == (120, 64)
     assert _upscale("--model", model_uri, "--input", storage.join(gcs_bucket, "photos"), "--output", output,
-                    "--steps", "3", "--format", "webp", "--schedule", "1e-4,0.1") == 0
+                    "--steps", "3", "--format", "webp", "--schedule", "1e-4,0.99995") == 0
     summary = storage.read_bytes(storage.join(output, upscale_io.SUMMARY_NAME)).decode()
     assert '"listed": 4' in summary and '"skipped": 3' in summary
 
