@@ -42,3 +42,20 @@ def test_regression_preset_uses_the_papers_learning_rate():
 def test_flat_params_cover_every_leaf():
     flat = preset("tiny").flat()
     assert flat["unet.channels"] == 16 and flat["diffusion.steps"] == 1000 and flat["objective"] == "sr3"
+
+
+def test_configs_written_before_prediction_existed_load_as_the_papers_eps():
+    import json
+
+    old = json.loads(preset("tiny").to_json())
+    for field in ("prediction", "sample_schedule"):
+        del old["diffusion"][field]
+    config = SR3Config.from_dict(old)
+    assert config.diffusion.prediction == "eps"  # what an old checkpoint's network was trained for
+    assert config.diffusion.sample_schedule == "log-snr"  # its sampling now respects the step budget
+    assert all(p.diffusion.prediction == "v" for p in PRESETS.values())  # new runs: v (bench_quality)
+    paper = override(preset("faces-16-128"), ["diffusion.prediction=eps"])
+    assert paper.diffusion.prediction == "eps" and paper.objective == "sr3"
+    for bad in ["diffusion.prediction=score", "diffusion.sample_schedule=cosine", "diffusion.sample_sampler=euler"]:
+        with pytest.raises(ValueError):
+            override(preset("tiny"), [bad])
