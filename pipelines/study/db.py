@@ -211,7 +211,7 @@ class StudyDB:
 
     # -- admin --------------------------------------------------------------------------------
     def create_invites(self, count: int, label: str | None = None) -> list[str]:
-        codes = [secrets.token_urlsafe(12) for _ in range(count)]
+        codes = [secrets.token_urlsafe(18) for _ in range(count)]  # 24 characters
         with self.engine.begin() as conn:
             conn.execute(insert(invites), [{"study_id": self.study.id, "code_hash": digest(c), "label": label,
                                             "created_at": time.time()} for c in codes])
