@@ -219,7 +219,7 @@ class StudyDB:
 
     def export(self) -> list[dict[str, Any]]:
         """Every answer of this study with its trial and rater (what `results` and /admin/export read)."""
-        query = (select(raters.c.id.label("rater"), raters.c.slot, raters.c.finished_at, trials.c.position,
+        query = (select(raters.c.id.label("rater"), raters.c.slot, raters.c.finished_at, trials.c.token, trials.c.position,
                         trials.c.image, trials.c.model, trials.c.real_side, trials.c.shown, answers.c.choice,
                         answers.c.picked, answers.c.rt_ms, answers.c.server_ms, answers.c.answered_at)
                  .select_from(answers.join(trials, answers.c.trial_id == trials.c.id)
