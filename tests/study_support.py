@@ -283,7 +283,7 @@ def created_study(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Create
         code = load_job("study").main([
             "create", "--model", model_uri, "--baseline", "bicubic", "--baseline", regression, "--pairs", pairs,
             "--study", uri, "--task", "1", "--images", "6", "--per-rater", "4", "--catch", "2", "--raters", "60",
-            "--display-seconds", "1", "--steps", "2", "--batch-size", "4"])
+            "--display-seconds", "1", "--steps", "2", "--batch-size", "8"])
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -1,9 +1,10 @@
-"""A bounded load test on loopback, on SQLite and on a real PostgreSQL server: 50 simulated raters
-answer a whole session each, concurrently, replaying every answer once; every answer must be
-stored exactly once. The raters have a known preference (the fool rate they are fooled at, per
-model); `jobs/study.py results` must recover it within its 95% intervals, exclude exactly the
-inattentive raters the catch trials flag, write the HTML page, and (`--mlflow`) log the fool rates
-to each model version's evaluation run. Both databases must give the same answers.
+"""A bounded load test on loopback, on SQLite and on a real PostgreSQL server (there with two server
+processes sharing the database): 50 simulated raters answer a whole session each, concurrently,
+replaying every answer once; every answer must be stored exactly once. The raters have a known
+preference (the fool rate they are fooled at, per model); `jobs/study.py results` must recover it
+within its 95% intervals, exclude exactly the inattentive raters the catch trials flag, write the
+HTML page, and (`--mlflow`) log the fool rates to each model version's evaluation run. Both
+databases must give the same answers.
 
 Simulated raters see images, not labels: they recognise each served image by its bytes (the
 test's oracle, built from the study's files). A rater is fooled when its next random draw falls
@@ -21,6 +22,7 @@ import re
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -81,12 +83,13 @@ def test_fifty_concurrent_raters_every_answer_once_and_the_preference_recovered(
     db = (f"sqlite:///{tmp_path}/answers.db" if backend == "sqlite"
           else request.getfixturevalue("postgres").new_database())
     latencies: list[float] = []
-    with serve(created_study.uri, db, tmp_path) as server:
+    with serve(created_study.uri, db, tmp_path) as server, \
+            (serve(created_study.uri, db, tmp_path) if backend == "postgresql" else nullcontext(server)) as second:
         store = StudyDB(db, study)  # the harness's own connection (tables made by the server)
         started = time.perf_counter()
-        with ThreadPoolExecutor(RATERS) as pool:
-            futures = [pool.submit(simulated_rater, server.url, created_study.roles, latencies, store)
-                       for _ in range(RATERS)]
+        with ThreadPoolExecutor(RATERS) as pool:  # on PostgreSQL, two server processes share the database
+            futures = [pool.submit(simulated_rater, (server, second)[i % 2].url, created_study.roles, latencies, store)
+                       for i in range(RATERS)]
             logs = [future.result(timeout=300) for future in futures]
         elapsed = time.perf_counter() - started
         careless = [simulated_rater(server.url, created_study.roles, [], store, attentive=False)
@@ -95,7 +98,8 @@ def test_fifty_concurrent_raters_every_answer_once_and_the_preference_recovered(
     per_session = study.trials_per_rater
     answers = RATERS * per_session
     latencies.sort()
-    print(f"\nload test ({backend}): {RATERS} raters × {per_session} trials concurrently, {len(latencies)} requests "
+    where = f"{backend}, 2 servers" if second is not server else backend
+    print(f"\nload test ({where}): {RATERS} raters × {per_session} trials concurrently, {len(latencies)} requests "
           f"+ {answers} replays in {elapsed:.1f} s ({answers / elapsed:.0f} answers/s); latency p50 "
           f"{1000 * statistics.median(latencies):.0f} ms, p95 {1000 * latencies[int(0.95 * len(latencies))]:.0f} ms, "
           f"max {1000 * latencies[-1]:.0f} ms")

@@ -2,13 +2,14 @@
 
 Tables (created when missing; one database can hold many studies, keyed by `study_id`):
 
-| table            | one row per                  | columns                                                                  |
-| ---------------- | ---------------------------- | ------------------------------------------------------------------------ |
-| `study_studies`  | study served                 | study_id (pk), next_slot, created_at                                     |
-| `study_invites`  | one-time invite code         | id, study_id, code_hash (unique), label, created_at, used_at             |
-| `study_raters`   | rater session                | id, study_id, slot (unique per study), token_hash (unique), invite_id, completion_code, started_at, finished_at |
-| `study_trials`   | trial of a session           | id, token (unique), rater_id, position (unique per rater), image, model (null: catch), real_side, issued_at, shown |
-| `study_answers`  | answer (trial_id is its pk)  | trial_id, choice, picked (real / model / degraded), rt_ms, server_ms, answered_at |
+- `study_studies`: one row per study served: study_id (pk), next_slot, created_at;
+- `study_invites`: one-time invite codes: id, study_id, code_hash (unique), label, created_at, used_at;
+- `study_raters`: one row per rater session: id, study_id, slot (unique per study), token_hash
+  (unique), invite_id, completion_code, started_at, finished_at;
+- `study_trials`: the trials of a session: id, token (unique), rater_id, position (unique per
+  rater), image, model (null: a catch trial), real_side, issued_at, shown (times issued);
+- `study_answers`: one row per answer, trial_id its primary key: choice, picked (real / model /
+  degraded), rt_ms (client: prompt to answer), server_ms (server: issued to answered), answered_at.
 
 Integrity: a session's trials are all written when it starts (its plan slot, taken with an atomic
 `UPDATE … RETURNING`); only the lowest unanswered trial is ever issued; an answer must name an issued
