@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             if not token:
                 token = secrets.token_urlsafe(24)
                 say(f"admin token (set {ADMIN_ENV} to choose one): {token}")
-            say(f"serving {args.study} on http://{args.host}:{args.port}/ (answers: {args.db})")
+            from sqlalchemy.engine import make_url
+
+            shown = make_url(args.db).render_as_string(hide_password=True)
+            say(f"serving {args.study} on http://{args.host}:{args.port}/ (answers: {shown})")
             serve(args.study, args.db, args.host, args.port, admin_token=token, invite_only=args.invite_only)
         else:
             from pipelines.study.results import results
