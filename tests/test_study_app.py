@@ -2,7 +2,7 @@
 nothing about which image is real (names, URLs, sizes, headers, page source, timing); a session
 answers only its own issued trials, once; malformed and replayed requests get a 4xx and change
 nothing; image serving reaches nothing outside the study; admin endpoints need the token; invites
-are one-time; Task 2 has no LR."""
+are one-time; Task 2 has no LR; a study on object storage (the GCS emulator) is served as is."""
 
 from __future__ import annotations
 
@@ -237,3 +237,19 @@ def test_invite_only_sessions_and_task_2_without_lr(created_study, tmp_path):
         assert set(trial["images"]) == {"left", "right"}
         assert rater.get(f"/img/{trial['trial']}/lr").status == 404
         assert rater.get(trial["images"]["right"]).status == 200
+
+
+def test_a_study_on_object_storage_is_served_as_is(created_study, gcs_bucket, tmp_path):
+    from pipelines import storage
+
+    remote = f"{gcs_bucket}/studies/task1"
+    for item in storage.list_files(created_study.uri):
+        if item.relpath == "study.json" or item.relpath.startswith("images/"):
+            storage.write_bytes(storage.join(remote, item.relpath), Path(item.uri).read_bytes())
+    with serve(remote, f"sqlite:///{tmp_path}/answers.db", tmp_path) as running:
+        rater = Client(running.url)
+        assert rater.post("/api/session", {}).status == 200
+        trial = rater.get("/api/trial").json()
+        for url in trial["images"].values():
+            reply = rater.get(url)
+            assert reply.status == 200 and hashlib.sha256(reply.body).hexdigest() in created_study.roles
