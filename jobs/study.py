@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.study.create import create_study
             from pipelines.study.plan import Protocol
 
-            init_ray(args.ray_address)
             protocol = Protocol(args.task, args.images, args.per_rater, args.catch, args.raters,
                                 args.display_seconds, args.seed)
+            protocol.check(len(args.model) + len(args.baseline))  # before starting Ray
+            init_ray(args.ray_address)
             create_study(args.model, args.pairs, args.study, protocol, baselines=args.baseline, steps=args.steps,
                          sampler=args.sampler, schedule=args.schedule, batch_size=args.batch_size,
                          workers=args.workers, progress=say)

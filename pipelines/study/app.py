@@ -37,7 +37,7 @@ from pathlib import Path
 from string import Template
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -218,7 +218,7 @@ def create_app(study_uri: str, db_url: str, admin_token: str, *, invite_only: bo
         return Response(buffer.getvalue(), media_type="text/csv")
 
     @app.get("/admin/results", dependencies=[Depends(admin)])
-    def results(max_catch_misses: int = 0) -> dict[str, Any]:
+    def results(max_catch_misses: int = Query(0, ge=0, le=1000)) -> dict[str, Any]:
         return {"study_id": study.id, "task": study.task, **db.counts(),
                 **fool_rates(db.export(), study.models, max_catch_misses=max_catch_misses)}
 

@@ -17,6 +17,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -125,10 +126,13 @@ def _unique_labels(described: dict[str, dict[str, Any]]) -> None:
 
 def _document(protocol: Protocol, pairs: str, chosen: list[dict], hr: list[np.ndarray], lr: list[np.ndarray],
               outputs: dict[str, list[np.ndarray]], described: dict[str, dict[str, Any]], study: str) -> dict:
-    """Write every image under an opaque name; return the study.json document."""
+    """Write every image under an opaque name (16 writes at a time: object stores answer in
+    parallel); return the study.json document."""
+    pending: dict[str, np.ndarray] = {}
+
     def put(rgb: np.ndarray) -> str:
         name = I.opaque_name()
-        storage.write_bytes(storage.join(study, name), I.encode(rgb))
+        pending[name] = rgb
         return name
 
     images = []
@@ -139,6 +143,9 @@ def _document(protocol: Protocol, pairs: str, chosen: list[dict], hr: list[np.nd
             "outputs": {} if catch else {m: put(outputs[m][i]) for m in described},
             "degraded": put(I.degrade(hr[i])) if catch else None,
         })
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda item: storage.write_bytes(storage.join(study, item[0]), I.encode(item[1])),
+                      pending.items()))
     return {
         "format": FORMAT_VERSION, "study_id": secrets.token_hex(8),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pairs": pairs, "protocol": asdict(protocol),

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, UniqueConstraint, and_,
-                        create_engine, event, exists, insert, select, update)
+                        create_engine, event, exists, func, insert, select, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -172,9 +172,10 @@ class StudyDB:
                                .order_by(trials.c.position).limit(1)).mappings().first()
             if row is None:
                 return None
-            issued = row["issued_at"] or time.time()
-            conn.execute(update(trials).where(trials.c.id == row["id"])
-                         .values(issued_at=issued, shown=trials.c.shown + 1))
+            issued = conn.execute(update(trials).where(trials.c.id == row["id"])
+                                  .values(issued_at=func.coalesce(trials.c.issued_at, time.time()),
+                                          shown=trials.c.shown + 1)
+                                  .returning(trials.c.issued_at)).scalar_one()
         return {**row, "issued_at": issued}
 
     def current_trial(self, rater_id: int, token: str) -> dict[str, Any] | None:
