@@ -8,8 +8,25 @@ export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT ?= false
 # Jobs and tests that start `python` or `ray` by name get the project's environment.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test bench
+.PHONY: install system-deps demo test bench
 install: $(VENV)/.installed
+
+# The 2AFC study's tests need a real browser and a real database server: Debian's chromium,
+# chromium-driver and postgresql. Installed here when missing and this user can (root with
+# apt-get); otherwise a note, and those tests skip saying why (they fail in CI: CI=true).
+STUDY_PACKAGES := chromium chromium-driver postgresql
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromedriver"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing initdb"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "system-deps: missing$$missing; apt-get install -y $(STUDY_PACKAGES)"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(STUDY_PACKAGES); \
+	else \
+		echo "system-deps: missing$$missing and not root with apt-get: the study's browser/PostgreSQL tests will skip (install $(STUDY_PACKAGES))"; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) jobs/quickstart.py
 
-test: install
+test: install system-deps
 	$(PY) -m pytest tests
 
 bench: install

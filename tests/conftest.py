@@ -258,3 +258,8 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# The 2AFC study's real parts (tests/study_support.py): a PostgreSQL server, headless Chromium and
+# one study created for the session, registered here so every tests/test_study*.py shares them.
+from study_support import chromium, created_study, postgres  # noqa: E402,F401
