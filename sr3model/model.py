@@ -6,7 +6,7 @@ Objectives (`SR3Config.objective`):
 | --------------- | ---------------------- | ------------------------------- | --------------------- |
 | `sr3`           | concat(x, y_t), γ      | ε (Algorithm 1); y0 by Alg. 2    | SR3 §2                |
 | `residual`      | concat(x, y_t), γ      | ε of y0 − x; output x + sample   | SRDiff (Li et al.)    |
-| `regression`    | x, γ = 1               | y0 directly, L_p loss, one step  | SR3's baseline (§4)   |
+| `regression`    | x, γ = 1               | y0 (or y0 − x, `regression_skip`), L_p loss, one step | SR3's baseline (§4) |
 | `unconditional` | y_t, γ                 | ε; samples from noise alone      | DDPM base of cascade  |
 
 The diffusion objectives' network predicts `config.diffusion.prediction` — ε as in the paper, v, or
@@ -89,7 +89,7 @@ class SR3(nn.Module):
         batch = hr.shape[0]
         if self.config.objective == "regression":
             ones = torch.ones(batch, device=hr.device)
-            return lp_loss(self.net(x, ones), hr, p)
+            return lp_loss(self.net(x, ones), hr - x if self.config.regression_skip else hr, p)
         y0 = hr - x if self.config.objective == "residual" else hr
         gamma = sample_noise_level(self.schedule, batch, generator=generator, device=hr.device)
         eps = randn(y0.shape, generator=generator, like=y0, dtype=y0.dtype)
@@ -126,6 +126,7 @@ class SR3(nn.Module):
             x = x.repeat_interleave(samples, dim=0)  # (B·samples, 3, H, W)
         if cfg.objective == "regression":  # one step, γ = 1; the denoiser ignores y_t
             out = (denoiser or self.denoiser(precision))(x, None, torch.ones(x.shape[0], device=x.device))
+            out = x + out if cfg.regression_skip else out
         else:
             n = (lr.shape[0] if lr is not None else (batch or 1)) * samples
             shape = (n, 3, cfg.hr_size, cfg.hr_size) if x is None else tuple(x.shape)

@@ -48,9 +48,11 @@ def test_configs_written_before_prediction_existed_load_as_the_papers_eps():
     import json
 
     old = json.loads(preset("tiny").to_json())
-    for field in ("prediction", "sample_schedule"):
+    for field in ("prediction", "sample_schedule"):  # regression_skip: at the top level
         del old["diffusion"][field]
+    del old["regression_skip"]
     config = SR3Config.from_dict(old)
+    assert config.regression_skip is False  # an old regression model predicts HR itself
     assert config.diffusion.prediction == "eps"  # what an old checkpoint's network was trained for
     assert config.diffusion.sample_schedule == "log-snr"  # its sampling now respects the step budget
     assert all(p.diffusion.prediction == "v" for p in PRESETS.values())  # new runs: v (bench_quality)

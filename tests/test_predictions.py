@@ -130,3 +130,14 @@ def test_dpmpp_2m_reaches_the_data_std_in_ten_steps_where_ddim_does_not():
     fast, ddim = (float(_gaussian_samples(name, schedule).std()) for name in ("dpmpp-2m", "ddim"))
     assert abs(fast - STD) < 0.03, f"dpmpp-2m std {fast:.3f}"
     assert abs(ddim - STD) > abs(fast - STD)  # the first-order solver is further off at K = 10
+
+
+def test_regression_with_a_skip_starts_at_bicubic_and_the_papers_at_zero():
+    lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    skip = SR3(preset("tiny", "regression")).eval()  # zero-initialised output layer
+    assert skip.config.regression_skip
+    assert torch.allclose(skip.super_resolve(lr)[:, 0], skip.condition(lr).clamp(-1, 1))
+    paper = SR3(override(preset("tiny", "regression"), ["regression_skip=false"])).eval()
+    assert torch.equal(paper.super_resolve(lr)[:, 0], torch.zeros(2, 3, 64, 64))
+    hr = skip.condition(lr)
+    assert float(skip(hr, lr)) == 0.0 and float(paper(hr, lr)) > 0.1  # the loss is on HR − x
