@@ -420,3 +420,11 @@ def test_batches_grouped_by_size_and_capped_by_output_pixels() -> None:
     assert batches[:3] == [[(0, 0), (0, 1)], [(2, 0), (2, 1)], [(3, 0), (3, 1)]]  # 2 × 4096 ≤ 9000
     assert batches[3:] == [[(1, 0)], [(1, 1)], [(4, 0)], [(4, 1)]]  # one 11520-pixel output alone
     assert plan_batches(sizes, 2, 4, 3, 10 ** 9)[0] == [(0, 0), (0, 1), (2, 0)]  # --batch-size still caps
+
+
+def test_the_shared_sampling_path_needs_no_ray_mlflow_or_fsspec() -> None:
+    """The pyfunc ships pipelines/infer/sampling.py, and a GPU machine without Ray can run it."""
+    code = ("import sys, pipelines.infer.sampling; "
+            "print([m for m in ('ray', 'mlflow', 'fsspec', 'gcsfs') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"

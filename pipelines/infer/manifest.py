@@ -134,9 +134,9 @@ def latest(table: pa.Table, key: str) -> pa.Table:
         return table
     order = pc.sort_indices(table, sort_keys=[(key, "ascending"), ("finished_at", "descending")])
     table = table.take(order)
-    keys = table.column(key).to_pylist()
-    first = [i for i, value in enumerate(keys) if i == 0 or value != keys[i - 1]]
-    return table.take(first)
+    keys = table.column(key).combine_chunks()
+    first = pc.or_(pc.not_equal(keys[1:], keys[:-1]), pc.is_null(keys[1:]))  # a new key starts at i + 1
+    return table.filter(pa.concat_arrays([pa.array([True]), pc.fill_null(first, True)]))
 
 
 def plan(listed: Iterable[storage.ListedFile], output: str, fmt: str, samples: int, current: Current, *,
@@ -144,7 +144,11 @@ def plan(listed: Iterable[storage.ListedFile], output: str, fmt: str, samples: i
     """What to do with the listed inputs against what OUTPUT holds (rules: module docstring).
     `exclude`: a URI prefix (the output, when it lies inside the input) whose files are not inputs."""
     columns = ["output", "input_bytes", "input_fingerprint", "finished_at", *MODEL_COLUMNS, *SETTING_COLUMNS]
-    done = {row["output"]: row for row in latest(read_table(output, MANIFEST_DIR, columns), "output").to_pylist()}
+    table = latest(read_table(output, MANIFEST_DIR, columns), "output")
+    stale = _stale_mask(table, current.record).to_pylist()
+    done = {name: {"input_fingerprint": fp, "input_bytes": size, "stale": old} for name, fp, size, old in zip(
+        table.column("output").to_pylist(), table.column("input_fingerprint").to_pylist(),
+        table.column("input_bytes").to_pylist(), stale)}
     rejected = {row["source"]: row for row in latest(read_table(output, REJECTS_DIR), "source").to_pylist()}
     todo, rejects, claimed = [], [], {}
     counts = dict.fromkeys(("listed", "skipped_done", "stale", "redone_stale", "changed", "skipped_rejected",
@@ -175,7 +179,7 @@ def plan(listed: Iterable[storage.ListedFile], output: str, fmt: str, samples: i
         if all(rows):
             if any(_changed(row, item, fp) for row in rows):
                 counts["changed"] += 1
-            elif not any(_stale(row, current.record) for row in rows):
+            elif not any(row["stale"] for row in rows):
                 counts["skipped_done"] += 1
                 continue
             elif redo_stale:
@@ -195,9 +199,16 @@ def _changed(row: dict[str, Any], item: storage.ListedFile, fp: str) -> bool:
     return row.get("input_bytes") != item.size  # a row from before fingerprints: size only
 
 
-def _stale(row: dict[str, Any], record: dict[str, Any]) -> bool:
-    return any(row.get(c) is not None and record.get(c) is not None and row[c] != record[c]
-               for c in (*MODEL_COLUMNS, *SETTING_COLUMNS))
+def _stale_mask(table: pa.Table, record: dict[str, Any]) -> pa.ChunkedArray:
+    """Per row: made by another model or settings (a column compared where row and run both set it)."""
+    mask = pa.chunked_array([pa.array([False] * len(table), pa.bool_())])
+    for column in (*MODEL_COLUMNS, *SETTING_COLUMNS):
+        if record.get(column) is None:
+            continue
+        values = table.column(column)
+        differs = pc.and_(pc.is_valid(values), pc.not_equal(values, pa.scalar(record[column], values.type)))
+        mask = pc.or_(mask, pc.fill_null(differs, False))
+    return mask
 
 
 def _final(reject: dict[str, Any], max_output_pixels: int) -> bool:
