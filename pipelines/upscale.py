@@ -74,10 +74,11 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     plan = manifest.plan(listed, output_uri, fmt, samples, manifest.Current(record, max_output_pixels),
                          exclude=exclude, redo_stale=redo_stale)
     counts = plan.counts
-    manifest.write_parts(output_uri, [], plan.rejects)
+    manifest.write_parts(output_uri, plan.refresh, plan.rejects)
     progress(f"listed {counts['listed']} files under {input_uri}: {len(plan.todo)} to do "
              f"({counts['changed']} changed, {counts['redone_stale']} stale redone, {counts['retried']} retried), "
-             f"{counts['skipped_done']} already done, {counts['stale']} stale (another model or settings; "
+             f"{counts['skipped_done']} already done ({counts['touched']} rewritten unchanged), "
+             f"{counts['stale']} stale (another model or settings; "
              f"--redo-stale redoes them), {counts['skipped_rejected']} rejected before, "
              f"{len(plan.rejects)} rejected by name")
     statuses: Counter[str] = Counter()
@@ -97,7 +98,8 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
         "input": input_uri, "output": output_uri, "format": fmt, "samples": samples, "seed": seed,
         "tile": tile_px, "overlap": overlap_px, "listed": counts["listed"], "done": statuses["done"],
         "skipped": counts["skipped_done"], "stale": counts["stale"], "redone_stale": counts["redone_stale"],
-        "changed": counts["changed"], "retried": counts["retried"], "skipped_rejected": counts["skipped_rejected"],
+        "changed": counts["changed"], "touched": counts["touched"], "retried": counts["retried"],
+        "skipped_rejected": counts["skipped_rejected"],
         "rejected": sum(reasons.values()) - sum(failed.values()),
         "rejected_by_reason": dict(sorted((r, n) for r, n in reasons.items() if r not in failed)),
         "failed": sum(failed.values()), "failed_by_reason": dict(sorted(failed.items())),

@@ -42,13 +42,15 @@ def decode_batch(batch: dict[str, np.ndarray], max_output_pixels: int, scale: in
 
     with ThreadPoolExecutor(min(FETCH_THREADS, max(1, len(sources)))) as pool:
         blobs = list(pool.map(fetch, sources))
-    keys = ("source", "relpath", "input_bytes", "input_fingerprint", "pixels", "height", "width", "reason", "detail")
+    keys = ("source", "relpath", "input_bytes", "input_fingerprint", "input_hash", "pixels", "height", "width",
+            "reason", "detail")
     out: dict[str, list] = {k: [] for k in keys}
     for i, (source, blob) in enumerate(zip(sources, blobs)):
-        pixels, height, width, reason, detail = b"", 0, 0, "", ""
+        pixels, height, width, reason, detail, digest = b"", 0, 0, "", "", ""
         try:
             if isinstance(blob, Exception):
                 raise ImageRejected("read_error", f"{type(blob).__name__}: {blob}")
+            digest = manifest.content_hash(blob)
             image = decode_image(blob)
             width, height = image.size
             if width * height * scale * scale > max_output_pixels:
@@ -59,7 +61,8 @@ def decode_batch(batch: dict[str, np.ndarray], max_output_pixels: int, scale: in
             reason, detail, width, height = error.reason, error.detail, 0, 0
         for key, value in (("source", str(source)), ("relpath", str(batch["relpath"][i])),
                            ("input_bytes", int(batch["input_bytes"][i])),
-                           ("input_fingerprint", str(batch["input_fingerprint"][i])), ("pixels", pixels),
+                           ("input_fingerprint", str(batch["input_fingerprint"][i])), ("input_hash", digest),
+                           ("pixels", pixels),
                            ("height", height), ("width", width), ("reason", reason), ("detail", detail)):
             out[key].append(value)
     return out
@@ -120,7 +123,8 @@ def _write_row(batch, i: int, output: str, fmt: str, record: dict[str, Any], fp:
             **row_record, "source": str(batch["source"][i]), "output": name, "sample": k, "seed": int(seeds[k]),
             "input_width": int(batch["width"][i]), "input_height": int(batch["height"][i]),
             "output_width": width, "output_height": height, "input_bytes": int(batch["input_bytes"][i]),
-            "input_fingerprint": fp or None, "tiles": int(batch["tiles"][i]),
+            "input_fingerprint": fp or None, "input_hash": str(batch["input_hash"][i]) if "input_hash" in batch else None,
+            "tiles": int(batch["tiles"][i]),
             "batch_pixels": int(batch["batch_pixels"][i]), "seconds": float(batch["seconds"][i]),
             "finished_at": stamp})
     return rows

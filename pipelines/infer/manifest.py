@@ -16,7 +16,9 @@ etag / generation / mtime, `input_fingerprint`) and this run's model and setting
 | the input's outputs are in the manifest and …              | this run                               |
 | ---------------------------------------------------------- | -------------------------------------- |
 | same input, same model version and settings                | skipped (done)                         |
-| the input changed (fingerprint)                            | redone                                 |
+| the input changed (fingerprint; where the stamp is only an | redone                                 |
+| mtime, a file rewritten with the same bytes — `input_hash` |                                        |
+| — is not a change: its new stamp is recorded)              |                                        |
 | another model (version / weights) or settings (sampler,    | reported as stale; redone with         |
 | steps, schedule, seed, tile, overlap)                      | `--redo-stale`                         |
 
@@ -34,12 +36,14 @@ on what they have (size, model URI, sampler, steps, schedule).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -60,7 +64,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("seed", pa.int64()),
     ("input_width", pa.int32()), ("input_height", pa.int32()),
     ("output_width", pa.int32()), ("output_height", pa.int32()),
-    ("input_bytes", pa.int64()), ("input_fingerprint", pa.string()),
+    ("input_bytes", pa.int64()), ("input_fingerprint", pa.string()), ("input_hash", pa.string()),
     ("tiles", pa.int32()), ("batch_pixels", pa.int64()), ("seconds", pa.float64()),
     ("finished_at", pa.string()),
 ])
@@ -87,7 +91,8 @@ class Current:
 class Plan:
     todo: list[dict[str, Any]]
     rejects: list[dict[str, Any]]  # rejected now, by name
-    counts: dict[str, int]  # listed, skipped_done, stale, redone_stale, changed, skipped_rejected, retried
+    counts: dict[str, int]  # listed, skipped_done, stale, redone_stale, changed, skipped_rejected, retried, touched
+    refresh: list[dict[str, Any]] = field(default_factory=list)  # manifest rows with a new fingerprint, same content
 
 
 def now() -> str:
@@ -97,6 +102,12 @@ def now() -> str:
 
 def fingerprint(item: storage.ListedFile) -> str:
     return f"{item.size}:{item.version}" if item.version else str(item.size)
+
+
+def content_hash(data: bytes) -> str:
+    """The input's own hash, kept in the manifest: where the storage's stamp is only an mtime, a
+    file rewritten with the same bytes is recognised by it (and not sampled again)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _files(output: str, folder: str) -> list[str]:
@@ -143,18 +154,23 @@ def plan(listed: Iterable[storage.ListedFile], output: str, fmt: str, samples: i
          exclude: str | None = None, redo_stale: bool = False) -> Plan:
     """What to do with the listed inputs against what OUTPUT holds (rules: module docstring).
     `exclude`: a URI prefix (the output, when it lies inside the input) whose files are not inputs."""
-    columns = ["output", "input_bytes", "input_fingerprint", "finished_at", *MODEL_COLUMNS, *SETTING_COLUMNS]
+    columns = ["output", "input_bytes", "input_fingerprint", "input_hash", "finished_at", *MODEL_COLUMNS,
+               *SETTING_COLUMNS]
     table = latest(read_table(output, MANIFEST_DIR, columns), "output")
     stale = _stale_mask(table, current.record).to_pylist()
-    done = {name: {"input_fingerprint": fp, "input_bytes": size, "stale": old} for name, fp, size, old in zip(
-        table.column("output").to_pylist(), table.column("input_fingerprint").to_pylist(),
-        table.column("input_bytes").to_pylist(), stale)}
+    done = {name: {"input_fingerprint": fp, "input_bytes": size, "input_hash": digest, "stale": old}
+            for name, fp, size, digest, old in zip(
+                table.column("output").to_pylist(), table.column("input_fingerprint").to_pylist(),
+                table.column("input_bytes").to_pylist(), table.column("input_hash").to_pylist(), stale)}
+    listed = sorted(listed, key=lambda f: f.relpath)
+    same = _same_content(listed, done, fmt, samples)
     rejected = {row["source"]: row for row in latest(read_table(output, REJECTS_DIR), "source").to_pylist()}
     todo, rejects, claimed = [], [], {}
     counts = dict.fromkeys(("listed", "skipped_done", "stale", "redone_stale", "changed", "skipped_rejected",
-                            "retried"), 0)
+                            "retried", "touched"), 0)
     prefix = exclude.rstrip("/") + "/" if exclude else None
-    for item in sorted(listed, key=lambda f: f.relpath):
+    refresh: dict[str, str] = {}  # output → the new fingerprint of its unchanged input
+    for item in listed:
         if prefix and (item.uri + "/").startswith(prefix):
             continue
         counts["listed"] += 1
@@ -177,7 +193,11 @@ def plan(listed: Iterable[storage.ListedFile], output: str, fmt: str, samples: i
         claimed[names[0]] = item.uri
         rows = [done.get(name) for name in names]
         if all(rows):
-            if any(_changed(row, item, fp) for row in rows):
+            touched = item.uri in same  # rewritten with the same bytes: only its stamp is new
+            if touched:
+                counts["touched"] += 1
+                refresh.update(dict.fromkeys(names, fp))
+            if not touched and any(_changed(row, item, fp) for row in rows):
                 counts["changed"] += 1
             elif not any(row["stale"] for row in rows):
                 counts["skipped_done"] += 1
@@ -190,7 +210,44 @@ def plan(listed: Iterable[storage.ListedFile], output: str, fmt: str, samples: i
         elif before:
             counts["retried"] += 1  # a transient reject: read_error, out_of_memory, sample_failed, ...
         todo.append({"source": item.uri, "relpath": item.relpath, "input_bytes": item.size, "input_fingerprint": fp})
-    return Plan(todo, rejects, counts)
+    return Plan(todo, rejects, counts, _refreshed(output, refresh))
+
+
+def _same_content(listed: list[storage.ListedFile], done: dict[str, dict[str, Any]], fmt: str,
+                  samples: int) -> set[str]:
+    """URIs of inputs whose only change is an mtime (same size) and whose bytes still have the
+    hash the manifest recorded: read here, a few files after a copy or a restore."""
+    candidates: dict[str, str] = {}
+    for item in listed:
+        if not item.version.startswith("mtime="):
+            continue
+        try:
+            rows = [done.get(name) for name in output_names(item.relpath, fmt, samples)]
+        except UnsafeName:
+            continue
+        hashes = {row["input_hash"] for row in rows if row}
+        if all(rows) and len(hashes) == 1 and None not in hashes and any(
+                _changed(row, item, fingerprint(item)) and row["input_bytes"] == item.size for row in rows):
+            candidates[item.uri] = hashes.pop()
+
+    def same(uri: str) -> bool:
+        try:
+            return content_hash(storage.read_bytes(uri)) == candidates[uri]
+        except Exception:  # noqa: BLE001 — unreadable now: treat as changed, the run will say why
+            return False
+
+    with ThreadPoolExecutor(16) as pool:
+        return {uri for uri, equal in zip(candidates, pool.map(same, candidates)) if equal}
+
+
+def _refreshed(output: str, refresh: dict[str, str]) -> list[dict[str, Any]]:
+    """The latest manifest rows of `refresh`'s outputs with their new fingerprint."""
+    if not refresh:
+        return []
+    table = latest(read_table(output, MANIFEST_DIR), "output")
+    rows = table.filter(pc.is_in(table.column("output"), pa.array(list(refresh)))).to_pylist()
+    stamp = now()
+    return [{**row, "input_fingerprint": refresh[row["output"]], "finished_at": stamp} for row in rows]
 
 
 def _changed(row: dict[str, Any], item: storage.ListedFile, fp: str) -> bool:
