@@ -57,12 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipelines.evaluate import evaluate
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import init_ray_if_named
 
     def say(message: str) -> None:
         print(f"evaluate: {message}", flush=True)
 
-    init_ray(args.ray_address)
+    init_ray_if_named(args.ray_address)
     try:
         result = evaluate(
             args.model, args.pairs, steps=args.steps, sampler=args.sampler, schedule=args.schedule,

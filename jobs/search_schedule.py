@@ -56,12 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipelines.schedule_search import search
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import init_ray_if_named
 
     def say(message: str) -> None:
         print(f"search_schedule: {message}", flush=True)
 
-    init_ray(args.ray_address)
+    init_ray_if_named(args.ray_address)
     try:
         result = search(
             args.model, args.pairs, args.steps, metric=args.metric, grid_n=args.grid, limit=args.limit,

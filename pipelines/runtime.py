@@ -23,9 +23,21 @@ def init_ray(address: str | None = None) -> None:
              runtime_env={"env_vars": env} if env else None, logging_level="WARNING")
 
 
+def init_ray_if_named(address: str | None = None) -> bool:
+    """Connect when a cluster is named (`address`, else RAY_ADDRESS as under `ray job submit`;
+    "local" starts one here); returns whether this process is connected to Ray. Evaluation and
+    the schedule search sample on that cluster's actors, else in their own process."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        init_ray(address)
+    return ray.is_initialized()
+
+
 def add_sampling_worker_flags(parser, *, output_format: bool = True) -> None:
     """The flags that place the sampling actors of jobs/upscale.py, cascade.py, evaluate.py and
-    search_schedule.py (`output_format`: also --format, for the jobs that write images)."""
+    search_schedule.py (`output_format`: also --format, for the jobs that write images; without
+    it, a job samples in its own process unless a cluster is named)."""
     if output_format:
         parser.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -36,4 +48,7 @@ def add_sampling_worker_flags(parser, *, output_format: bool = True) -> None:
                         help="sampling actors; on GPUs the most the pool grows to (default: as many as the cluster "
                              "has or can scale to); on CPU one single-threaded actor per CPU by default, fewer "
                              "for few batches or a model too large to copy that often")
-    parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
+    parser.add_argument("--ray-address", default=None,
+                        help="default: RAY_ADDRESS, else a local Ray" if output_format else
+                        "sample on this Ray cluster's actors (default: RAY_ADDRESS, as under ray job submit; "
+                        "'local' starts one here); without one, sample in this process")
