@@ -14,7 +14,8 @@ random batches, from the same initial weights; its EMA weights are evaluated.
 Evaluation (`pipelines.evaluate`'s metrics, so the numbers mean what the evaluate job reports): PSNR,
 SSIM, LR-PSNR (consistency in dB), colour error (mean |Δ| of per-channel means, 8-bit levels),
 detail ratio (high-frequency energy relative to the HR's; 1 = as detailed as the photo) and
-diversity (σ across `--samples` samples per pair), each sample's noise seeded by (seed, pair).
+diversity (σ across `--samples` samples per pair), each sample's noise seeded by (seed, pair) as in
+the evaluate and upscale jobs.
 Diffusion arms sample with DDPM over `--sample-steps` levels of the default (log-SNR) schedule,
 ŷ0 clipped; then the best arm (lowest colour error among those with LR-PSNR within 1 dB of the
 best) is also sampled with DDIM and DPM-Solver++(2M) at 10 and 20 steps.
@@ -38,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines import evaluate as E  # noqa: E402
+from pipelines.infer.sampling import image_seed  # noqa: E402
 from pipelines.quickstart import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo  # noqa: E402
 from sr3model import SR3, override, preset  # noqa: E402
 from sr3model.ema import EMA  # noqa: E402
@@ -102,8 +104,11 @@ def score(model: SR3 | None, hr: torch.Tensor, lr: torch.Tensor, *, sampler: str
         images = E.bicubic(lr, tuple(hr.shape[-2:]))
     else:
         schedule = model.inference_schedule(steps)
-        images = torch.cat([E.sample(model, keys[s:s + 16], lr[s:s + 16], sampler=sampler, schedule=schedule,
-                                     samples=samples, seed=seed) for s in range(0, len(hr), 16)])
+        n = 1 if model.config.objective == "regression" else samples
+        images = torch.cat([model.super_resolve(lr[s:s + 16], sampler=sampler, schedule=schedule, samples=n,
+                                                generator=[torch.Generator().manual_seed(image_seed(seed, key, k))
+                                                           for key in keys[s:s + 16] for k in range(n)])
+                            for s in range(0, len(hr), 16)])
     running = E.Running()
     running.add(images, hr, lr)
     return running.result(), images, time.perf_counter() - tick

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = cascade(args.base, args.stage, args.num_samples, args.output, steps=args.steps, seed=args.seed,
                           batch_size=args.batch_size, fmt=args.format, keep_intermediate=args.keep_intermediate,
-                          workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker)
+                          workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker, device=args.device)
     except (FileNotFoundError, ValueError) as error:
         print(f"cascade: error: {error}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
 EXTRA_METRICS = ("fid", "is", "lpips")
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-name", help="MLflow run name (default: eval-<model>-<timestamp>)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per network call")
     parser.add_argument("--grid-rows", type=int, default=8, help="pairs shown in the report's image grid (default 8)")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    add_sampling_worker_flags(parser, output_format=False)
     args = parser.parse_args(argv)
     args.baseline = [uri for group in args.baseline for uri in group]
     return args
@@ -57,17 +58,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipelines.evaluate import evaluate
+    from pipelines.runtime import init_ray_if_named
 
     def say(message: str) -> None:
         print(f"evaluate: {message}", flush=True)
 
+    init_ray_if_named(args.ray_address)
     try:
         result = evaluate(
             args.model, args.pairs, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
             samples=args.samples, baselines=args.baseline, limit=args.limit, report_uri=args.report,
             seed=args.seed, metrics=args.metrics, fid_weights=args.fid_weights,
             lpips_weights=args.lpips_weights, experiment=args.experiment, run_name=args.run_name,
-            device=args.device, batch_size=args.batch_size, grid_rows=args.grid_rows, say=say)
+            device=args.device, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
+            batch_size=args.batch_size, grid_rows=args.grid_rows, say=say)
     except (FileNotFoundError, ValueError) as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 2

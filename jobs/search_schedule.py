@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
 METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "fid", "is", "lpips")
@@ -50,17 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default="sr3-schedule-search", help="MLflow experiment")
     parser.add_argument("--run-name", help="MLflow parent run name (default: search-<model>-<timestamp>)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per network call")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    add_sampling_worker_flags(parser, output_format=False)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipelines.schedule_search import search
+    from pipelines.runtime import init_ray_if_named
 
     def say(message: str) -> None:
         print(f"search_schedule: {message}", flush=True)
 
+    init_ray_if_named(args.ray_address)
     try:
         result = search(
             args.model, args.pairs, args.steps, metric=args.metric, grid_n=args.grid, limit=args.limit,

@@ -5,8 +5,14 @@
 
 INPUT/a/b/name.ext → OUTPUT/a/b/name.<format> (name_s<k>.<format> when --samples > 1), plus
 OUTPUT/_manifest/*.parquet, OUTPUT/_rejects/*.parquet and OUTPUT/_SUMMARY.json. Rerunning skips
-what is done, so a scheduled run only processes new images. Sampling defaults come from the model
-(the schedule stored by jobs/search_schedule.py --apply, else its config); flags override.
+what is done, so a scheduled run only processes new and changed images; outputs of another model
+version or other settings are counted as stale and redone with --redo-stale (rules:
+pipelines/infer/manifest.py). Sampling defaults come from the model (the schedule stored by
+jobs/search_schedule.py --apply, else its config); flags override.
+
+Exit status: 0 when every image was written or rejected for what it is (not an image, …); 1 when
+some failed to sample or write (out of memory, a sampling error: retried on the next run);
+2 on an input error (one `upscale: error: …` line).
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tile", type=int, help="LR tile size for other sizes (default: the model's LR size)")
     parser.add_argument("--overlap", type=int, help="LR pixels shared by neighbouring tiles (default: tile/4)")
     parser.add_argument("--max-output-pixels", type=int, help="reject larger outputs (default 8192²)")
+    parser.add_argument("--max-batch-pixels", type=int,
+                        help="output pixels sampled together (× samples), default: a quarter of the actor's device "
+                             "memory at ~120 bytes per pixel")
+    parser.add_argument("--redo-stale", action="store_true",
+                        help="redo outputs made by another model version or with other sampling settings")
     add_sampling_worker_flags(parser)
     return parser.parse_args(argv)
 
@@ -54,16 +65,19 @@ def main(argv: list[str] | None = None) -> int:
             schedule=args.schedule, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
             tile=args.tile, overlap=args.overlap, fmt=args.format,
             num_gpus_per_worker=args.num_gpus_per_worker, workers=args.workers,
-            max_output_pixels=args.max_output_pixels or DEFAULT_MAX_OUTPUT_PIXELS)
+            max_output_pixels=args.max_output_pixels or DEFAULT_MAX_OUTPUT_PIXELS, device=args.device,
+            max_batch_pixels=args.max_batch_pixels, redo_stale=args.redo_stale)
     except (FileNotFoundError, ValueError) as error:
         print(f"upscale: error: {error}", file=sys.stderr)
         return 2
     reasons = ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items())
+    failures = ", ".join(f"{r} {n}" for r, n in summary["failed_by_reason"].items())
     print(f"upscale: {summary['listed']} listed, {summary['done']} done, {summary['skipped']} skipped "
-          f"(already done), {summary['rejected']} rejected{f' ({reasons})' if reasons else ''}, "
-          f"{summary['skipped_rejected']} rejected before, in {summary['elapsed_s']:.1f}s")
+          f"(already done), {summary['stale']} stale (not redone; --redo-stale), {summary['rejected']} rejected"
+          f"{f' ({reasons})' if reasons else ''}, {summary['skipped_rejected']} rejected before, "
+          f"{summary['failed']} failed{f' ({failures})' if failures else ''}, in {summary['elapsed_s']:.1f}s")
     print(f"model: {summary['model']}; output: {args.output} (manifest in _manifest/, rejects in _rejects/)")
-    return 0
+    return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ low-resolution images from noise, then each SR stage super-resolves the previous
             sample indices whose final image is not in OUTPUT/_manifest yet
     from_items(indices) ─map_batches(CascadeSampler, ActorPoolStrategy(W))─ all models in each
                           actor; base DDPM from noise, then stage by stage (any size: tiled)
-      ─map_batches(upscale_io.write_batch)─ the same atomic writes and manifest as jobs/upscale.py
+      ─map_batches(infer.bucket.write_batch)─ the same atomic writes and manifest as jobs/upscale.py
 
 Between stages the image is quantised to 8 bits, exactly as if it had been saved and upscaled by
 `jobs/upscale.py`. Output: `OUTPUT/sample_<i>.<format>` (the last stage) and, with
@@ -26,9 +26,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines import storage, upscale_io
-from pipelines.models import Sampling, resolve_model, sampling_for
-from pipelines.runtime import WRITE_CPUS, WRITE_TASKS, input_blocks, sampling_workers
+from pipelines import storage
+from pipelines.infer import bucket, manifest
+from pipelines.infer.layout import EXTENSIONS, SUMMARY_NAME
+from pipelines.infer.placement import WRITE_CPUS, WRITE_TASKS, setup_actor, input_blocks, sampling_placement
+from pipelines.infer.sampling import Sampling, image_seed
+from pipelines.models import resolve_model, sampling_for
 
 SAMPLE_NAME = "sample_{:06d}"
 
@@ -39,13 +42,10 @@ class CascadeSampler:
     def __init__(self, models: list, samplings: list[dict[str, Any]], records: list[dict[str, str]],
                  options: dict[str, Any]) -> None:
         import ray
-        import torch
 
         from sr3model.weights import load_model_bytes
 
-        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        if self.device == "cpu" and options.get("threads"):
-            torch.set_num_threads(options["threads"])
+        self.device = setup_actor(options["device"], options["threads"])
         self.models = [load_model_bytes(*ray.get(ref), device=self.device) for ref in models]
         self.samplings = [Sampling(**s) for s in samplings]
         self.schedules = [s.schedule(m) for s, m in zip(self.samplings, self.models)]
@@ -63,7 +63,7 @@ class CascadeSampler:
         images = None  # (B, h, w, 3) uint8 of the previous stage
         for k, (model, sampling, schedule) in enumerate(zip(self.models, self.samplings, self.schedules)):
             started = time.perf_counter()
-            seeds = [upscale_io.image_seed(seed, name, k) for name in names]
+            seeds = [image_seed(seed, name, k) for name in names]
             generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
             if images is None:
                 out = model.super_resolve(None, batch=len(names), sampler=sampling.sampler, schedule=schedule,
@@ -88,7 +88,7 @@ class CascadeSampler:
                         "out": np.ascontiguousarray(images[j]).tobytes(),
                         "seeds": np.asarray([seeds[j]], np.int64).tobytes(),
                         "out_height": images.shape[1], "out_width": images.shape[2], "tiles": 0,
-                        "seconds": seconds})
+                        "batch_pixels": len(names) * images.shape[1] * images.shape[2], "seconds": seconds})
         return rows
 
     @staticmethod
@@ -101,7 +101,7 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
             steps: list[int] | None = None, seed: int = 0, batch_size: int = 4, fmt: str = "png",
             keep_intermediate: bool = False, workers: int | None = None,
             num_gpus_per_worker: float | None = None, tracking_uri: str | None = None,
-            progress: Callable[[str], None] = print) -> dict[str, Any]:
+            progress: Callable[[str], None] = print, device: str = "auto") -> dict[str, Any]:
     """Generate `num_samples` images through the cascade into `output_uri`; returns the summary."""
     import ray
     import ray.data
@@ -125,15 +125,15 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
         progress(f"stage {k}: {ref.label} → {size}px, {sampling.sampler} {sampling.steps} steps "
                  f"({sampling.source} schedule {sampling.schedule_text})")
 
-    final = [f"{SAMPLE_NAME.format(i)}.{upscale_io.EXTENSIONS[fmt]}" for i in range(num_samples)]
-    done = set(upscale_io.read_table(output_uri, upscale_io.MANIFEST_DIR, ["output"]).column("output").to_pylist())
+    final = [f"{SAMPLE_NAME.format(i)}.{EXTENSIONS[fmt]}" for i in range(num_samples)]
+    done = set(manifest.read_table(output_uri, manifest.MANIFEST_DIR, ["output"]).column("output").to_pylist())
     todo = [{"index": i} for i, name in enumerate(final) if name not in done]
     progress(f"{num_samples} samples: {len(todo)} to do, {num_samples - len(todo)} already done")
     statuses: Counter[str] = Counter()
     if todo:
-        gpus, workers, threads = sampling_workers(num_gpus_per_worker, workers,
-                                                  model_bytes=sum(len(ref.weights) for ref in refs),
-                                                  blocks=input_blocks(len(todo), batch_size))
+        placement = sampling_placement(num_gpus_per_worker, workers, device=device,
+                                       model_bytes=sum(len(ref.weights) for ref in refs),
+                                       blocks=input_blocks(len(todo), batch_size))
         models = [ray.put((ref.config_json, ref.weights)) for ref in refs]
         record = {**refs[-1].record(), **samplings[-1].record()}  # columns; rows carry their stage's values
         dataset = (
@@ -142,10 +142,9 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
                 "models": models, "samplings": [asdict(s) for s in samplings],
                 "records": [ref.record() for ref in refs],
                 "options": {"seed": seed, "keep_intermediate": keep_intermediate, "batch_size": batch_size,
-                            "threads": threads, "ext": upscale_io.EXTENSIONS[fmt]}},
-                compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="numpy",
-                num_gpus=gpus or None, num_cpus=0 if gpus else 1, udf_modifying_row_count=True)
-            .map_batches(upscale_io.write_batch, fn_kwargs={"output": output_uri, "fmt": fmt, "record": record},
+                            "threads": placement.threads, "device": placement.device, "ext": EXTENSIONS[fmt]}},
+                batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=True, **placement.map_kwargs())
+            .map_batches(bucket.write_batch, fn_kwargs={"output": output_uri, "fmt": fmt, "record": record},
                          batch_size=None, batch_format="numpy", num_cpus=WRITE_CPUS,
                          compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS))
         )
@@ -156,7 +155,8 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
         "sampling": [s.record() for s in samplings], "output": output_uri, "format": fmt, "seed": seed,
         "num_samples": num_samples, "done": len(todo), "skipped": num_samples - len(todo),
         "images_written": statuses["done"], "elapsed_s": round(time.perf_counter() - started, 3),
-        "finished_at": upscale_io.now(),
+        "finished_at": manifest.now(),
     }
-    storage.write_bytes(storage.join(output_uri, upscale_io.SUMMARY_NAME), json.dumps(summary, indent=2).encode())
+    manifest.compact(output_uri)
+    storage.write_bytes(storage.join(output_uri, SUMMARY_NAME), json.dumps(summary, indent=2).encode())
     return summary

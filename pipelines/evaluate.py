@@ -1,7 +1,10 @@
 """Evaluate an SR model on held-out pairs (`jobs/evaluate.py`): bicubic, the model and baselines.
 
-    PAIRS/val ──decode──> LR, HR ──bicubic | model samples | baseline samples──> metrics per method
-        ──> REPORT/metrics.json, REPORT/index.html + PNGs (pipelines.report) ──> one MLflow run
+    PAIRS/val ──decode──> LR, HR ──bicubic (driver)──────────────────────────────┐
+        ──model and baseline samples: sampling actors (pipelines.infer.scoring)──> per-output
+          values of `per_image` (+ outputs for the grid / FID / LPIPS) ──> driver: `Running`,
+          `summarise` ──> metrics per method ──> REPORT/metrics.json, REPORT/index.html + PNGs
+          (pipelines.report) ──> one MLflow run
 
 Metrics (`sr3model.metrics`; means over the pairs, and over the samples of each pair):
 
@@ -23,9 +26,11 @@ They are computed when their weights are given, or when asked for (`--metrics fi
 metric that cannot run (no weights, no torch-fidelity, unreadable file) is one clear note in the
 output, the report and the run, and everything else is still computed.
 
-Noise: every output has its own generator, seeded by (seed, pair key, sample index) as the upscale
-job does (`upscale_io.image_seed`): a rerun reproduces each image whatever the batch size, and
-the schedule search's trials all see the same noise. Regression models are deterministic: they
+Sampling: the upscale job's path (`pipelines.infer.sampling`) on the same actor pool — GPU actors
+when the cluster has or can scale to GPUs (`pipelines.infer.placement`); `meta["sampled_by"]` names
+the processes. Every output has its own generator, seeded by (seed, pair key, sample index)
+(`image_seed`): a rerun reproduces each image whatever the batch or actor, and the schedule
+search's trials all see the same noise. Regression models are deterministic: they
 are sampled once per pair whatever N.
 
 MLflow: one run per evaluation in experiment `sr3-eval`, linked to the model version by tags
@@ -44,10 +49,10 @@ from typing import Any
 import torch
 
 from pipelines import report, tracking
+from pipelines.infer import scoring
 from pipelines.models import ModelRef, parse_schedule, resolve_model, sampling_for
 from pipelines.pairs import read_part
 from pipelines.report import metric_prefix
-from pipelines.upscale_io import image_seed
 from sr3model import metrics as M
 
 BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio")
@@ -110,24 +115,13 @@ def bicubic(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def check_model(model, data: EvalSet, label: str) -> None:
-    cfg = model.config
+    """`model`: an SR3 or a ModelRef (anything with `.config` or `.config()`)."""
+    cfg = model.config() if callable(getattr(model, "config", None)) else model.config
     if not cfg.conditional:
         raise ValueError(f"{label}: an unconditional model cannot be evaluated on LR/HR pairs")
     lr_px, hr_px = data.shapes[1][-1], data.shapes[0][-1]
     if cfg.scale * lr_px != hr_px:
         raise ValueError(f"{label}: the model upscales ×{cfg.scale}, the pairs are {lr_px}→{hr_px} px")
-
-
-def sample(model, keys: Sequence[str], lr: torch.Tensor, *, sampler: str, schedule, samples: int = 1,
-           seed: int = 0) -> torch.Tensor:
-    """Outputs (b, N, 3, H, W) on the CPU for LR images (b, 3, h, w) named `keys`; N = 1 for a
-    regression model. Sample k of pair `key` always gets the noise seeded by (seed, key, k)."""
-    n = 1 if model.config.objective == "regression" else samples
-    device = next(model.parameters()).device
-    generators = [torch.Generator(device=device).manual_seed(image_seed(seed, key, k))
-                  for key in keys for k in range(n)]  # image-major, as super_resolve expects
-    return model.super_resolve(lr.to(device), sampler=sampler, schedule=schedule, samples=n,
-                               generator=generators).cpu()
 
 
 def per_image(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -279,8 +273,14 @@ class Running:
             perceptual.start()
 
     def add(self, images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> None:
-        found = per_image(images, hr, lr)
-        if self.perceptual is not None:
+        self.add_values(per_image(images, hr, lr), images, hr)
+
+    def add_values(self, found: dict[str, torch.Tensor], images: torch.Tensor | None = None,
+                   hr: torch.Tensor | None = None) -> None:
+        """Per-output values of `per_image` computed elsewhere (a sampling actor); the outputs and
+        their HR are needed only for the perceptual metrics."""
+        found = dict(found)
+        if self.perceptual is not None and images is not None:
             found.update(self.perceptual.update(images, hr))
         for key, value in found.items():
             self.values.setdefault(key, []).append(value)
@@ -323,7 +323,8 @@ def default_report_dir(kind: str = "eval") -> str:
 
 
 def _device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The driver's device for the perceptual metrics (sampling runs where `--device` says)."""
+    return device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _method(label: str, produce: Callable, data: EvalSet, perceptual: Perceptual, batch_size: int,
@@ -340,23 +341,56 @@ def _method(label: str, produce: Callable, data: EvalSet, perceptual: Perceptual
     return running.result(), torch.cat(kept)
 
 
+def sampled_methods(refs: Sequence[ModelRef], samplings: Sequence, labels: Sequence[str], data: EvalSet,
+                    perceptual: Perceptual | None, *, samples: int, seed: int, batch_size: int, keep: int,
+                    say: Say | None = None, **where: Any) -> Iterator[tuple[str, dict, torch.Tensor, list]]:
+    """(label, metrics, outputs of the first `keep` pairs, workers) per model, sampled on the
+    cluster's actors (`pipelines.infer.scoring`, keyword args `where`) and aggregated here."""
+    whole = perceptual is not None and bool(perceptual.available)  # FID/IS/LPIPS need every output
+    items = [scoring.work_item(m, m, start, min(start + batch_size, len(data)), how, whole or start < keep)
+             for m, how in enumerate(samplings) for start in range(0, len(data), batch_size)]
+    running, kept, workers, method = None, [], set(), -1
+    for item, result in scoring.score(refs, data, items, samples=samples, seed=seed, batch_size=batch_size,
+                                      **where):
+        if item["method"] != method:
+            if running is not None:
+                yield labels[method], running.result(), torch.cat(kept), sorted(workers)
+            method, running, kept, workers = item["method"], Running(perceptual), [], set()
+        images = torch.from_numpy(result["images"]) if result["images"] is not None else None
+        hr = data.batch(item["start"], item["stop"])[0] if whole else None
+        running.add_values({k: torch.from_numpy(v) for k, v in result["values"].items()}, images, hr)
+        if item["start"] < keep:
+            kept.append(images[:keep - item["start"]])
+        workers.add(tuple(sorted(result["worker"].items())))
+        if say:
+            say(f"{labels[method]}: {item['stop']}/{len(data)} pairs")
+    if running is not None:
+        yield labels[method], running.result(), torch.cat(kept), sorted(workers)
+
+
 def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: str | None = None,
              schedule: str | None = None, samples: int = 1, baselines: Sequence[str] = (),
              limit: int | None = None, report_uri: str | None = None, seed: int = 0,
              metrics: Sequence[str] | None = None, fid_weights: str | None = None,
              lpips_weights: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
              run_name: str | None = None, tracking_uri: str | None = None, device: str | None = None,
-             batch_size: int = 16, grid_rows: int = 8, log_mlflow: bool = True,
+             batch_size: int = 16, grid_rows: int = 8, log_mlflow: bool = True, on_cluster: bool | None = None,
+             workers: int | None = None, num_gpus_per_worker: float | None = None,
              say: Say = print) -> EvalResult:
-    """Evaluate `model_uri` (and `baselines`) on the val pairs; write the report; log the run."""
+    """Evaluate `model_uri` (and `baselines`) on the val pairs; write the report; log the run.
+
+    Sampling runs on the Ray cluster's sampling actors (`device` auto|cpu|cuda, `workers`,
+    `num_gpus_per_worker` as for upscaling) when this process is connected to one, or
+    `on_cluster=True` connects; `on_cluster=False` samples in this process. Either way the
+    metrics are aggregated here, from the same per-output values."""
     if samples < 1:
         raise ValueError("--samples must be at least 1")
-    uri, device = tracking.tracking_uri(tracking_uri), _device(device)
+    uri = tracking.tracking_uri(tracking_uri)
     report_uri = report_uri or default_report_dir("eval")
     data = load_val(pairs, limit)
     say(f"{len(data)} val pairs from {pairs} ({data.shapes[1][-1]}→{data.shapes[0][-1]} px)")
     perceptual = Perceptual(metrics, fid_weights=fid_weights, lpips_weights=lpips_weights,
-                            device=device, batch_size=batch_size)
+                            device=_device(None), batch_size=batch_size)
     for note in perceptual.notes:
         say(note)
     ref = resolve_model(model_uri, uri)
@@ -369,29 +403,28 @@ def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: s
     results["bicubic"], shown["bicubic"] = _method("bicubic", lambda keys, lr, size: bicubic(lr, size), data,
                                                    perceptual, batch_size, rows, None)
     described: dict[str, dict[str, Any]] = {"bicubic": {}}
-    model_label = ""
+    labels = []
     for current, how in models:
-        label = _unique(label_of(current), results)
-        model_label = model_label or label
-        model = current.load(device)
-        check_model(model, data, label)
-        regression = model.config.objective == "regression"
+        label = _unique(label_of(current), [*results, *labels])
+        labels.append(label)
+        check_model(current, data, label)
+        regression = current.config().objective == "regression"
         say(f"{label}: " + ("regression, one pass" if regression else
                             f"{how.sampler}, {how.steps} steps, schedule {how.schedule_text} "
                             f"({how.source}), {samples} sample(s) per pair"))
-        net_schedule = how.schedule(model)
-
-        def produce(keys, lr, size):  # called within this iteration only
-            return sample(model, keys, lr, sampler=how.sampler, schedule=net_schedule, samples=samples, seed=seed)
-
-        results[label], shown[label] = _method(label, produce, data, perceptual, batch_size, rows, say)
         described[label] = {**current.record(), **({"objective": "regression"} if regression else how.record())}
-        del model
+    model_label, sampled_by = labels[0], []
+    for label, values, images, workers_seen in sampled_methods(
+            [r for r, _ in models], [h for _, h in models], labels, data, perceptual, samples=samples, seed=seed,
+            batch_size=batch_size, keep=rows, say=say, on_cluster=on_cluster, device=device or "auto",
+            workers=workers, num_gpus_per_worker=num_gpus_per_worker):
+        results[label], shown[label] = values, images
+        sampled_by.extend(dict(w) for w in workers_seen)
     for label, values in results.items():
         say(f"{label:>16}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items() if v is not None))
 
     meta = {"model": model_label, **ref.record(), "model_given": model_uri, "pairs": pairs,
-            "n_images": len(data), "samples": samples, "seed": seed, **chosen.record(),
+            "n_images": len(data), "samples": samples, "seed": seed, **chosen.record(), "sampled_by": sampled_by,
             "methods": described, "lower_is_better": sorted(LOWER_IS_BETTER),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     hr, lr = data.batch(0, rows)

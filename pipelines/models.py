@@ -18,19 +18,25 @@ Sampling defaults, written by `jobs/search_schedule.py --apply` and read by `job
 a JSON mapping {steps K: {"sampler", "beta_start", "beta_end", "metric", "value"}} stored as the
 model version tag `sr3.sampling` (registry models) or as `sampling.json` in a model directory.
 `sampling_for` picks, per setting, the flag if given, else the stored schedule for the chosen
-(steps, sampler), else the model config's `diffusion.sample_*` values.
+(steps, sampler), else the model config's `diffusion.sample_*` values; the registered pyfunc
+reads the same tag (`pipelines.pyfunc`) and picks the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines import storage, tracking
+from pipelines.infer.sampling import Sampling, choose_sampling
+
+__all__ = ["ModelRef", "Sampling", "parse_schedule", "resolve_model", "sampling_for", "store_sampling"]
 
 if TYPE_CHECKING:
     from sr3model.config import SR3Config
@@ -42,31 +48,6 @@ CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.saf
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 _RUN = re.compile(r"^runs:/(?P<run_id>[0-9a-f]+)(/.*)?$")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to sample: sampler, number of steps K and, for a linear schedule, its β_1, β_K (None:
-    the config's default schedule, K levels uniform in log-SNR; `sr3model.schedules`)."""
-
-    sampler: str
-    steps: int
-    beta_start: float | None
-    beta_end: float | None
-    source: str  # "flags", "search" or "config": where the schedule came from
-
-    def schedule(self, model: SR3):
-        """The K-step schedule; an explicit linear one that starts above the training schedule's
-        last γ raises ValueError naming γ_K (`sr3model.schedules.check_start`)."""
-        return model.inference_schedule(self.steps, self.beta_start, self.beta_end)
-
-    @property
-    def schedule_text(self) -> str:
-        return "log-snr" if self.beta_start is None else f"{self.beta_start:g},{self.beta_end:g}"
-
-    def record(self) -> dict[str, Any]:
-        return {"sampler": self.sampler, "steps": self.steps, "schedule": self.schedule_text,
-                "schedule_source": self.source}
 
 
 @dataclass(frozen=True)
@@ -103,9 +84,15 @@ class ModelRef:
 
         return load_model_bytes(self.config_json, self.weights, device=device)
 
+    @cached_property
+    def digest(self) -> str:
+        """A short hash of the weights: tells two models apart where no registry version does."""
+        return hashlib.blake2b(self.weights, digest_size=8).hexdigest()
+
     def record(self) -> dict[str, str]:
         """Columns every output row carries."""
-        return {"model_uri": self.pinned, "model_name": self.name or "", "model_version": self.version or ""}
+        return {"model_uri": self.pinned, "model_name": self.name or "", "model_version": self.version or "",
+                "model_digest": self.digest}
 
 
 def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelRef:
@@ -152,7 +139,12 @@ def _registry_version(uri: str, tracking_uri: str) -> tuple[str, str, str | None
 
 def _download(artifact_uri: str, tracking_uri: str) -> tuple[str, bytes]:
     import mlflow.artifacts
+    from mlflow import MlflowClient
 
+    if artifact_uri.startswith("models:/"):  # the registry at `tracking_uri`, whatever mlflow's global one is
+        name, version = artifact_uri[len("models:/"):].rsplit("/", 1)
+        artifact_uri = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
+            name, version)
     with tempfile.TemporaryDirectory(prefix="sr3-model-") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp,
                                                     tracking_uri=tracking_uri)
@@ -198,18 +190,9 @@ def _parse(text: str | None) -> dict[int, dict[str, Any]]:
 
 def sampling_for(ref: ModelRef, *, sampler: str | None = None, steps: int | None = None,
                  schedule: tuple[float, float] | None = None) -> Sampling:
-    """Flags win; else the schedule stored for (steps, sampler) by the search; else the config's."""
-    diffusion = ref.config().diffusion
-    sampler = sampler or diffusion.sample_sampler
-    steps = steps or diffusion.sample_steps
-    if schedule is not None:
-        return Sampling(sampler, steps, float(schedule[0]), float(schedule[1]), "flags")
-    stored = ref.sampling.get(steps)
-    if stored and stored.get("sampler", sampler) == sampler:
-        return Sampling(sampler, steps, float(stored["beta_start"]), float(stored["beta_end"]), "search")
-    if diffusion.sample_schedule == "linear":
-        return Sampling(sampler, steps, diffusion.sample_beta_start, diffusion.sample_beta_end, "config")
-    return Sampling(sampler, steps, None, None, "config")
+    """Flags win; else the schedule stored for (steps, sampler) by the search; else the config's
+    (`pipelines.infer.sampling.choose_sampling`, which the pyfunc shares)."""
+    return choose_sampling(ref.config(), ref.sampling, sampler=sampler, steps=steps, schedule=schedule)
 
 
 def parse_schedule(text: str | None) -> tuple[float, float] | None:

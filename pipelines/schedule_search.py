@@ -29,7 +29,10 @@ All of psnr, ssim, consistency, lr_psnr (and fid, is, lpips with weights) can be
 trial logs all the cheap ones anyway.
 
 Trials are comparable: the same pairs (the first `--limit` of val/ by key), and for each pair the
-same noise seeds in every trial (`pipelines.evaluate.sample`, seeded by (seed, key)).
+same noise seeds in every trial (`pipelines.infer.sampling.image_seed(seed, key, 0)`). Every
+(trial, batch of pairs) is one work item for the sampling actors (`pipelines.infer.scoring`, GPU
+actors when the cluster has or can scale to GPUs); the driver aggregates each trial's values in
+order, then logs it.
 
 MLflow: one parent run (experiment `sr3-schedule-search`) tagged with the model version, params of
 the search, metrics `best_<metric>`, `best_beta_start`, `best_beta_end` stepped by K, and the
@@ -42,6 +45,7 @@ default for those steps (`pipelines.models.sampling_for`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -67,8 +71,9 @@ from pipelines.evaluate import (
     default_report_dir,
     label_of,
     load_val,
-    sample,
 )
+from pipelines.infer import scoring
+from pipelines.infer.sampling import Sampling
 from pipelines.models import resolve_model, store_sampling
 from pipelines.report import metric_prefix
 
@@ -163,40 +168,48 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
            fid_weights: str | None = None, lpips_weights: str | None = None,
            experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
            tracking_uri: str | None = None, device: str | None = None, batch_size: int = 16,
-           report_uri: str | None = None, say: Say = print) -> SearchResult:
+           report_uri: str | None = None, on_cluster: bool | None = None, workers: int | None = None,
+           num_gpus_per_worker: float | None = None, say: Say = print) -> SearchResult:
     """Grid-search valid (β_1, β_K) for each K in `steps`; log every trial; optionally store the best.
-    `gamma_range` defaults to `gamma_k_range` of the model's training schedule."""
+    `gamma_range` (first levels γ_K) defaults to `gamma_k_range` of the model's training schedule.
+
+    Trials are sampled on the Ray cluster's sampling actors, as in `pipelines.evaluate.evaluate`
+    (`on_cluster`, `device`, `workers`, `num_gpus_per_worker`); the driver scores and logs."""
     from mlflow import MlflowClient
 
     if not steps or any(k < 1 for k in steps):
         raise ValueError("--steps needs one or more positive step counts")
-    uri, device = tracking.tracking_uri(tracking_uri), _device(device)
+    uri = tracking.tracking_uri(tracking_uri)
     metric, perceptual, notes = choose_metric(metric, fid_weights=fid_weights, lpips_weights=lpips_weights,
-                                              device=device, batch_size=batch_size)
+                                              device=_device(None), batch_size=batch_size)
     for note in notes:
         say(note)
     ref = resolve_model(model_uri, uri)
     if apply and not (ref.name and ref.version) and not ref.directory:
         raise ValueError(f"{model_uri}: --apply needs a registered model (models:/NAME/VERSION) or a model "
                          "directory to store the schedule with")
-    model = ref.load(device)
-    if model.config.objective == "regression":
+    config = ref.config()
+    if config.objective == "regression":
         raise ValueError(f"{model_uri}: a regression model has no noise schedule to search")
-    sampler = sampler or model.config.diffusion.sample_sampler
+    sampler = sampler or config.diffusion.sample_sampler
     from sr3model.schedules import start_limit
 
-    gamma_t = start_limit(model.config.diffusion)
+    gamma_t = start_limit(config.diffusion)
     gamma_range = tuple(gamma_range or gamma_k_range(gamma_t))
-    if gamma_range[1] > gamma_t:
+    if gamma_range[1] > gamma_t * 1.01:
         raise ValueError(f"--gamma-k-range {gamma_range[0]:g} {gamma_range[1]:g}: γ_K above the training schedule's "
                          f"last level {gamma_t:.3g} does not match the start noise (see sr3model.schedules)")
-    candidates = {k: grid(grid_n, k, gamma_range, start_range) for k in sorted(set(int(k) for k in steps))}
     data = load_val(pairs, limit)
-    check_model(model, data, label_of(ref))
-    hr, lr = data.batch(0, len(data))  # a small subset, decoded once for every trial
+    check_model(ref, data, label_of(ref))
     steps = sorted(set(int(k) for k in steps))
-    say(f"{label_of(ref)}: {sum(map(len, candidates.values()))} schedules over K in {steps} (γ_K in "
-        f"[{gamma_range[0]:.3g}, {gamma_range[1]:.3g}]) on {len(data)} val pairs, {sampler}, scored by {metric}")
+    candidates = {k: grid(grid_n, k, gamma_range, start_range) for k in steps}
+    trials_at = [(k, b1, bk) for k in steps for b1, bk in candidates[k]]
+    say(f"{label_of(ref)}: {len(trials_at)} schedules over K in {steps} (γ_K in [{gamma_range[0]:.3g}, "
+        f"{gamma_range[1]:.3g}]) on {len(data)} val pairs, {sampler}, scored by {metric}")
+    whole = perceptual is not None
+    items = [scoring.work_item(0, t, start, min(start + batch_size, len(data)), Sampling(sampler, k, b1, bk, ""),
+                               whole) for t, (k, b1, bk) in enumerate(trials_at)
+             for start in range(0, len(data), batch_size)]
 
     run_id = _start_parent(uri, experiment, run_name, ref, {
         "metric": metric, "sampler": sampler, "steps": " ".join(map(str, steps)), "grid": grid_n,
@@ -208,18 +221,17 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
     client = MlflowClient(uri)
     experiment_id = client.get_run(run_id).info.experiment_id
     try:
-        for k in steps:
-            for i, (b1, bk) in enumerate(candidates[k]):
-                schedule = model.inference_schedule(k, b1, bk)
-                images = torch.cat([sample(model, data.keys[s:s + batch_size], lr[s:s + batch_size],
-                                           sampler=sampler, schedule=schedule, seed=seed)
-                                    for s in range(0, len(data), batch_size)])
-                running = Running(perceptual)
-                running.add(images, hr, lr)
+        running, current, gamma_k = None, -1, 0.0
+        stream = scoring.score([ref], data, items, samples=1, seed=seed, batch_size=batch_size,
+                               on_cluster=on_cluster, device=device or "auto", workers=workers,
+                               num_gpus_per_worker=num_gpus_per_worker)
+        for item, result in itertools.chain(stream, [({"trial": len(trials_at)}, None)]):  # closes the last trial
+            if item["trial"] != current and running is not None:
+                k, b1, bk = trials_at[current]
                 scores = running.result()
                 value = scores.get(metric)
                 value = value if value is not None and math.isfinite(value) else None
-                trial = Trial(k, b1, bk, float(schedule.gammas[-1]), scores, value)
+                trial = Trial(k, b1, bk, gamma_k, scores, value)
                 trial.run_id = _log_trial(client, experiment_id, run_id, sampler, metric, trial)
                 trials.append(trial)
                 if value is not None and (k not in best or better(metric, value, best[k]["value"])):
@@ -227,8 +239,17 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
                                "value": value}
                 shown = "no score" if value is None else f"{value:.4g}"
                 leader = f" (best {best[k]['value']:.4g})" if k in best else ""
-                say(f"K={k} [{i + 1}/{len(candidates[k])}] β {b1:g}→{bk:.6g} (γ_K {trial.gamma_K:.3g}): "
-                    f"{metric} {shown}{leader}")
+                say(f"K={k} [{len([t for t in trials if t.steps == k])}/{len(candidates[k])}] β {b1:g}→{bk:.6g} "
+                    f"(γ_K {gamma_k:.3g}): {metric} {shown}{leader}")
+                running = None
+            if result is None:
+                break
+            if running is None:
+                running, current = Running(perceptual), item["trial"]
+            gamma_k = result["gamma_K"]
+            images = torch.from_numpy(result["images"]) if result["images"] is not None else None
+            hr = data.batch(item["start"], item["stop"])[0] if whole else None
+            running.add_values({k: torch.from_numpy(v) for k, v in result["values"].items()}, images, hr)
         result = SearchResult(metric, sampler, trials, best, report_uri or default_report_dir("search"),
                               run_id, notes=notes)
         if apply and best:

@@ -37,12 +37,14 @@ NOT_RETRIED = (FileNotFoundError, IsADirectoryError, NotADirectoryError, Permiss
 
 @dataclass(frozen=True)
 class ListedFile:
-    """One file found under an input: `uri` = `root` + "/" + `relpath`; `size` in bytes."""
+    """One file found under an input: `uri` = `root` + "/" + `relpath`; `size` in bytes; `version`
+    what the storage says changes with the content (crc32c, md5, etag, generation or mtime; "" if none)."""
 
     uri: str
     root: str
     relpath: str
     size: int
+    version: str = ""
 
 
 def resolve(uri: str) -> tuple[AbstractFileSystem, str]:
@@ -90,10 +92,23 @@ def list_files(uri: str) -> list[ListedFile]:
     else:
         root, found = path.rstrip("/"), fs.find(path, detail=True)
     return [
-        ListedFile(prefix + name, prefix + root, name[len(root) :].lstrip("/"), int(info.get("size") or 0))
+        ListedFile(prefix + name, prefix + root, name[len(root) :].lstrip("/"), int(info.get("size") or 0),
+                   _version(info))
         for name, info in sorted(found.items())
         if info.get("type", "file") == "file"
     ]
+
+
+def _version(info: dict) -> str:
+    """A content or write stamp from a listing entry: a checksum where the store has one, else an
+    etag or generation, else the modification time."""
+    for key in ("crc32c", "md5Hash", "ETag", "etag", "generation"):
+        if info.get(key):
+            return f"{key}={str(info[key]).strip(chr(34))}"
+    for key in ("mtime", "LastModified", "updated"):
+        if info.get(key):
+            return f"mtime={info[key]}"
+    return ""
 
 
 def read_bytes(uri: str, *, attempts: int = 4, backoff_s: float = 0.5) -> bytes:

@@ -1,22 +1,25 @@
-"""Batch super-resolution of a bucket with Ray Data: list → decode → sample → encode + write.
+"""Batch super-resolution of a bucket with Ray Data: list → plan → decode → sample → encode + write.
 
-    driver: resolve --model (pinned version, weights → object store), list INPUT, plan against
-            OUTPUT/_manifest and OUTPUT/_rejects (pipelines.upscale_io.plan)
-    from_items(to do) ─map_batches(decode_batch)───────── CPU tasks: fetch (threads) + decode
-      ─map_batches(Upscaler, ActorPoolStrategy(W))─────── actors: the model loaded once per actor,
-                                                          one GPU each, else one CPU each
-                                                          (pipelines.runtime.place_sampling_actors)
-      ─map_batches(write_batch)───────────────────────── CPU tasks: encode, atomic writes, manifest
-    driver: iterates the small status rows (progress), writes OUTPUT/_SUMMARY.json
+    driver: resolve --model (pinned version, weights → object store), list INPUT (with each file's
+            fingerprint), plan against OUTPUT/_manifest and _rejects (pipelines.infer.manifest:
+            done, stale, changed, retried)
+    from_items(to do) ─map_batches(bucket.decode_batch)──── CPU tasks: fetch (threads) + decode
+      ─map_batches(actors.Upscaler, actor pool)──────────── actors: the model loaded once each; GPU
+                                                            actors (min 1 … max the cluster can
+                                                            scale to) or single-threaded CPU actors
+                                                            (pipelines.infer.placement)
+      ─map_batches(bucket.write_batch)───────────────────── CPU tasks: encode, atomic writes, manifest
+    driver: iterates the small status rows (progress), compacts the manifest, writes _SUMMARY.json
 
-Memory stays bounded on large buckets: Ray Data streams blocks between the stages with
-backpressure, and only the status rows come back to the driver.
+Memory stays bounded: Ray Data streams blocks between the stages with backpressure; inside an
+actor, outputs are sampled in batches grouped by size and capped by output pixels
+(`max_batch_pixels`), and each finished batch's rows leave the actor at once; only status rows
+come back to the driver.
 
 Sampling: `pipelines.models.sampling_for` (flags, else the schedule stored by the search job for
-these steps, else the model config). Each output's noise comes from its own generator, seeded by
-`upscale_io.image_seed(seed, relpath, sample)`: reruns reproduce an image whatever its batch.
-Images of the model's LR size are batched straight through; any other size (non-square too) goes
-through `sr3model.tiling.super_resolve_any` (joint denoising of blended tiles; exact output size).
+these steps, else the model config) through `pipelines.infer.sampling` — the path the pyfunc and
+the evaluation share. A failed image (out of memory, a sampling error) is rejected with its
+reason and retried on the next run; the summary counts it under `failed`.
 """
 
 from __future__ import annotations
@@ -25,85 +28,18 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable
 
-import numpy as np
-
-from pipelines import storage, upscale_io
-from pipelines.models import ModelRef, Sampling, parse_schedule, resolve_model, sampling_for
-from pipelines.runtime import WRITE_CPUS, WRITE_TASKS, input_blocks, sampling_workers
+from pipelines import storage
+from pipelines.infer import bucket, manifest
+from pipelines.infer.actors import Upscaler
+from pipelines.infer.layout import FORMATS, SUMMARY_NAME
+from pipelines.infer.placement import WRITE_CPUS, WRITE_TASKS, Placement, input_blocks, sampling_placement
+from pipelines.infer.sampling import Layout, Sampling
+from pipelines.models import ModelRef, parse_schedule, resolve_model, sampling_for
 
 DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
-
-
-@dataclass(frozen=True)
-class UpscaleOptions:
-    samples: int = 1
-    seed: int = 0
-    batch_size: int = 8
-    tile: int | None = None  # LR pixels; default the model's lr_size
-    overlap: int | None = None  # LR pixels; default tile // 4
-    threads: int = 0  # torch threads per CPU actor; 0 = the node's CPUs / actors on it
-
-
-class Upscaler:
-    """The actor of the sampling stage: holds one model; super-resolves batches of decoded rows."""
-
-    def __init__(self, model: list, sampling: dict[str, Any], options: dict[str, Any]) -> None:
-        import ray
-        import torch
-
-        config_json, weights = ray.get(model[0])
-        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.options = UpscaleOptions(**options)
-        if self.device == "cpu" and self.options.threads:
-            torch.set_num_threads(self.options.threads)
-        from sr3model.weights import load_model_bytes
-
-        self.model = load_model_bytes(config_json, weights, device=self.device)
-        self.sampling = Sampling(**sampling)
-        self.schedule = self.sampling.schedule(self.model)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        rows = len(batch["source"])
-        out = {"out": [b""] * rows, "seeds": [b""] * rows, "samples": [0] * rows, "out_height": [0] * rows,
-               "out_width": [0] * rows, "tiles": [0] * rows, "seconds": [0.0] * rows}
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in range(rows):
-            if not batch["reason"][i]:
-                groups.setdefault((int(batch["height"][i]), int(batch["width"][i])), []).append(i)
-        for (height, width), members in groups.items():
-            for start in range(0, len(members), self.options.batch_size):
-                self._run(batch, members[start:start + self.options.batch_size], height, width, out)
-        return {**{k: list(v) for k, v in batch.items() if k != "pixels"}, **out}
-
-    def _run(self, batch, members: list[int], height: int, width: int, out: dict[str, list]) -> None:
-        import torch
-
-        from sr3model.imageio import to_uint8_batch
-        from sr3model.tiling import super_resolve_any, tile_starts
-
-        opts, cfg = self.options, self.model.config
-        started = time.perf_counter()
-        pixels = np.stack([np.frombuffer(batch["pixels"][i], np.uint8).reshape(height, width, 3) for i in members])
-        lr = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
-        seeds = [[upscale_io.image_seed(opts.seed, str(batch["relpath"][i]), k) for k in range(opts.samples)]
-                 for i in members]
-        generators = [torch.Generator(device=self.device).manual_seed(s) for row in seeds for s in row]
-        sr = super_resolve_any(self.model, lr, tile=opts.tile, overlap=opts.overlap, tile_batch=opts.batch_size,
-                               sampler=self.sampling.sampler, schedule=self.schedule, samples=opts.samples,
-                               generator=generators)  # (B, N, 3, H, W)
-        images = to_uint8_batch(sr.flatten(0, 1).cpu()).reshape(len(members), opts.samples, *sr.shape[-2:], 3)
-        tile = opts.tile or cfg.lr_size
-        overlap = tile // 4 if opts.overlap is None else opts.overlap
-        tiles = len(tile_starts(max(height, tile), tile, overlap)) * len(tile_starts(max(width, tile), tile, overlap))
-        seconds = (time.perf_counter() - started) / len(members)
-        for j, i in enumerate(members):
-            out["out"][i] = np.ascontiguousarray(images[j]).tobytes()
-            out["seeds"][i] = np.asarray(seeds[j], dtype=np.int64).tobytes()
-            out["samples"][i], out["out_height"][i], out["out_width"][i] = opts.samples, *sr.shape[-2:]
-            out["tiles"][i], out["seconds"][i] = tiles, seconds
 
 
 def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | None = None,
@@ -111,71 +47,102 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
             seed: int = 0, tile: int | None = None, overlap: int | None = None, fmt: str = "png",
             num_gpus_per_worker: float | None = None, workers: int | None = None,
             max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS, tracking_uri: str | None = None,
-            progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Super-resolve every new image under `input_uri` into `output_uri`; returns the summary."""
+            progress: Callable[[str], None] = print, device: str = "auto", max_batch_pixels: int | None = None,
+            redo_stale: bool = False) -> dict[str, Any]:
+    """Super-resolve every new (or changed, or with `redo_stale` stale) image under `input_uri`
+    into `output_uri`; returns the summary (also OUTPUT/_SUMMARY.json)."""
     started = time.perf_counter()
-    if fmt not in upscale_io.FORMATS:
-        raise ValueError(f"--format {fmt!r}: choose from {sorted(upscale_io.FORMATS)}")
-    if samples < 1 or batch_size < 1:
-        raise ValueError("--samples and --batch-size must be ≥ 1")
+    _check(fmt, samples, batch_size, tile, max_batch_pixels)
     ref = resolve_model(model_uri, tracking_uri)
     config = ref.config()
     if not config.conditional:
         raise ValueError(f"{model_uri} is an unconditional model: use jobs/cascade.py --base")
     chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule))
+    layout = Layout(batch_size, max_batch_pixels, tile, overlap)
+    tile_px, overlap_px = layout.tiling(config)
+    if not 0 <= overlap_px < tile_px:
+        raise ValueError(f"--overlap {overlap_px}: must be in [0, tile = {tile_px})")
     progress(f"model {ref.label} ({config.name}, {config.objective}, ×{config.scale}); "
              f"{chosen.sampler}, {chosen.steps} steps, schedule {chosen.schedule_text} "
              f"(from {chosen.source})")
 
     listed = storage.list_files(input_uri)
+    if not listed and not storage.exists(input_uri):
+        raise FileNotFoundError(f"--input {input_uri}: no such file, folder or prefix")
+    record = {**ref.record(), **chosen.record(), "run_seed": seed, "tile": tile_px, "overlap": overlap_px}
     exclude = _listed_style(output_uri) if _inside(output_uri, input_uri) else None
-    todo, rejects, counts = upscale_io.plan(listed, output_uri, fmt, samples, exclude)
-    upscale_io.write_parts(output_uri, [], rejects)
-    progress(f"listed {counts['listed']} files under {input_uri}: {len(todo)} to do, "
-             f"{counts['skipped_done']} already done, {counts['skipped_rejected']} rejected before, "
-             f"{len(rejects)} rejected by name")
+    plan = manifest.plan(listed, output_uri, fmt, samples, manifest.Current(record, max_output_pixels),
+                         exclude=exclude, redo_stale=redo_stale)
+    counts = plan.counts
+    manifest.write_parts(output_uri, plan.refresh, plan.rejects)
+    progress(f"listed {counts['listed']} files under {input_uri}: {len(plan.todo)} to do "
+             f"({counts['changed']} changed, {counts['redone_stale']} stale redone, {counts['retried']} retried), "
+             f"{counts['skipped_done']} already done ({counts['touched']} rewritten unchanged), "
+             f"{counts['stale']} stale (another model or settings; "
+             f"--redo-stale redoes them), {counts['skipped_rejected']} rejected before, "
+             f"{len(plan.rejects)} rejected by name")
     statuses: Counter[str] = Counter()
-    reasons: Counter[str] = Counter(r["reason"] for r in rejects)
-    if todo:
-        gpus, workers, threads = sampling_workers(num_gpus_per_worker, workers, model_bytes=len(ref.weights),
-                                                  blocks=input_blocks(len(todo), batch_size))
-        options = UpscaleOptions(samples, seed, batch_size, tile, overlap, threads)
-        statuses, more = _stream(ref, chosen, options, todo, output_uri, fmt, gpus, workers, max_output_pixels,
-                                 progress)
+    reasons: Counter[str] = Counter(r["reason"] for r in plan.rejects)
+    placement = None
+    if plan.todo:
+        placement = sampling_placement(num_gpus_per_worker, workers, device=device, model_bytes=len(ref.weights),
+                                       blocks=input_blocks(len(plan.todo), batch_size))
+        progress(f"sampling on {placement.device}: {placement.min_actors}–{placement.max_actors} actors")
+        statuses, more = _stream(ref, chosen, layout, samples, seed, plan.todo, output_uri, fmt, placement,
+                                 record, max_output_pixels, progress)
         reasons.update(more)
+    files = manifest.compact(output_uri)
+    failed = {r: n for r, n in reasons.items() if r in bucket.FAILED}
     summary = {
         "model": ref.pinned, "model_name": ref.name, "model_version": ref.version, **chosen.record(),
         "input": input_uri, "output": output_uri, "format": fmt, "samples": samples, "seed": seed,
-        "listed": counts["listed"], "done": statuses["done"], "skipped": counts["skipped_done"],
-        "skipped_rejected": counts["skipped_rejected"], "rejected": sum(reasons.values()),
-        "rejected_by_reason": dict(sorted(reasons.items())),
-        "elapsed_s": round(time.perf_counter() - started, 3),
-        "finished_at": upscale_io.now(),
+        "tile": tile_px, "overlap": overlap_px, "listed": counts["listed"], "done": statuses["done"],
+        "skipped": counts["skipped_done"], "stale": counts["stale"], "redone_stale": counts["redone_stale"],
+        "changed": counts["changed"], "touched": counts["touched"], "retried": counts["retried"],
+        "skipped_rejected": counts["skipped_rejected"],
+        "rejected": sum(reasons.values()) - sum(failed.values()),
+        "rejected_by_reason": dict(sorted((r, n) for r, n in reasons.items() if r not in failed)),
+        "failed": sum(failed.values()), "failed_by_reason": dict(sorted(failed.items())),
+        "placement": asdict(placement) if placement else None, "manifest_files": files,
+        "elapsed_s": round(time.perf_counter() - started, 3), "finished_at": manifest.now(),
     }
-    storage.write_bytes(storage.join(output_uri, upscale_io.SUMMARY_NAME), json.dumps(summary, indent=2).encode())
+    storage.write_bytes(storage.join(output_uri, SUMMARY_NAME), json.dumps(summary, indent=2).encode())
     return summary
 
 
-def _stream(ref: ModelRef, chosen: Sampling, options: UpscaleOptions, todo: list[dict[str, Any]], output: str,
-            fmt: str, gpus: float, workers: int, max_output_pixels: int,
+def _check(fmt: str, samples: int, batch_size: int, tile: int | None, max_batch_pixels: int | None) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: choose from {sorted(FORMATS)}")
+    if samples < 1 or batch_size < 1:
+        raise ValueError("--samples and --batch-size must be ≥ 1")
+    if tile is not None and tile < 1:
+        raise ValueError(f"--tile {tile}: must be ≥ 1")
+    if max_batch_pixels is not None and max_batch_pixels < 1:
+        raise ValueError(f"--max-batch-pixels {max_batch_pixels}: must be ≥ 1")
+
+
+def _stream(ref: ModelRef, chosen: Sampling, layout: Layout, samples: int, seed: int, todo: list[dict[str, Any]],
+            output: str, fmt: str, placement: Placement, record: dict[str, Any], max_output_pixels: int,
             progress: Callable[[str], None]) -> tuple[Counter, Counter]:
     import ray
     import ray.data
 
-    scale = ref.config().scale
     model = ray.put((ref.config_json, ref.weights))
-    record = {**ref.record(), **chosen.record()}  # the manifest's model and sampling columns
-    batch = options.batch_size
+    batch = layout.batch_size
+    options = {"samples": samples, "seed": seed, "batch_size": batch, "max_batch_pixels": layout.max_batch_pixels,
+               "tile": layout.tile, "overlap": layout.overlap, "device": placement.device,
+               "threads": placement.threads}
     dataset = (
         ray.data.from_items(todo, override_num_blocks=input_blocks(len(todo), batch))
-        .map_batches(upscale_io.decode_batch, fn_kwargs={"max_output_pixels": max_output_pixels, "scale": scale},
+        .map_batches(bucket.decode_batch, fn_kwargs={"max_output_pixels": max_output_pixels,
+                                                     "scale": ref.config().scale},
                      batch_size=batch, batch_format="numpy", num_cpus=1)
         .map_batches(Upscaler, fn_constructor_kwargs={"model": [model], "sampling": asdict(chosen),
-                                                      "options": asdict(options)},
-                     compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch, batch_format="numpy",
-                     num_gpus=gpus or None, num_cpus=0 if gpus else 1)
-        .map_batches(upscale_io.write_batch, fn_kwargs={"output": output, "fmt": fmt, "record": record},
-                     batch_size=batch, batch_format="numpy", num_cpus=WRITE_CPUS,
+                                                         "options": options},
+                     batch_size=batch, batch_format="numpy", **placement.map_kwargs())
+        .map_batches(bucket.write_batch, fn_kwargs={"output": output, "fmt": fmt, "record": record,
+                                                    "max_output_pixels": max_output_pixels},
+                     batch_size=None, batch_format="numpy", num_cpus=WRITE_CPUS,
                      compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS))
     )
     statuses: Counter[str] = Counter()
@@ -183,12 +150,14 @@ def _stream(ref: ModelRef, chosen: Sampling, options: UpscaleOptions, todo: list
     shown = time.perf_counter()
     for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         statuses.update(str(s) for s in rows["status"])
-        reasons.update(str(r) for r in rows["reason"] if r)
         for source, reason in zip(rows["source"], rows["reason"]):
-            if reason and reasons[str(reason)] <= 3:
-                progress(f"rejected {source}: {reason}")
+            if reason:
+                reasons[str(reason)] += 1
+                if reasons[str(reason)] <= 3:
+                    progress(f"{'failed' if reason in bucket.FAILED else 'rejected'} {source}: {reason}")
         if time.perf_counter() - shown > 10:
-            progress(f"{sum(statuses.values())}/{len(todo)} processed ({statuses['done']} written)")
+            progress(f"{sum(statuses.values())}/{len(todo)} processed ({statuses['done']} written, "
+                     f"{statuses['failed']} failed)")
             shown = time.perf_counter()
     return statuses, reasons
 

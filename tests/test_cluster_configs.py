@@ -74,3 +74,5 @@ def test_scheduled_upscaling_runs_the_upscale_job_nightly_never_twice_at_once():
     assert (plain["kind"], plain["spec"]["concurrencyPolicy"]) == ("CronJob", "Forbid")
     (command,) = _entrypoints(plain)
     assert command.split()[1] == "jobs/upscale.py"
+    for entrypoint in (cron["spec"]["jobTemplate"]["entrypoint"], command):  # GPU actors even from zero GPU workers
+        assert "--device cuda" in entrypoint

@@ -1,6 +1,7 @@
 """jobs/evaluate.py: metrics against hand-computed values, LPIPS without torchvision, the notes for
 perceptual metrics that cannot run, the report folder, and a run end to end (registered tiny model,
-a regression baseline directory, N = 2 samples) checked in metrics.json, index.html and MLflow."""
+a regression baseline directory, N = 2 samples) checked in metrics.json, index.html and MLflow —
+sampled by actors of a local Ray, with the metrics of sampling in the driver as before."""
 
 from __future__ import annotations
 
@@ -179,8 +180,13 @@ def registered(tmp_path_factory):
     return root, tracking_uri, pairs, regression, uri, version
 
 
-def test_evaluate_job_end_to_end(registered, tmp_path, monkeypatch, capsys):
+def test_evaluate_job_end_to_end(ray_local, registered, tmp_path, monkeypatch, capsys):
+    import os
+
     from mlflow import MlflowClient
+
+    from pipelines.infer.sampling import image_seed
+    from pipelines.models import resolve_model
 
     root, tracking_uri, pairs, regression, uri, version = registered
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -205,6 +211,16 @@ def test_evaluate_job_end_to_end(registered, tmp_path, monkeypatch, capsys):
     meta = found["_meta"]
     assert (meta["model_uri"], meta["steps"], meta["samples"], meta["n_images"]) == (f"models:/tiny-eval/{version}",
                                                                                   2, 2, 3)
+    # Sampled in the actors of the local Ray, not here; the metrics are those of sampling here as
+    # main's evaluate did (one generator per (pair key, sample), `per_image`, `summarise`).
+    assert meta["sampled_by"] and all(w["pid"] != os.getpid() and w["device"] == "cpu" for w in meta["sampled_by"])
+    sr3 = resolve_model(uri, tracking_uri).load()
+    data = E.load_val(pairs)
+    hr, lr = data.batch(0, len(data))
+    generators = [torch.Generator().manual_seed(image_seed(0, key, k)) for key in data.keys for k in range(2)]
+    here = sr3.super_resolve(lr, schedule=sr3.inference_schedule(2), samples=2, generator=generators)
+    for metric, value in E.base_scores(here, hr, lr).items():
+        assert found[model][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), metric
     assert any("--fid-weights" in n for n in meta["notes"])
 
     page = (out / "index.html").read_text()

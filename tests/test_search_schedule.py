@@ -59,7 +59,9 @@ def registered(tmp_path_factory):
     return root, tracking_uri, pairs, uri, version
 
 
-def test_search_apply_stores_the_best_grid_schedule_that_upscale_then_uses(registered, tmp_path, monkeypatch):
+def test_search_apply_stores_the_best_grid_schedule_that_upscale_then_uses(ray_local, registered, tmp_path,
+                                                                          monkeypatch):
+    """The job's trials are sampled by the actors of a local Ray (jobs connect to Ray first)."""
     from mlflow import MlflowClient
 
     from pipelines.models import resolve_model, sampling_for
@@ -117,7 +119,7 @@ def test_search_on_a_model_directory_stores_sampling_json(tmp_path):
     pairs = write_pairs(tmp_path / "pairs", n_train=1, n_val=2)
     result = S.search(str(directory), pairs, [2], metric="consistency", grid_n=1, limit=1, apply=True,
                       tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", report_uri=str(tmp_path / "search"),
-                      say=lambda _: None)
+                      on_cluster=False, say=lambda _: None)  # sampled in this process
     assert result.stored == str(directory / "sampling.json")
     chosen = sampling_for(resolve_model(str(directory)), steps=2)
     from sr3model.schedules import start_limit

@@ -1,8 +1,13 @@
-"""Batch upscaling end to end on a local Ray: registry lookups, odd inputs, any size, incremental
-reruns, a driver killed midway, gs:// on the GCS emulator, and the schedule stored by the search."""
+"""Batch upscaling end to end on a local Ray (the policies without Ray: test_infer.py): registry
+lookups, odd inputs, any size, batches capped by output pixels, incremental reruns, a driver killed
+midway (then stale outputs reported and redone), gs:// on the GCS emulator, the schedule stored by
+the search, model-aware reruns with two registered versions (and the pyfunc giving the job's
+picture), a failing image isolated, and the cascade."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
@@ -11,14 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from job_support import load_job
 from model_support import register_tiny, save_tiny
 from pictures import assert_same_picture, picture_psnr
-from pipelines import storage, upscale_io
+from pipelines import storage
+from pipelines.infer import layout, manifest
 from pipelines.models import resolve_model, store_sampling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,12 +44,18 @@ def _upscale(*argv: str) -> int:
     return load_job("upscale").main(list(argv))
 
 
-def _manifest(output: str) -> list[dict]:
-    return upscale_io.read_table(output, upscale_io.MANIFEST_DIR, upscale_io.MANIFEST_SCHEMA.names).to_pylist()
+def _manifest(output: str, *, every: bool = False) -> list[dict]:
+    """The manifest's rows: the latest per output (`every`: all rows ever written)."""
+    rows = manifest.read_table(output, manifest.MANIFEST_DIR)
+    return (rows if every else manifest.latest(rows, "output")).to_pylist()
 
 
 def _rejects(output: str) -> list[dict]:
-    return upscale_io.read_table(output, upscale_io.REJECTS_DIR, upscale_io.REJECT_SCHEMA.names).to_pylist()
+    return manifest.latest(manifest.read_table(output, manifest.REJECTS_DIR), "source").to_pylist()
+
+
+def _summary(output: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(output, layout.SUMMARY_NAME)))
 
 
 def _patches(directory: Path, photo: np.ndarray, count: int, size: int = 16) -> None:
@@ -68,7 +79,7 @@ def test_folder_odd_inputs_any_size_and_incremental_rerun(ray_local, registry, o
     output = str(tmp_path / "out")
 
     assert _upscale("--model", model_uri, "--input", str(inputs), "--output", output, "--steps", "2",
-                    "--batch-size", "2", "--samples", "2") == 0
+                    "--batch-size", "2", "--samples", "2", "--max-batch-pixels", "9000") == 0
     rows = _manifest(output)
     by_output = {row["output"]: row for row in rows}
     expected = {f"patches/p0{i}_s{k}.png" for i in range(3) for k in range(2)} | {
@@ -79,6 +90,12 @@ def test_folder_odd_inputs_any_size_and_incremental_rerun(ray_local, registry, o
     assert all(row["steps"] == 2 and row["sampler"] == "ddpm" for row in rows)
     wide = by_output["wide_s0.png"]
     assert (wide["output_width"], wide["output_height"], wide["tiles"]) == (144, 80, 6)
+    # Batches are capped by output pixels: two 64×64 outputs (8192 px) fit under 9000 and are sampled
+    # together; one 144×80 output (11520 px) exceeds the cap alone, so each sample of it runs alone.
+    assert {row["batch_pixels"] for name, row in by_output.items() if name.startswith("patches/")} == {8192}
+    assert by_output["wide_s0.png"]["batch_pixels"] == by_output["wide_s1.png"]["batch_pixels"] == 11520
+    assert all(row["batch_pixels"] <= 9000 or row["batch_pixels"] == row["output_width"] * row["output_height"]
+               for row in rows)
     for name, row in by_output.items():
         with Image.open(Path(output) / name) as image:
             assert image.size == (row["output_width"], row["output_height"]) == (4 * row["input_width"], 4 * row["input_height"])
@@ -86,17 +103,26 @@ def test_folder_odd_inputs_any_size_and_incremental_rerun(ray_local, registry, o
     reasons = {Path(row["source"]).name: row["reason"] for row in _rejects(output)}
     assert reasons == {"empty.jpg": "empty", "text_named.jpg": "not_an_image", "truncated.jpg": "truncated",
                        "corrupt.png": "corrupt", "bomb.png": "decompression_bomb"}
-    parts = sorted(p.name for p in (Path(output) / upscale_io.MANIFEST_DIR).iterdir())
+    parts = sorted(p.name for p in (Path(output) / manifest.MANIFEST_DIR).iterdir())
+    assert len(parts) == 1 and parts[0].startswith("run-")  # the run's batch parts, compacted into one file
+    assert all(len(row["input_hash"]) == 32 for row in rows)
 
-    # Rerun: nothing new; one new image in the bucket: only it is done.
+    # Rerun: nothing new — one input rewritten with the same bytes (a new mtime: local files have no
+    # checksum, its content hash says it is unchanged); then one new image: only it is done.
+    touched = inputs / "patches" / "p00.png"
+    touched.write_bytes(touched.read_bytes())
+    os.utime(touched, (touched.stat().st_atime, touched.stat().st_mtime + 5))
     assert _upscale("--model", model_uri, "--input", str(inputs), "--output", output, "--steps", "2",
-                    "--samples", "2") == 0
-    summary = storage.read_bytes(storage.join(output, upscale_io.SUMMARY_NAME)).decode()
-    assert '"done": 0' in summary and '"skipped": 6' in summary and '"skipped_rejected": 5' in summary
-    assert sorted(p.name for p in (Path(output) / upscale_io.MANIFEST_DIR).iterdir()) == parts
+                    "--samples", "2", "--max-batch-pixels", "9000") == 0
+    summary = _summary(output)
+    assert (summary["done"], summary["skipped"], summary["touched"], summary["skipped_rejected"],
+            summary["stale"]) == (0, 6, 1, 5, 0)
+    stamps = {row["input_fingerprint"] for row in _manifest(output) if row["source"] == str(touched)}
+    assert stamps == {f"{touched.stat().st_size}:mtime={touched.stat().st_mtime}"}  # recorded: not re-read next time
+    assert len(list((Path(output) / manifest.MANIFEST_DIR).iterdir())) == 2  # one file per run
     _patches(inputs / "new", photo_arrays["coffee"], 1)
     assert _upscale("--model", model_uri, "--input", str(inputs), "--output", output, "--steps", "2",
-                    "--samples", "2") == 0
+                    "--samples", "2", "--max-batch-pixels", "9000") == 0
     assert len(_manifest(output)) == len(expected) + 2 and len(_rejects(output)) == 5
     assert not list(Path(output).rglob("*.tmp-*"))
 
@@ -132,7 +158,7 @@ def test_driver_killed_midway_then_rerun_finishes_the_rest(ray_local, registry, 
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
-        if len(list((output / upscale_io.MANIFEST_DIR).glob("*.parquet"))) >= 2:
+        if len(list((output / manifest.MANIFEST_DIR).glob("*.parquet"))) >= 2:
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
@@ -141,10 +167,19 @@ def test_driver_killed_midway_then_rerun_finishes_the_rest(ray_local, registry, 
     before = {row["output"] for row in _manifest(str(output))}
     assert 2 <= len(before) < 12
 
-    assert _upscale("--model", str(directory), "--input", str(tmp_path / "in"), "--output", str(output),
-                    "--steps", "60", "--batch-size", "4") == 0
-    rows = _manifest(str(output))
+    # The rerun samples with 2 steps: it finishes the rest, and reports the 60-step outputs as stale
+    # (other settings) without redoing them; --redo-stale then redoes exactly those.
+    again = ["--model", str(directory), "--input", str(tmp_path / "in"), "--output", str(output), "--steps", "2",
+             "--batch-size", "4"]
+    assert _upscale(*again) == 0
+    rows = _manifest(str(output), every=True)
     assert sorted(row["output"] for row in rows) == [f"p{i:02d}.png" for i in range(12)]  # each once
+    assert {row["output"] for row in rows if row["steps"] == 60} == before
+    summary = _summary(str(output))
+    assert (summary["done"], summary["stale"], summary["skipped"]) == (12 - len(before), len(before), 0)
+    assert _upscale(*again, "--redo-stale") == 0
+    assert (_summary(str(output))["done"], _summary(str(output))["redone_stale"]) == (len(before), len(before))
+    assert {row["steps"] for row in _manifest(str(output))} == {2}
     assert not list(output.rglob("*.tmp-*"))
 
 
@@ -172,20 +207,106 @@ def test_gcs_bucket_and_the_schedule_stored_by_the_search(ray_local, registry, g
         assert image.size == (120, 64)
     assert _upscale("--model", model_uri, "--input", storage.join(gcs_bucket, "photos"), "--output", output,
                     "--steps", "3", "--format", "webp", "--schedule", "1e-4,0.99995") == 0
-    summary = storage.read_bytes(storage.join(output, upscale_io.SUMMARY_NAME)).decode()
-    assert '"listed": 4' in summary and '"skipped": 3' in summary
+    summary = _summary(output)  # another schedule: the three outputs are stale, not redone
+    assert (summary["listed"], summary["stale"], summary["skipped"], summary["done"]) == (4, 3, 0, 0)
 
 
-def test_names_cannot_escape_the_output_prefix(tmp_path: Path) -> None:
-    for bad in ("../x.png", "a/../../x.png", "/etc/x.png", "a//b.png", "a\\..\\b.png", "_manifest/x.png", "./a.png"):
-        with pytest.raises(upscale_io.UnsafeName):
-            upscale_io.safe_relpath(bad)
-    listed = [storage.ListedFile(f"gs://b/in/{name}", "gs://b/in", name, 10)
-              for name in ("a.jpg", "a.png", "../up.png", "ok/b.png")]
-    todo, rejects, counts = upscale_io.plan(listed, str(tmp_path / "out"), "png", 1)
-    assert [item["relpath"] for item in todo] == ["a.jpg", "ok/b.png"]
-    assert sorted(r["reason"] for r in rejects) == ["output_collision", "unsafe_name"]
-    assert counts["listed"] == 4
+def test_model_aware_reruns_with_two_registered_versions_and_the_pyfunc_gives_the_jobs_picture(
+        ray_local, gcs_bucket: str, photo_arrays, tmp_path: Path, monkeypatch) -> None:
+    """On gs://: outputs record the model version, settings and the input's fingerprint (crc32c).
+    Moving @champion to version 2 makes them stale (reported, not redone: --redo-stale is tested
+    with the killed run); an input replaced by another picture of the same byte size is redone; a `too_large` reject is
+    retried once the limit is raised; a file that is not an image is not. Then mlflow.pyfunc of
+    version 2 gives the job's pictures (its stored schedule, tiling, per-image noise)."""
+    import mlflow
+    import pandas as pd
+
+    root = tmp_path / "registry"
+    uri = f"sqlite:///{root}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model_uri, _ = register_tiny(save_tiny(root / "v1"), uri, "tiny-rerun")
+    photos = storage.join(gcs_bucket, "photos")
+
+    def put(name: str, pixels: np.ndarray) -> None:  # uncompressed PNG: the byte size depends only on the shape
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
+        storage.write_bytes(storage.join(photos, name), buffer.getvalue())
+
+    put("p00.png", photo_arrays["coffee"][:16, :16])
+    put("p01.png", photo_arrays["coffee"][16:32, :16])
+    put("wide.png", photo_arrays["coffee"][:16, :30])
+    storage.write_bytes(storage.join(photos, "notes.png"), b"not an image at all")
+    output = storage.join(gcs_bucket, "x4")
+    run = ["--model", model_uri, "--input", photos, "--output", output, "--steps", "3"]
+    assert _upscale(*run, "--max-output-pixels", "5000") == 0  # wide: 64×120 = 7680 output pixels
+    assert sorted(r["reason"] for r in _rejects(output)) == ["not_an_image", "too_large"]
+    assert {row["model_version"] for row in _manifest(output)} == {"1"}
+    assert all(row["input_fingerprint"].startswith(f"{row['input_bytes']}:crc32c=") for row in _manifest(output))
+
+    register_tiny(save_tiny(root / "v2", "sr3", 1), uri, "tiny-rerun")  # @champion → version 2
+    ref = resolve_model(model_uri, uri)
+    assert ref.version == "2"
+    store_sampling(ref, {3: {"sampler": "ddpm", "beta_start": 3e-3, "beta_end": 0.99993, "metric": "ssim", "value": 0.5}},
+                   uri)
+    put("p01.png", photo_arrays["coffee"][32:48, :16])  # another picture, the same number of bytes
+    assert _upscale(*run) == 0
+    summary = _summary(output)
+    assert {k: summary[k] for k in ("done", "changed", "retried", "stale", "skipped_rejected")} == {
+        "done": 2, "changed": 1, "retried": 1, "stale": 1, "skipped_rejected": 1}
+    rows = {row["output"]: row for row in _manifest(output)}
+    assert {name: row["model_version"] for name, row in rows.items()} == {"p00.png": "1", "p01.png": "2",
+                                                                          "wide.png": "2"}
+    assert {(rows[n]["schedule"], rows[n]["schedule_source"]) for n in ("p01.png", "wide.png")} == {("0.003,0.99993",
+                                                                                                   "search")}
+
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(model_uri)
+    names = ["p01.png", "wide.png"]  # made by version 2: the model's size, and one sampled over blended tiles
+    frame = pd.DataFrame({"lr": [storage.read_bytes(storage.join(photos, n)) for n in names], "name": names})
+    out = served.predict(frame, params={"steps": 3, "seed": 0})
+    for name, png in zip(names, out["sr"]):
+        mine = np.asarray(Image.open(io.BytesIO(png)))
+        fs, path = storage.resolve(storage.join(output, name))
+        theirs = np.asarray(Image.open(fs.open(path)))
+        assert mine.shape == theirs.shape
+        assert np.abs(mine.astype(int) - theirs.astype(int)).max() <= 1, name  # within one level
+    renamed = served.predict(frame.assign(name=["p00.png", "x.png"]), params={"steps": 3, "seed": 0})
+    first, second = (np.asarray(Image.open(io.BytesIO(f["sr"][0]))) for f in (out, renamed))
+    assert picture_psnr(first, second) < 40  # the name seeds the noise: the comparison above can fail
+
+
+def test_a_failing_image_is_rejected_and_retried_while_the_others_are_written(ray_local, photo_arrays,
+                                                                              tmp_path: Path, capsys) -> None:
+    """A real sampling failure for one size: with a U-Net that halves four times (factor 8), tiles
+    of 5 LR pixels (20 HR) cannot run. Images of the model's own size are sampled whole and are
+    written; the one needing tiles fails alone — in a batch with the others — and is retried
+    (without the bad tile) by the next run."""
+    directory = save_tiny(tmp_path / "model", "sr3", 0, "unet.channel_mult=1,1,1,1")
+    inputs = tmp_path / "in"
+    _patches(inputs, photo_arrays["rocket"], 2)
+    Image.fromarray(photo_arrays["rocket"][:20, :36]).save(inputs / "wide.png")
+    output = tmp_path / "out"
+    args = ["--model", str(directory), "--input", str(inputs), "--output", str(output), "--steps", "2",
+            "--batch-size", "4", "--workers", "1"]
+    assert _upscale(*args, "--tile", "5") == 1
+    assert "1 failed (sample_failed 1)" in capsys.readouterr().out
+    assert sorted(row["output"] for row in _manifest(str(output))) == ["p00.png", "p01.png"]
+    (reject,) = _rejects(str(output))
+    assert reject["source"].endswith("wide.png") and reject["reason"] == "sample_failed"
+    assert "not divisible by the U-Net's down-sampling factor 8" in reject["detail"]
+    summary = _summary(str(output))
+    assert (summary["done"], summary["failed"], summary["failed_by_reason"]) == (2, 1, {"sample_failed": 1})
+
+    assert _upscale(*args) == 0
+    summary = _summary(str(output))
+    assert (summary["retried"], summary["done"], summary["skipped"], summary["stale"]) == (1, 1, 2, 0)
+    with Image.open(output / "wide.png") as image:
+        assert image.size == (144, 80)
+
+    assert _upscale("--model", str(directory), "--input", str(tmp_path / "nowhere"), "--output",
+                    str(output)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("upscale: error: --input") and "nowhere" in line
 
 
 def test_cascade_of_a_tiny_base_and_one_stage(ray_local, registry, tmp_path: Path, monkeypatch) -> None:
@@ -220,18 +341,3 @@ def test_cascade_of_a_tiny_base_and_one_stage(ray_local, registry, tmp_path: Pat
     np.testing.assert_array_equal(np.asarray(Image.open(output / finals[0])), first)
     assert job.main(["--base", stage_uri, "--stage", stage_uri, "--num-samples", "1", "--output",
                      str(tmp_path / "bad")]) == 2
-
-
-def test_sampling_actors_one_per_gpu_else_one_single_threaded_per_cpu_within_work_and_memory() -> None:
-    from pipelines.runtime import place_sampling_actors
-
-    gib = 2 ** 30
-    assert place_sampling_actors({"CPU": 16, "GPU": 4, "memory": 64 * gib}, None, None) == (1, 4, 0)
-    assert place_sampling_actors({"CPU": 16, "GPU": 4}, 0.5, None) == (0.5, 8, 0)
-    cpu = {"CPU": 8, "memory": 64 * gib}
-    assert place_sampling_actors(cpu, None, None, model_bytes=10 ** 6, blocks=100) == (0, 8, 1)
-    assert place_sampling_actors(cpu, None, None, model_bytes=10 ** 6, blocks=3) == (0, 3, 2)  # few batches
-    assert place_sampling_actors(cpu, None, None, model_bytes=4 * gib, blocks=100) == (0, 2, 4)  # 32 GiB / 16 GiB
-    assert place_sampling_actors(cpu, None, None, model_bytes=40 * gib, blocks=100) == (0, 1, 8)  # never 0
-    assert place_sampling_actors(cpu, None, 3, model_bytes=10 ** 6, blocks=100) == (0, 3, 2)  # --workers wins
-    assert place_sampling_actors({"CPU": 0}, None, None) == (0, 1, 1)  # autoscaling head without CPUs

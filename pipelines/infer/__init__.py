@@ -1,0 +1,17 @@
+"""Inference at cluster scale: the code that upscaling, the cascade, evaluation, the schedule search
+and the MLflow pyfunc share. The stages' entry points stay at the top of `pipelines/`
+(`upscale`, `cascade`, `evaluate`, `schedule_search`, `pyfunc`); they import from here.
+
+| module       | what                                                                         | Ray? |
+| ------------ | ---------------------------------------------------------------------------- | ---- |
+| `sampling`   | the one sampling path: settings, per-image seeds, tiling, batches capped by   | no   |
+|              | output pixels, failure isolation                                             |      |
+| `placement`  | where the sampling actors run (GPU/CPU, autoscaling min/max pool sizes)      | yes  |
+| `actors`     | the Ray Data actors: `Upscaler` (buckets), `PairScorer` (evaluation/search)  | yes  |
+| `scoring`    | driver side of evaluation and search: work items out, values back in order   | yes  |
+| `layout`     | output names under OUTPUT, names that cannot escape it                       | no   |
+| `manifest`   | manifest and rejects: rerun rules (stale, changed, retried), compaction      | no   |
+| `bucket`     | Ray Data task functions: fetch + decode, encode + write                      | no   |
+
+Modules marked "no" import neither Ray nor MLflow (`sampling` not even fsspec: the pyfunc ships it).
+"""

@@ -1,0 +1,169 @@
+"""The sampling actors of Ray Data's actor pools: each loads its model(s) once, from bytes in the
+object store, and samples through `pipelines.infer.sampling` (one path for every stage).
+
+    Upscaler     decoded bucket rows → sampled rows for `bucket.write_batch` (jobs/upscale.py).
+                 A generator: each finished sampling call yields the rows it completed, so an
+                 actor holds at most one capped batch of outputs; a failed image comes out as a
+                 row with its reason (out_of_memory | sample_failed) and the others go on.
+    PairScorer   work items (method, pairs start:stop, schedule) over the val pairs → per-output
+                 metric values of `pipelines.evaluate.per_image` (+ the outputs when the driver
+                 needs them: report grid, FID/IS/LPIPS); jobs/evaluate.py and search_schedule.py.
+                 `score_item` is the same work in the driver's process.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from pipelines.infer.placement import setup_actor
+from pipelines.infer.sampling import Layout, Sampling, default_max_batch_pixels, image_seed, sample_batches
+
+
+class Upscaler:
+    """Actor of jobs/upscale.py: one model; decoded rows (any sizes) → rows of sampled images."""
+
+    def __init__(self, model: list, sampling: dict[str, Any], options: dict[str, Any]) -> None:
+        import ray
+
+        from sr3model.weights import load_model_bytes
+
+        config_json, weights = ray.get(model[0])
+        self.device = setup_actor(options["device"], options["threads"])
+        self.model = load_model_bytes(config_json, weights, device=self.device)
+        self.sampling = Sampling(**sampling)
+        self.schedule = self.sampling.schedule(self.model)
+        self.samples, self.seed = options["samples"], options["seed"]
+        self.layout = Layout(options["batch_size"],
+                             options["max_batch_pixels"] or default_max_batch_pixels(self.device),
+                             options["tile"], options["overlap"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
+        from sr3model.imageio import to_uint8_batch
+
+        keep = [k for k in batch if k != "pixels"]
+        rows = len(batch["source"])
+        todo = [i for i in range(rows) if not batch["reason"][i]]
+        if len(todo) < rows:  # rejected while decoding: straight on to the writer
+            yield self._rows(batch, keep, [i for i in range(rows) if batch["reason"][i]], {})
+        images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["height"][i]),
+                                                                      int(batch["width"][i]), 3) for i in todo]
+        names = [str(batch["relpath"][i]) for i in todo]
+        found: dict[int, dict[str, Any]] = {j: {"out": [None] * self.samples, "pixels": 0, "seconds": 0.0}
+                                            for j in range(len(todo))}
+        for sampled in sample_batches(self.model, images, names, sampling=self.sampling, schedule=self.schedule,
+                                      samples=self.samples, seed=self.seed, layout=self.layout):
+            pixels = to_uint8_batch(sampled.outputs) if sampled.outputs is not None else None
+            touched = []
+            for u, (j, k) in enumerate(sampled.units):
+                state = found[j]
+                state["pixels"] = max(state["pixels"], sampled.pixels)
+                state["seconds"] += sampled.seconds / len(sampled.units)
+                if pixels is None:
+                    state.setdefault("reason", (sampled.reason, sampled.detail))
+                state["out"][k] = pixels[u] if pixels is not None else False
+                touched.append(j)
+            complete = [j for j in dict.fromkeys(touched) if all(o is not None for o in found[j]["out"])]
+            if complete:
+                yield self._rows(batch, keep, [todo[j] for j in complete], {todo[j]: found.pop(j) for j in complete})
+
+    def _rows(self, batch, keep: list[str], indices: list[int], found: dict[int, dict[str, Any]]) -> dict[str, list]:
+        from sr3model.tiling import tile_starts
+
+        out: dict[str, list] = {k: [batch[k][i] for i in indices] for k in keep}
+        extra = {k: [] for k in ("out", "seeds", "samples", "out_height", "out_width", "tiles", "tiled",
+                                 "batch_pixels", "seconds")}
+        tile, overlap = self.layout.tiling(self.model.config)
+        scale = self.model.config.scale
+        for n, i in enumerate(indices):
+            state = found.get(i)
+            if state and "reason" in state:
+                out["reason"][n], out["detail"][n] = state["reason"]
+            if not state or "reason" in state:
+                for key, empty in (("out", b""), ("seeds", b""), ("samples", 0), ("out_height", 0),
+                                   ("out_width", 0), ("tiles", 0), ("tiled", False), ("batch_pixels", 0),
+                                   ("seconds", 0.0)):
+                    extra[key].append(empty)
+                continue
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            native = (h, w) == (self.model.config.lr_size,) * 2
+            tiles = 1 if native else (len(tile_starts(max(h, tile), tile, overlap)) *
+                                      len(tile_starts(max(w, tile), tile, overlap)))
+            seeds = [image_seed(self.seed, str(batch["relpath"][i]), k) for k in range(self.samples)]
+            for key, value in (("out", np.ascontiguousarray(np.stack(state["out"])).tobytes()),
+                               ("seeds", np.asarray(seeds, np.int64).tobytes()), ("samples", self.samples),
+                               ("out_height", h * scale), ("out_width", w * scale), ("tiles", tiles),
+                               ("tiled", not native),
+                               ("batch_pixels", state["pixels"]), ("seconds", state["seconds"])):
+                extra[key].append(value)
+        return {**out, **extra}
+
+
+class PairScorer:
+    """Actor of evaluation and schedule search: the models and the val pairs; work items → metric
+    values per output (and the outputs when asked), one pickled payload per item."""
+
+    def __init__(self, models: list, pairs: list, options: dict[str, Any]) -> None:
+        import ray
+
+        from pipelines.evaluate import EvalSet
+        from sr3model.weights import load_model_bytes
+
+        self.device = setup_actor(options["device"], options["threads"])
+        self.models = [load_model_bytes(*ray.get(ref), device=self.device) for ref in models]
+        self.data = EvalSet(*ray.get(pairs[0]))
+        self.options = options
+        self.schedules: dict[tuple, Any] = {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import os
+
+        import ray
+
+        payloads = []
+        for i in range(len(batch["start"])):
+            item = {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
+            model = self.models[int(item["method"])]
+            sampling = Sampling(str(item["sampler"]), int(item["steps"]), float(item["beta_start"]),
+                                float(item["beta_end"]), "")
+            key = (int(item["method"]), sampling.steps, sampling.beta_start, sampling.beta_end)
+            if key not in self.schedules:
+                self.schedules[key] = sampling.schedule(model)
+            result = score_item(model, self.data, int(item["start"]), int(item["stop"]), sampling=sampling,
+                                schedule=self.schedules[key], samples=self.options["samples"],
+                                seed=self.options["seed"], batch_size=self.options["batch_size"],
+                                keep_images=bool(item["keep"]))
+            result["worker"] = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                                "device": self.device}
+            payloads.append(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        return {"index": list(batch["index"]), "payload": payloads}
+
+
+def score_item(model, data, start: int, stop: int, *, sampling: Sampling, schedule, samples: int, seed: int,
+               batch_size: int, keep_images: bool) -> dict[str, Any]:
+    """Sample pairs start..stop-1 of `data` (N = 1 for a regression model) and score them with
+    `pipelines.evaluate.per_image`: {"values": {metric: per-output array}, "images": (b, N, 3, H, W)
+    float32 or None, "seconds"}. A sampling failure raises: an evaluation cannot skip pairs."""
+    import torch
+
+    from pipelines.evaluate import per_image
+
+    started = time.perf_counter()
+    hr, lr = data.batch(start, stop)
+    n = 1 if model.config.objective == "regression" else samples
+    pixels = ((lr + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # the decoded PNGs
+    keys = data.keys[start:stop]
+    images = torch.empty(len(keys), n, 3, *hr.shape[-2:])
+    for sampled in sample_batches(model, list(pixels), keys, sampling=sampling, schedule=schedule, samples=n,
+                                  seed=seed, layout=Layout(batch_size)):
+        if sampled.outputs is None:
+            raise RuntimeError(f"sampling pair {keys[sampled.units[0][0]]} failed: {sampled.detail}")
+        for u, (j, k) in enumerate(sampled.units):
+            images[j, k] = sampled.outputs[u]
+    values = {k: v.detach().cpu().numpy() for k, v in per_image(images, hr, lr).items()}
+    return {"values": values, "images": images.numpy() if keep_images else None,
+            "gamma_K": float(schedule.gammas[-1]), "seconds": time.perf_counter() - started}

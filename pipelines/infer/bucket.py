@@ -1,0 +1,134 @@
+"""The Ray Data task functions around the sampling actors: fetch + decode before, encode + write after.
+
+    decode_batch   sources → RGB pixels (raw bytes) + size, or a reject reason (read_error after
+                   `storage.read_bytes`' retries, too_large, the decoder's reasons)
+    write_batch    sampled rows → images written atomically, then one manifest part and one rejects
+                   part for the batch; a row whose encoding or writing fails is rejected
+                   (`write_failed`) and the others are still written
+
+Durability: a batch's manifest part is written only after all of that batch's images, so an output
+listed in the manifest is complete. A run killed midway leaves at most images without manifest
+rows: the rerun writes them again (same seed, same name) and then records them.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from pipelines import storage
+from pipelines.infer import manifest
+from pipelines.infer.layout import FORMATS, output_names
+
+FETCH_THREADS = 16
+FAILED = frozenset({"out_of_memory", "sample_failed", "write_failed"})  # the job's own failures
+
+
+def decode_batch(batch: dict[str, np.ndarray], max_output_pixels: int, scale: int) -> dict[str, list]:
+    """Fetch and decode a batch of sources (Ray Data task): RGB pixels as raw bytes + size, or a
+    reject reason. Fetches run in threads ahead of decoding."""
+    from sr3model.imageio import ImageRejected, decode_image
+
+    sources = list(batch["source"])
+
+    def fetch(uri: str) -> bytes | Exception:
+        try:
+            return storage.read_bytes(uri)
+        except Exception as error:  # noqa: BLE001 — one unreadable object must not stop the job
+            return error
+
+    with ThreadPoolExecutor(min(FETCH_THREADS, max(1, len(sources)))) as pool:
+        blobs = list(pool.map(fetch, sources))
+    keys = ("source", "relpath", "input_bytes", "input_fingerprint", "input_hash", "pixels", "height", "width",
+            "reason", "detail")
+    out: dict[str, list] = {k: [] for k in keys}
+    for i, (source, blob) in enumerate(zip(sources, blobs)):
+        pixels, height, width, reason, detail, digest = b"", 0, 0, "", "", ""
+        try:
+            if isinstance(blob, Exception):
+                raise ImageRejected("read_error", f"{type(blob).__name__}: {blob}")
+            digest = manifest.content_hash(blob)
+            image = decode_image(blob)
+            width, height = image.size
+            if width * height * scale * scale > max_output_pixels:
+                raise ImageRejected("too_large", f"{width}×{height} → {width * scale}×{height * scale} "
+                                                 f"exceeds {max_output_pixels} output pixels")
+            pixels = np.asarray(image, dtype=np.uint8).tobytes()
+        except ImageRejected as error:
+            reason, detail, width, height = error.reason, error.detail, 0, 0
+        for key, value in (("source", str(source)), ("relpath", str(batch["relpath"][i])),
+                           ("input_bytes", int(batch["input_bytes"][i])),
+                           ("input_fingerprint", str(batch["input_fingerprint"][i])), ("input_hash", digest),
+                           ("pixels", pixels),
+                           ("height", height), ("width", width), ("reason", reason), ("detail", detail)):
+            out[key].append(value)
+    return out
+
+
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    name, options = FORMATS[fmt]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=name, **options)
+    return buffer.getvalue()
+
+
+def write_batch(batch: dict[str, np.ndarray], output: str, fmt: str, record: dict[str, Any],
+                max_output_pixels: int | None = None) -> dict[str, list]:
+    """Encode and write a batch of results, then its manifest and rejects parts (Ray Data task).
+
+    Rows hold `samples` outputs packed in `out` (N × H × W × 3 uint8 bytes) and their noise seeds
+    in `seeds` (N int64 bytes), or a reject `reason`; `tiled` False: sampled whole (the manifest's
+    tile and overlap stay empty, so another --tile does not make the output stale). `record` holds the model and sampling
+    columns of the manifest; a batch column of the same name overrides it per row (the cascade).
+    Returns one small row per source: status ("done" | "rejected" | "failed") and reason."""
+    rows, rejects, status = [], [], {"source": [], "status": [], "reason": []}
+    stamp = manifest.now()
+    for i, source in enumerate(batch["source"]):
+        source, reason, detail = str(source), str(batch["reason"][i]), str(batch["detail"][i])
+        fp = str(batch["input_fingerprint"][i]) if "input_fingerprint" in batch else ""
+        if not reason:
+            try:
+                rows.extend(_write_row(batch, i, output, fmt, record, fp, stamp))
+            except Exception as error:  # noqa: BLE001 — e.g. an output too wide for WebP; the rest go on
+                reason, detail = "write_failed", f"{type(error).__name__}: {error}"
+        if reason:
+            limit = max_output_pixels if reason == "too_large" else None
+            rejects.append(manifest.reject_row(source, reason, detail, int(batch["input_bytes"][i]), fp, limit))
+        status["source"].append(source)
+        status["reason"].append(reason)
+        status["status"].append("done" if not reason else "failed" if reason in FAILED else "rejected")
+    manifest.write_parts(output, rows, rejects)
+    return status
+
+
+def _write_row(batch, i: int, output: str, fmt: str, record: dict[str, Any], fp: str,
+               stamp: str) -> list[dict[str, Any]]:
+    samples, height, width = int(batch["samples"][i]), int(batch["out_height"][i]), int(batch["out_width"][i])
+    images = np.frombuffer(batch["out"][i], dtype=np.uint8).reshape(samples, height, width, 3)
+    names = output_names(str(batch["relpath"][i]), fmt, samples)
+    seeds = np.frombuffer(batch["seeds"][i], dtype=np.int64)
+    encoded = [encode(image, fmt) for image in images]  # all encode before any is written
+    row_record = {k: (_plain(batch[k][i]) if k in batch else v) for k, v in record.items()}  # per-row override
+    if "tiled" in batch and not batch["tiled"][i]:
+        row_record.update(tile=None, overlap=None)  # sampled whole: the tiling cannot have changed it
+    rows = []
+    for k, (name, data) in enumerate(zip(names, encoded)):
+        storage.write_bytes(storage.join(output, name), data)
+        rows.append({
+            **row_record, "source": str(batch["source"][i]), "output": name, "sample": k, "seed": int(seeds[k]),
+            "input_width": int(batch["width"][i]), "input_height": int(batch["height"][i]),
+            "output_width": width, "output_height": height, "input_bytes": int(batch["input_bytes"][i]),
+            "input_fingerprint": fp or None, "input_hash": str(batch["input_hash"][i]) if "input_hash" in batch else None,
+            "tiles": int(batch["tiles"][i]),
+            "batch_pixels": int(batch["batch_pixels"][i]), "seconds": float(batch["seconds"][i]),
+            "finished_at": stamp})
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,110 @@
+"""The inference stage's policies without a Ray run: output names that cannot escape OUTPUT, the
+rerun rules and compaction of the manifest (real parquet files), the placement of sampling actors
+(an autoscaling cluster without GPU workers yet included), batches capped by output pixels, and
+the sampling path's imports (the pyfunc ships it; a GPU machine without Ray runs it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import storage
+from pipelines.infer import layout, manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_names_cannot_escape_the_output_prefix_and_the_rerun_rules(tmp_path: Path) -> None:
+    for bad in ("../x.png", "a/../../x.png", "/etc/x.png", "a//b.png", "a\\..\\b.png", "_manifest/x.png", "./a.png"):
+        with pytest.raises(layout.UnsafeName):
+            layout.safe_relpath(bad)
+    output = str(tmp_path / "out")
+    current = manifest.Current({"model_uri": "models:/m/2", "model_digest": "d2", "sampler": "ddpm", "steps": 4,
+                                "schedule": "0.0001,0.2", "run_seed": 0, "tile": 16, "overlap": 4}, 1000)
+
+    def listed(*names: str, size: int = 10, version: str = "crc32c=A") -> list[storage.ListedFile]:
+        return [storage.ListedFile(f"gs://b/in/{n}", "gs://b/in", n, size, version) for n in names]
+
+    found = manifest.plan(listed("a.jpg", "a.png", "../up.png", "ok/b.png"), output, "png", 1, current)
+    assert [item["relpath"] for item in found.todo] == ["a.jpg", "ok/b.png"]
+    assert sorted(r["reason"] for r in found.rejects) == ["output_collision", "unsafe_name"]
+    assert found.counts["listed"] == 4 and found.todo[0]["input_fingerprint"] == "10:crc32c=A"
+
+    # What earlier runs left: outputs of this model, of version 1, of another schedule; and rejects.
+    done = [{"source": f"gs://b/in/{n}", "output": n, "input_bytes": 10, "input_fingerprint": "10:crc32c=A",
+             "finished_at": manifest.now(), **current.record} for n in ("same.png", "v1.png", "sched.png", "new.png")]
+    done[1].update(model_uri="models:/m/1", model_digest="d1")
+    done[2].update(schedule="0.001,0.5")
+    legacy = {**done[0], "source": "gs://b/in/old.png", "output": "old.png", "input_fingerprint": None,
+              "model_digest": None, "run_seed": None, "tile": None, "overlap": None}  # a row from before
+    rejected = [manifest.reject_row(f"gs://b/in/{n}", reason, "", 10, "10:crc32c=A", limit)
+                for n, reason, limit in (("txt.png", "not_an_image", None), ("net.png", "read_error", None),
+                                         ("oom.png", "out_of_memory", None), ("big.png", "too_large", 1000),
+                                         ("bigger.png", "too_large", 500), ("bad.png", "corrupt", None))]
+    manifest.write_parts(output, done + [legacy], rejected)
+    everything = listed("same.png", "v1.png", "sched.png", "old.png", "txt.png", "net.png", "oom.png", "big.png",
+                        "bigger.png") + listed("new.png", "bad.png", version="crc32c=B")  # same sizes, new content
+    found = manifest.plan(everything, output, "png", 1, current)
+    assert sorted(item["relpath"] for item in found.todo) == ["bad.png", "bigger.png", "net.png", "new.png",
+                                                              "oom.png"]
+    assert {k: found.counts[k] for k in ("skipped_done", "stale", "changed", "skipped_rejected", "retried")} == {
+        "skipped_done": 2, "stale": 2, "changed": 1, "skipped_rejected": 2, "retried": 3}
+    again = manifest.plan(everything, output, "png", 1, current, redo_stale=True)
+    assert sorted(item["relpath"] for item in again.todo) == sorted(
+        [item["relpath"] for item in found.todo] + ["sched.png", "v1.png"])
+    # Compaction: each run's parts become one run file; past `max_files` files, one file, latest rows.
+    files = []
+    for parts in (3, 2, 1):
+        for _ in range(parts):
+            manifest.write_parts(output, done[:1], [])
+        files.append(manifest.compact(output, max_files=2)[manifest.MANIFEST_DIR])
+    assert files == [1, 2, 1] and len(manifest.read_table(output, manifest.MANIFEST_DIR)) == 5
+
+
+def test_sampling_actors_placement_on_gpus_cpus_and_an_autoscaling_cluster_without_gpus_yet() -> None:
+    from pipelines.infer.placement import Placement, place_sampling_actors
+
+    gib = 2 ** 30
+    assert place_sampling_actors({"CPU": 16, "GPU": 4, "memory": 64 * gib}) == Placement("cuda", 1, 1, 4, 4, 0)
+    assert place_sampling_actors({"CPU": 16, "GPU": 4}, 0.5) == Placement("cuda", 0.5, 1, 8, 8, 0)
+    cpu = {"CPU": 8, "memory": 64 * gib}
+    assert place_sampling_actors(cpu, model_bytes=10 ** 6, blocks=100) == Placement("cpu", 0, 8, 8, 8, 1)
+    assert place_sampling_actors(cpu, model_bytes=10 ** 6, blocks=3).max_actors == 3  # few batches: 2 threads each
+    assert place_sampling_actors(cpu, model_bytes=4 * gib, blocks=100).max_actors == 2  # 32 GiB / 16 GiB
+    assert place_sampling_actors(cpu, model_bytes=40 * gib, blocks=100).max_actors == 1  # never 0
+    assert place_sampling_actors(cpu, None, 3, model_bytes=10 ** 6, blocks=100).max_actors == 3  # --workers wins
+    # An autoscaling cluster whose GPU group is at zero workers: the head has no CPU and no GPU,
+    # its autoscaler can add 8 GPUs. GPU actors: one to start (so the group scales up), up to 8.
+    head = {"CPU": 0, "memory": 16 * gib}
+    scalable = {"CPU": 96, "GPU": 8}
+    assert place_sampling_actors(head, scalable=scalable, blocks=100) == Placement("cuda", 1, 1, 1, 8, 0)
+    assert place_sampling_actors(head, scalable=scalable, blocks=3).max_actors == 3  # no more than the work
+    assert place_sampling_actors(head, None, 4, scalable=scalable).max_actors == 4  # --workers caps the pool
+    assert place_sampling_actors(head, scalable=scalable, device="cpu") == Placement("cpu", 0, 1, 1, 1, 1)
+    assert place_sampling_actors(head, device="cuda") == Placement("cuda", 1, 1, 1, 1, 0)  # asked for, none seen
+    assert place_sampling_actors(head) == Placement("cpu", 0, 1, 1, 1, 1)  # no GPU now or ever
+    with pytest.raises(ValueError):
+        place_sampling_actors(head, 1, device="cpu")
+    strategy = Placement("cuda", 1, 1, 1, 8, 0).map_kwargs()
+    assert (strategy["compute"].min_size, strategy["compute"].max_size, strategy["num_gpus"]) == (1, 8, 1)
+
+
+def test_batches_grouped_by_size_and_capped_by_output_pixels() -> None:
+    from pipelines.infer.sampling import plan_batches
+
+    sizes = [(16, 16), (20, 36), (16, 16), (16, 16), (20, 36)]  # LR; ×4 → 4096 and 11520 output pixels
+    batches = plan_batches(sizes, 2, 4, 8, 9000)
+    assert batches[:3] == [[(0, 0), (0, 1)], [(2, 0), (2, 1)], [(3, 0), (3, 1)]]  # 2 × 4096 ≤ 9000
+    assert batches[3:] == [[(1, 0)], [(1, 1)], [(4, 0)], [(4, 1)]]  # one 11520-pixel output alone
+    assert plan_batches(sizes, 2, 4, 3, 10 ** 9)[0] == [(0, 0), (0, 1), (2, 0)]  # --batch-size still caps
+
+
+def test_the_shared_sampling_path_needs_no_ray_mlflow_or_fsspec() -> None:
+    """The pyfunc ships pipelines/infer/sampling.py, and a GPU machine without Ray can run it."""
+    code = ("import sys, pipelines.infer.sampling; "
+            "print([m for m in ('ray', 'mlflow', 'fsspec', 'gcsfs') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
