@@ -22,6 +22,7 @@ import numpy as np
 
 from pipelines.infer.placement import setup_actor
 from pipelines.infer.sampling import Layout, Sampling, default_max_batch_pixels, image_seed, sample_batches
+from pipelines.infer.scoring import item_sampling
 
 
 class Upscaler:
@@ -128,8 +129,7 @@ class PairScorer:
         for i in range(len(batch["start"])):
             item = {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
             model = self.models[int(item["method"])]
-            sampling = Sampling(str(item["sampler"]), int(item["steps"]), float(item["beta_start"]),
-                                float(item["beta_end"]), "")
+            sampling = item_sampling(item)
             key = (int(item["method"]), sampling.steps, sampling.beta_start, sampling.beta_end)
             if key not in self.schedules:
                 self.schedules[key] = sampling.schedule(model)

@@ -20,9 +20,23 @@ ITEM_FIELDS = ("method", "trial", "start", "stop", "sampler", "steps", "beta_sta
 
 
 def work_item(method: int, trial: int, start: int, stop: int, sampling, keep: bool) -> dict[str, Any]:
+    """A work item as plain columns; a default (log-SNR) schedule travels as NaN β (`item_sampling`)."""
+    def beta(value: float | None) -> float:
+        return float("nan") if value is None else float(value)
     return {"method": method, "trial": trial, "start": start, "stop": stop, "sampler": sampling.sampler,
-            "steps": int(sampling.steps), "beta_start": float(sampling.beta_start),
-            "beta_end": float(sampling.beta_end), "keep": bool(keep)}
+            "steps": int(sampling.steps), "beta_start": beta(sampling.beta_start),
+            "beta_end": beta(sampling.beta_end), "keep": bool(keep)}
+
+
+def item_sampling(item: dict[str, Any]):
+    """The `Sampling` of a work item (the inverse of `work_item`'s columns)."""
+    import math
+
+    from pipelines.infer.sampling import Sampling
+
+    start, end = float(item["beta_start"]), float(item["beta_end"])
+    explicit = not (math.isnan(start) or math.isnan(end))
+    return Sampling(str(item["sampler"]), int(item["steps"]), start if explicit else None, end if explicit else None, "")
 
 
 def ray_connected() -> bool:
@@ -70,7 +84,6 @@ def _here(refs, data, items, options: dict[str, Any], device: str) -> Iterator[t
     import torch
 
     from pipelines.infer.actors import score_item
-    from pipelines.infer.sampling import Sampling
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
     models: dict[int, Any] = {}
@@ -80,7 +93,7 @@ def _here(refs, data, items, options: dict[str, Any], device: str) -> Iterator[t
             models.clear()  # one model in memory at a time
             models[method] = refs[method].load(device)
         model = models[method]
-        sampling = Sampling(item["sampler"], item["steps"], item["beta_start"], item["beta_end"], "")
+        sampling = item_sampling(item)
         result = score_item(model, data, item["start"], item["stop"], sampling=sampling,
                             schedule=sampling.schedule(model), samples=options["samples"], seed=options["seed"],
                             batch_size=options["batch_size"], keep_images=item["keep"])
