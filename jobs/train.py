@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
     parser.add_argument("--run-name", help="rerun with the same name to resume")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT",
+                        help="start this new run from another run's checkpoint URI (a fork: weights, EMA, "
+                             "optimizer, step, RNG and data position), e.g. to change --set train.lr from step k")
     parser.add_argument("--experiment", default="sr3", help="MLflow experiment")
     parser.add_argument("--register", help="registered model name")
     parser.add_argument("--alias", default="champion")
@@ -106,7 +109,7 @@ def _main(argv: list[str] | None) -> int:
         keep_checkpoints=args.keep_checkpoints, register=args.register, alias=args.alias, gate=gate,
         cpus_per_worker=args.cpus_per_worker, val_every=args.val_every, val_images=args.val_images,
         val_steps=args.val_steps, log_every=args.log_every, max_failures=args.max_failures,
-        shuffle_buffer=args.shuffle_buffer)
+        shuffle_buffer=args.shuffle_buffer, resume_from=args.resume_from)
     print(f"run {result.run_name}: {result.steps} steps in {result.seconds:.0f} s"
           f"{' (resumed)' if result.resumed else ''}")
     print(f"checkpoint: {result.checkpoint}")

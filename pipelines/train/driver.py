@@ -85,14 +85,18 @@ def check_pairs(pairs: str, config: SR3Config, summary: dict[str, Any] | None = 
     from pipelines.pairs import read_part
 
     summary = summary if summary is not None else pair_store.read_summary(pairs)
-    table = read_part(pairs, "train", columns=["hr_size", "scale"], version=summary.get("version"))
-    if table.num_rows == 0:
+    if {"version", "train", "hr_size", "scale"} <= set(summary):  # a versioned build says it: no reading
+        rows, sizes = int(summary["train"]), {(int(summary["hr_size"]), int(summary["scale"]))}
+    else:
+        table = read_part(pairs, "train", columns=["hr_size", "scale"], version=summary.get("version"))
+        rows = table.num_rows
+        sizes = set(zip(table.column("hr_size").to_pylist(), table.column("scale").to_pylist()))
+    if rows == 0:
         raise UserError(f"{pairs}: the committed dataset holds no training pairs")
-    sizes = set(zip(table.column("hr_size").to_pylist(), table.column("scale").to_pylist()))
     if sizes != {(config.hr_size, config.scale)}:
         raise UserError(f"{pairs}: pairs have (hr_size, scale) {sorted(sizes)} but the config wants "
                         f"({config.hr_size}, {config.scale}); pick another preset or --set hr_size/lr_size")
-    return table.num_rows
+    return rows
 
 
 def train_files(pairs: str, summary: dict[str, Any]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
@@ -131,7 +135,7 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
           gate: GateConfig | None = None, cpus_per_worker: float | None = None,
           val_every: int = 0, val_images: int = 4, val_steps: int = 10, log_every: int = 1,
           max_failures: int = 3, keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS,
-          shuffle_buffer: int = 0, tracking_uri: str | None = None,
+          shuffle_buffer: int = 0, resume_from: str | None = None, tracking_uri: str | None = None,
           fail_once_at: tuple[int, int] | None = None, log_pyfunc: bool = True,
           say=print) -> TrainResult:
     """Train (or resume) a run on the current Ray cluster; see the module docstring.
@@ -139,7 +143,9 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
     `config.train.batch_size` is the global batch, split evenly over `num_workers`. Checkpoints:
     `Cadence.of(checkpoint_every, checkpoint_minutes, keep_checkpoints)`. `gate`: how the promotion
     gate compares (default `GateConfig()`: lr_psnr). `fail_once_at=(rank, step)` is a test hook:
-    that rank's process is killed after that step, once per run.
+    that rank's process is killed after that step, once per run. `resume_from`: a checkpoint URI of
+    another run that this run starts from (weights, EMA, optimizer, step, RNG, data position) when
+    it has no checkpoint of its own.
     """
     tick = time.time()
     if config.train.batch_size % num_workers:
@@ -155,10 +161,12 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
     uri = tracking.tracking_uri(tracking_uri)
     run_id, resumed = tracking.start_or_resume(uri, experiment, run_name,
                                                tags={"sr3.storage": storage.join(storage_uri, run_name)})
+    if resume_from and not storage.exists(storage.join(resume_from, "trainer_state.pt")):
+        raise UserError(f"--resume-from {resume_from}: no checkpoint there (no trainer_state.pt)")
     run_params = {"run.steps": steps, "run.num_workers": num_workers, "run.use_gpu": use_gpu,
                   "run.batch_per_worker": config.train.batch_size // num_workers,
                   "run.checkpoint_every": cadence.steps, "run.checkpoint_minutes": cadence.minutes,
-                  "run.pairs": pairs, "run.train_rows": rows}
+                  "run.pairs": pairs, "run.train_rows": rows, **({"run.resume_from": resume_from} if resume_from else {})}
     conflicts = tracking.log_params(uri, run_id, {**config.flat(), **run_params})
     conflicts |= tracking.log_dataset(uri, run_id, data)
     for key, (old, new) in sorted(conflicts.items()):
@@ -175,7 +183,8 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
                                    use_gpu=use_gpu, storage_uri=storage_uri, run_name=run_name, cadence=cadence,
                                    cpus_per_worker=cpus_per_worker, val_every=val_every, val_images=val_images,
                                    val_steps=val_steps, log_every=log_every, max_failures=max_failures,
-                                   shuffle_buffer=shuffle_buffer, uri=uri, run_id=run_id, fail_once_at=fail_once_at)
+                                   shuffle_buffer=shuffle_buffer, resume_from=resume_from or "", uri=uri,
+                                   run_id=run_id, fail_once_at=fail_once_at)
         final_step = int(metrics.get("step", steps))
         tracking.set_tags(uri, run_id, {FINAL_STEP_TAG: final_step, FINAL_CHECKPOINT_TAG: checkpoint})
 
@@ -199,7 +208,7 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
 def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str, Any], *, steps: int,
          num_workers: int, use_gpu: bool, storage_uri: str, run_name: str, cadence: Cadence,
          cpus_per_worker: float | None, val_every: int, val_images: int, val_steps: int, log_every: int,
-         max_failures: int, shuffle_buffer: int, uri: str, run_id: str,
+         max_failures: int, shuffle_buffer: int, resume_from: str, uri: str, run_id: str,
          fail_once_at: tuple[int, int] | None) -> tuple[str, dict[str, Any]]:
     """Run the TorchTrainer to `steps`; (final checkpoint URI, its reported metrics)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -212,7 +221,8 @@ def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str,
     loop = LoopConfig(
         config=config.to_json(), steps=steps, batch_per_worker=config.train.batch_size // num_workers,
         checkpoint_every=cadence.steps, checkpoint_minutes=cadence.minutes, train_files=files,
-        train_row_groups=groups, data_id=str(data["id"]), shuffle_buffer=shuffle_buffer, pairs=pairs,
+        train_row_groups=groups, shuffle_buffer=shuffle_buffer, resume_from=resume_from, pairs=pairs,
+        data_id=f"{data['id']}/{num_workers}x{config.train.batch_size // num_workers}/{shuffle_buffer or 'auto'}",
         pairs_version=summary.get("version"), val_every=val_every, val_images=val_images,
         val_steps=val_steps, log_every=log_every, tracking_uri=uri, run_id=run_id,
         fail_rank=fail_rank, fail_step=fail_step,

@@ -9,7 +9,9 @@
                                                                      or `checkpoint_minutes` (rank 0's
                                                                      clock, agreed at log steps), + last
 
-A checkpoint directory holds `config.json`, `model.safetensors`, `ema.safetensors` (sr3model.weights),
+A run starts from its own latest checkpoint (a rerun or a restart after a failure), else from
+`resume_from` (another run's checkpoint: a fork that continues exactly where that run was), else
+from scratch. A checkpoint directory holds `config.json`, `model.safetensors`, `ema.safetensors` (sr3model.weights),
 `trainer_state.pt` (step, optimizer, EMA update count, MLflow run id, the data position: epoch,
 batches of it done, dataset id) written by rank 0, and one `rng_rank{r}.pt` per rank (its sampling
 generator and torch RNG): Ray merges the ranks' directories. Resuming restores all of it, so the
@@ -59,9 +61,11 @@ class LoopConfig:
     checkpoint_every: int  # steps; 0: not by steps
     train_files: tuple[str, ...] = ()  # URIs of the committed train files of the pinned version
     train_row_groups: tuple[tuple[int, ...], ...] = ()  # rows per row group of each train file
-    data_id: str = ""  # the dataset version: a checkpoint's data position is kept only for the same id
+    data_id: str = ""  # dataset id / workers x batch / buffer: a checkpoint's data position is kept
+    # only for the same data order (the same dataset version, world size, batch and buffer)
     shuffle_buffer: int = 0  # rows; 0: pipelines.train_data.shuffle_buffer_rows(batch)
     checkpoint_minutes: float = 0.0  # 0: not by time
+    resume_from: str = ""  # a checkpoint URI of another run to start from when this run has none
     pairs: str = ""  # pairs URI; its val/ split feeds validation
     pairs_version: str | None = None  # the committed version read (None: an unversioned dataset)
     val_every: int = 0  # 0: validate only at the end
@@ -93,7 +97,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ema = EMA(model.net, cfg.train.ema_decay)
     generator = torch.Generator(device=device)
     start, state = 0, None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or (from_uri(lc.resume_from) if lc.resume_from else None)
     if checkpoint is not None:
         # A private download per rank: `as_directory()` shares one download between the processes
         # of a node, and ranks reading it while another rank fetches it read torn files (seen on GCS).
@@ -119,8 +123,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if state is not None and state.get("data_id") != lc.data_id:  # another dataset: a fresh epoch
         position = 0
         if rank == 0:
-            print(f"note: the checkpoint was trained on dataset {state.get('data_id')!r}, this run reads "
-                  f"{lc.data_id!r}: its batches start over at epoch {epoch}")
+            print(f"note: the data order changed since the checkpoint ({state.get('data_id')!r} → {lc.data_id!r}: "
+                  f"dataset id / workers x batch / buffer): epoch {epoch} starts over")
     batches = train_batches(lc, cfg.train.seed, rank, world, context.get_local_world_size())(epoch, position)
     window: list[dict[str, float]] = []
     summary: dict[str, float] = {}
@@ -251,6 +255,14 @@ def image_grid(lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor) -> np.ndarr
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
+
+def from_uri(uri: str) -> Checkpoint:
+    """A checkpoint directory at any storage URI as a Ray Train Checkpoint."""
+    from pipelines import storage
+
+    fs, path = storage.resolve(uri)
+    return Checkpoint(path=path, filesystem=storage.to_pyarrow(fs))
+
 
 def reseed(generator: torch.Generator, seed: int, rank: int, step: int) -> None:
     """Seed per rank (and per resume step, when a checkpoint holds no RNG state for this rank)."""
