@@ -19,6 +19,9 @@ by the wall clock read after every `--log-every`-th step:
                 `--log-every` steps, so an interval holds the steps, the waits for data, the
                 metrics' all-reduce and the MLflow call.
 
+Last, the data path alone (`loader_rate`): how many images/s the seeded, shuffled order can feed one
+worker, against what the training loop consumed.
+
 To compare two versions of the loop (e.g. main before a change and a branch after it), run this
 script in each checkout alternately at the same load and compare the "vs bare" ratios: the bare
 loop is the same in both and absorbs the machine's speed.
@@ -96,6 +99,27 @@ def bare_loop(pairs: str, config: SR3Config, warmup: int, steps: int, window: in
         if step + 1 >= warmup and (step + 1) % window == 0:
             stamps[step + 1] = time.perf_counter()
     return rates(stamps, warmup, steps, window, batch)
+
+
+def loader_rate(pairs: str, batch: int, batches: int) -> float:
+    """Images/s of the training data path alone (pipelines.train.data: seeded unit order, shuffle
+    buffer, read and decode threads), one worker's view, after 2 warm-up batches."""
+    from pipelines import pair_store, storage
+    from pipelines.train.data import BatchStream
+    from pipelines.train.driver import train_files
+
+    files, groups = train_files(pairs, pair_store.read_summary(pairs))
+    fs, _ = storage.resolve(files[0])
+    stream = BatchStream([storage.resolve(f)[1] for f in files], groups, storage.to_pyarrow(fs), seed=0, rank=0,
+                         world=1, batch=batch, threads=min(4, os.cpu_count() or 1))(0, 0)
+    for _ in range(2):
+        next(stream)
+    tick = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    elapsed = time.perf_counter() - tick
+    stream.close()
+    return batches * batch / elapsed
 
 
 def rates(stamps: dict[int, float], warmup: int, steps: int, window: int, batch: int) -> dict:
@@ -177,6 +201,8 @@ def main() -> None:
                 print(f"round {index + 1}: Ray Train {workers} worker(s) {run['overall']:.1f} images/s, "
                       f"torch threads per worker {run['threads']} ({run['total_s']:.0f} s with start-up; "
                       f"load average {os.getloadavg()[0]:.1f})")
+        batches = 3 * summary["train"] // args.batch_size  # three epochs: their boundaries included
+        loader = [loader_rate(pairs, args.batch_size, batches) for _ in range(max(2, args.rounds))]
         ray.shutdown()
 
     pooled = {name: [w for r in runs for w in r["windows"]] for name, runs in rounds.items()}
@@ -194,6 +220,9 @@ def main() -> None:
     for label, f in figures.items():
         print(f"{label}: Ray Train 1 worker / bare loop = {f[1] / f['bare']:.2f}x (target >= 0.9x); "
               f"2 workers / 1 worker = {f[2] / f[1]:.2f}x (the same {cores} cores over 2 processes)")
+    print(f"data path alone (pipelines.train.data, 1 worker, {batches} batches of {args.batch_size} over 3 epochs): "
+          f"{' / '.join(f'{v:.0f}' for v in loader)} images/s, {min(loader) / max(f[1] for f in figures.values()):.0f}x "
+          "what the 1-worker loop consumed at its fastest")
 
 
 if __name__ == "__main__":

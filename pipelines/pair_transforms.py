@@ -15,7 +15,7 @@ Keys and splits:
 - order: files reach the tasks in `order_key` order (blake2b of the key with its own salt), not
   in listing order, so a shard holds photos from all over the bucket (an ImageNet shard is not
   one synset); inside a shard, pair rows are in `order_key` order too, so the patches of one photo
-  are spread over the shard's row groups. Training shuffles on top of that (pipelines.train_data).
+  are spread over the shard's row groups. Training shuffles on top of that (pipelines.train.data).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The per-worker Ray Train loop: glue between Ray and `sr3model.training.train_step`.
 
     restore (ray.train.get_checkpoint) → prepare_model (DDP) → repeat over this rank's batches
-    (pipelines.train_data: its own units of the committed train files, a new order every epoch):
+    (pipelines.train.data: its own units of the committed train files, a new order every epoch):
         train_step (Algorithm 1, Adam + warm-up, clipping, EMA)      every step
         all-reduced loss etc. → MLflow (rank 0, pipelines.tracking)  every `log_every` steps
         DDIM validation on val pairs → metrics + image grid          every `val_every` steps (rank 0)
@@ -63,7 +63,7 @@ class LoopConfig:
     train_row_groups: tuple[tuple[int, ...], ...] = ()  # rows per row group of each train file
     data_id: str = ""  # dataset id / workers x batch / buffer: a checkpoint's data position is kept
     # only for the same data order (the same dataset version, world size, batch and buffer)
-    shuffle_buffer: int = 0  # rows; 0: pipelines.train_data.shuffle_buffer_rows(batch)
+    shuffle_buffer: int = 0  # rows; 0: pipelines.train.data.shuffle_buffer_rows(batch)
     checkpoint_minutes: float = 0.0  # 0: not by time
     resume_from: str = ""  # a checkpoint URI of another run to start from when this run has none
     pairs: str = ""  # pairs URI; its val/ split feeds validation
@@ -135,9 +135,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tick = time.perf_counter()
         epoch, position, hr, lr = next(batches)
         hr, lr = torch.from_numpy(hr).to(device), torch.from_numpy(lr).to(device)
+        waited = time.perf_counter() - tick  # > 0 for long: training waits for its data
         stats = train_step(model, optimizer, hr, None if not cfg.conditional else lr, step=step,
                            config=cfg.train, ema=ema, generator=generator)
         stats["step_time_s"] = time.perf_counter() - tick
+        stats["data_wait_s"] = waited
         window.append(stats)
         done = step + 1
         if rank == lc.fail_rank and done == lc.fail_step and lc.fail_marker:
@@ -167,7 +169,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # -- data -----------------------------------------------------------------------------------------
 
 def train_batches(lc: LoopConfig, seed: int, rank: int, world: int, local_world: int) -> BatchStream:
-    """This rank's batch stream over the pinned train files (see pipelines.train_data)."""
+    """This rank's batch stream over the pinned train files (see pipelines.train.data)."""
     from pipelines import storage
 
     if not lc.train_files:
