@@ -2,10 +2,11 @@
 
     new version v of NAME, the alias holder h (models:/NAME@ALIAS)
       ──pipelines.evaluate.evaluate: the same val pairs (the first `limit` by key), seed, sampler,
-        steps; on the cluster (a Ray task, a GPU when training had them)──>  metric(v), metric(h)
+        steps; sampled on the cluster's sampling actors as jobs/evaluate.py does──>  metric(v), metric(h)
       ──v at least as good as h──> alias → v      otherwise v stays registered without the alias
     the decision, its reason and both scores: tags on the version and on the training run;
-    both evaluations: MLflow runs (experiment `sr3-promotion`) and reports under `report_root`.
+    the evaluation (the holder as the new version's baseline): an MLflow run in experiment
+    `sr3-promotion` and a report under `report_root`.
 
 Better means: lower for `pipelines.evaluate.LOWER_IS_BETTER`, |log ratio| closer to 0 for
 `detail_ratio`, higher for every other metric. The default metric `lr_psnr` compares the output,
@@ -40,8 +41,8 @@ class GateConfig:
     sampler: str | None = None  # None: the new version's config
     seed: int = 0
     force: bool = False  # move the alias without comparing
-    use_gpu: bool = False  # evaluate on a GPU worker
-    report_root: str | None = None  # where the two evaluation reports go (default: reports/)
+    on_cluster: bool | None = None  # sample on the connected Ray cluster's actors (None: when connected)
+    report_root: str | None = None  # where the evaluation report goes (default: reports/)
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,9 @@ def compare(tracking_uri: str, name: str, version: str, holder: str, alias: str,
     say(f"promotion gate: v{version} against v{holder} (@{alias}) on {config.metric}, "
         f"up to {config.limit} val pairs of {pairs}")
     try:
-        new, old = _scores(tracking_uri, [new_uri, old_uri], pairs, config)
+        new, old = score_models(tracking_uri, [new_uri, old_uri], pairs, config)
     except Exception as error:  # no val pairs, an unconditional model, a failed evaluation: keep the holder
-        error = getattr(error, "cause", None) or error  # a Ray task's error: the exception it raised
+        error = getattr(error, "cause", None) or error  # a Ray actor's error: the exception it raised
         why = " ".join(str(error).split())[:300]
         return Decision(False, f"could not compare ({type(error).__name__}: {why}); --force-alias moves it anyway",
                         version, holder)
@@ -153,35 +154,23 @@ def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.4g}"
 
 
-def _scores(tracking_uri: str, models: list[str], pairs: str, config: GateConfig) -> list[float | None]:
-    """`config.metric` of each model on the same pairs; in a Ray task when Ray is up."""
-    import ray
-
-    if not ray.is_initialized():
-        return score_models(tracking_uri, models, pairs, config)
-    env = {**storage.worker_env(), "MLFLOW_TRACKING_URI": tracking_uri}
-    task = ray.remote(score_models).options(num_cpus=1, num_gpus=1 if config.use_gpu else 0,
-                                            runtime_env={"env_vars": env})
-    return ray.get(task.remote(tracking_uri, models, pairs, config))
-
-
 def score_models(tracking_uri: str, models: list[str], pairs: str, config: GateConfig) -> list[float | None]:
-    """Evaluate each model with the same pairs, seed, sampler and steps (the first model's)."""
+    """`config.metric` of each model, from one evaluation (the first model, the others as its
+    baselines): the same pairs, seed, sampler and steps (the first model's), one report, one run;
+    sampled on the Ray cluster this process is connected to, else here."""
     import time
 
     from pipelines.evaluate import evaluate
     from pipelines.models import resolve_model
 
     first = resolve_model(models[0], tracking_uri).config()
-    steps = config.steps or first.diffusion.sample_steps
-    sampler = config.sampler or first.diffusion.sample_sampler
-    root = config.report_root or f"reports/promotion-{time.strftime('%Y%m%d-%H%M%S')}"
-    scores = []
-    for model in models:
-        label = model.split("models:/", 1)[-1].replace("/", "-v")
-        result = evaluate(model, pairs, steps=steps, sampler=sampler, limit=config.limit, seed=config.seed,
-                          report_uri=storage.join(root, label), tracking_uri=tracking_uri, experiment=EXPERIMENT,
-                          run_name=f"promote-{label}-{time.strftime('%Y%m%d-%H%M%S')}", say=lambda _: None)
-        value = result.metrics[result.meta["model"]].get(config.metric)
-        scores.append(None if value is None or not math.isfinite(value) else float(value))
-    return scores
+    label = "-vs-".join(m.split("models:/", 1)[-1].replace("/", "-v") for m in models)
+    root = config.report_root or "reports"
+    result = evaluate(models[0], pairs, baselines=models[1:], steps=config.steps or first.diffusion.sample_steps,
+                      sampler=config.sampler or first.diffusion.sample_sampler, limit=config.limit, seed=config.seed,
+                      report_uri=storage.join(root, f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"),
+                      tracking_uri=tracking_uri, experiment=EXPERIMENT, run_name=f"promote-{label}",
+                      on_cluster=config.on_cluster, say=lambda _: None)
+    methods = [result.meta["model"]] + [m for m in result.metrics if m not in ("bicubic", result.meta["model"])]
+    scores = [result.metrics[method].get(config.metric) for method in methods]
+    return [None if v is None or not math.isfinite(v) else float(v) for v in scores]

@@ -194,7 +194,7 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
 
         model_uri, version, decision = publish(
             checkpoint, uri, run_id, final_step, register=register, alias=alias, pairs=pairs,
-            gate=gate, use_gpu=use_gpu, report_root=storage.join(storage_uri, run_name, "promotion"),
+            gate=gate, report_root=storage.join(storage_uri, run_name, "promotion"),
             logged=tags.get(MODEL_TAG) if done_before else None, say=say)
         if model_uri and not register:
             tracking.set_tags(uri, run_id, {MODEL_TAG: model_uri})

@@ -35,7 +35,7 @@ def local_checkpoint(uri: str) -> Iterator[str]:
 
 
 def publish(checkpoint: str, tracking_uri: str, run_id: str, step: int, *, register: str | None, alias: str,
-            pairs: str, gate: promote.GateConfig | None, use_gpu: bool, report_root: str,
+            pairs: str, gate: promote.GateConfig | None, report_root: str,
             logged: str | None = None, say: Callable[[str], None] = print
             ) -> tuple[str | None, str | None, promote.Decision | None]:
     """(model URI, registered version, gate decision) for the run's final checkpoint."""
@@ -67,7 +67,7 @@ def publish(checkpoint: str, tracking_uri: str, run_id: str, step: int, *, regis
                                     version, holder)
         say(f"@{alias} {'is on' if decision.moved else 'is not on'} v{version} ({decision.reason})")
     else:
-        gate = dataclasses.replace(gate, use_gpu=use_gpu or gate.use_gpu, report_root=gate.report_root or report_root)
+        gate = dataclasses.replace(gate, report_root=gate.report_root or report_root)
         decision = promote.gate(tracking_uri, register, version, alias, pairs, gate, run_id=run_id, say=say)
     model_uri = f"models:/{register}@{alias}" if decision.moved else f"models:/{register}/{version}"
     return model_uri, version, decision
