@@ -57,9 +57,13 @@ def _main(argv: list[str] | None) -> int:
     PairSpec(args.recipe, args.hr_size, args.scale, args.val_fraction, args.patches_per_image, args.seed)
     if args.keep_versions < 1 or not 0 <= args.max_read_errors <= 1:
         raise ValueError("--keep-versions must be at least 1 and --max-read-errors in [0, 1]")
+    from pipelines import storage
+
+    for uri in args.input:
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"--input {uri}: nothing there")
     import ray
 
-    from pipelines import storage
     from pipelines.pairs import build_pairs, read_part
 
     env = storage.worker_env()

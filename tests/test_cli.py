@@ -54,6 +54,9 @@ def test_other_jobs_refuse_missing_or_uncommitted_pairs(capsys, tmp_path: Path, 
     assert "not a committed pairs dataset" in line
     assert "error: " in _one_line(capsys, "search_schedule", ["--model", str(tmp_path / "no-model"), "--pairs", pairs,
                                                               "--steps", "2", "--report", str(tmp_path / "r")])
+    assert f"--input {tmp_path / 'no-photos'}: nothing there" in _one_line(
+        capsys, "build_pairs", ["--input", str(tmp_path / "no-photos"), "--output", str(tmp_path / "out"),
+                                "--recipe", "faces", "--hr-size", "64", "--scale", "4"])
     assert "hr_size 66 must be a positive multiple of scale 4" in _one_line(
         capsys, "build_pairs", ["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--recipe", "faces",
                                 "--hr-size", "66", "--scale", "4"])
