@@ -4,19 +4,27 @@
 
 Inputs: 16→64 patch pairs cut by `pipelines.pairs.build_pairs` (Ray Data, patches recipe) from
 12 photos bundled in skimage.data, in a temp dir; enough (by default) that the timed steps stay in
-the first epoch, as they would on a real dataset: each new epoch the Ray loop starts a new Ray Data
-read of its shard, a cost per epoch, not per step. Model: the `tiny` preset at global batch
+the first epoch, as they would on a real dataset. Model: the `tiny` preset at global batch
 `--batch-size`. Both sides run `--warmup` + `--steps` optimiser steps and time only the last
 `--steps` (steady state: start-up, first-step allocation and Ray Data's start are excluded alike),
 by the wall clock read after every `--log-every`-th step:
 
 - bare loop:    `sr3model.training.train_step` in this process on the train pairs decoded into
                 memory (random batches), EMA and Adam as in training; `time.perf_counter()`.
-- Ray Train:    `pipelines.train.train` (what jobs/train.py calls: Ray Data decoding, TorchTrainer,
-                DDP with gloo, MLflow in a temp sqlite file, a checkpoint at the end; no validation,
-                no pyfunc logging) with 1 and 2 workers; the clock is the timestamp of the metrics
-                the loop logs to MLflow every `--log-every` steps, so an interval holds the steps,
-                the waits for data, the metrics' all-reduce and the MLflow call.
+- Ray Train:    `pipelines.train.train` (what jobs/train.py calls: TorchTrainer, each worker reading
+                and decoding its own shuffled batches (pipelines.train.data: a seeded per-epoch
+                unit order, a shuffle buffer, prefetch threads), DDP with gloo, MLflow in a temp
+                sqlite file, a checkpoint at the end; no validation, no pyfunc logging) with 1 and
+                2 workers; the clock is the timestamp of the metrics the loop logs to MLflow every
+                `--log-every` steps, so an interval holds the steps, the waits for data, the
+                metrics' all-reduce and the MLflow call.
+
+Last, the data path alone (`loader_rate`): how many images/s the seeded, shuffled order can feed one
+worker, against what the training loop consumed.
+
+To compare two versions of the loop (e.g. main before a change and a branch after it), run this
+script in each checkout alternately at the same load and compare the "vs bare" ratios: the bare
+loop is the same in both and absorbs the machine's speed.
 
 Reported: images/s over all timed steps, and the best and the median `--log-every`-step window
 (pooled over rounds): other load on a shared machine only slows a window down, so the best window
@@ -55,10 +63,10 @@ PROBE_DIR = ""  # set in main(); captured by value when `probed_loop` is pickled
 
 
 def probed_loop(loop_config: dict) -> None:
-    """`pipelines.train_loop.train_loop`, after writing this worker's torch thread count to a file."""
+    """`pipelines.train.loop.train_loop`, after writing this worker's torch thread count to a file."""
     import ray.train
 
-    from pipelines.train_loop import train_loop
+    from pipelines.train.loop import train_loop
 
     context = ray.train.get_context()
     name = f"threads-{context.get_world_size()}w-rank{context.get_world_rank()}.txt"
@@ -93,6 +101,27 @@ def bare_loop(pairs: str, config: SR3Config, warmup: int, steps: int, window: in
     return rates(stamps, warmup, steps, window, batch)
 
 
+def loader_rate(pairs: str, batch: int, batches: int) -> float:
+    """Images/s of the training data path alone (pipelines.train.data: seeded unit order, shuffle
+    buffer, read and decode threads), one worker's view, after 2 warm-up batches."""
+    from pipelines import pair_store, storage
+    from pipelines.train.data import BatchStream
+    from pipelines.train.driver import train_files
+
+    files, groups = train_files(pairs, pair_store.read_summary(pairs))
+    fs, _ = storage.resolve(files[0])
+    stream = BatchStream([storage.resolve(f)[1] for f in files], groups, storage.to_pyarrow(fs), seed=0, rank=0,
+                         world=1, batch=batch, threads=min(4, os.cpu_count() or 1))(0, 0)
+    for _ in range(2):
+        next(stream)
+    tick = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    elapsed = time.perf_counter() - tick
+    stream.close()
+    return batches * batch / elapsed
+
+
 def rates(stamps: dict[int, float], warmup: int, steps: int, window: int, batch: int) -> dict:
     """images/s between the clock readings `stamps[step]` (s) taken after steps warmup, +window, ..."""
     ends = range(warmup + window, warmup + steps + 1, window)
@@ -105,11 +134,11 @@ def ray_train(pairs: str, config: SR3Config, workers: int, cores: int, warmup: i
     """Run `pipelines.train.train`; images/s from the timestamps of the metrics the loop logged."""
     from mlflow import MlflowClient
 
-    import pipelines.train_loop
+    import pipelines.train.loop
     from pipelines.train import train
 
     uri = f"sqlite:///{root}/mlflow.db"
-    pipelines.train_loop.train_loop = probed_loop  # train() imports it by name at call time
+    pipelines.train.loop.train_loop = probed_loop  # train() imports it by name at call time
     tick = time.perf_counter()
     result = train(pairs, config, steps=warmup + steps, num_workers=workers,
                    cpus_per_worker=cores / workers, storage_uri=str(root / "checkpoints"),
@@ -158,7 +187,7 @@ def main() -> None:
               f"preset tiny, global batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, "
               f"{cores} CPUs (load average {os.getloadavg()[0]:.1f})")
         if args.warmup + args.steps > epoch:
-            print("note: the timed steps cross an epoch: the Ray loop re-reads its shard (Ray Data) there")
+            print("note: the timed steps cross an epoch boundary (a new order; the first units of the next epoch are read then)")
 
         rounds: dict[str | int, list[dict]] = {"bare": [], 1: [], 2: []}
         for index in range(args.rounds):  # interleaved, so that other users' load hits all alike
@@ -172,6 +201,8 @@ def main() -> None:
                 print(f"round {index + 1}: Ray Train {workers} worker(s) {run['overall']:.1f} images/s, "
                       f"torch threads per worker {run['threads']} ({run['total_s']:.0f} s with start-up; "
                       f"load average {os.getloadavg()[0]:.1f})")
+        batches = 3 * summary["train"] // args.batch_size  # three epochs: their boundaries included
+        loader = [loader_rate(pairs, args.batch_size, batches) for _ in range(max(2, args.rounds))]
         ray.shutdown()
 
     pooled = {name: [w for r in runs for w in r["windows"]] for name, runs in rounds.items()}
@@ -189,6 +220,9 @@ def main() -> None:
     for label, f in figures.items():
         print(f"{label}: Ray Train 1 worker / bare loop = {f[1] / f['bare']:.2f}x (target >= 0.9x); "
               f"2 workers / 1 worker = {f[2] / f[1]:.2f}x (the same {cores} cores over 2 processes)")
+    print(f"data path alone (pipelines.train.data, 1 worker, {batches} batches of {args.batch_size} over 3 epochs): "
+          f"{' / '.join(f'{v:.0f}' for v in loader)} images/s, {min(loader) / max(f[1] for f in figures.values()):.0f}x "
+          "what the 1-worker loop consumed at its fastest")
 
 
 if __name__ == "__main__":

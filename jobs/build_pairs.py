@@ -3,8 +3,10 @@
     python jobs/build_pairs.py --input gs://bkt/ffhq --output gs://bkt/pairs/ffhq-64-256 \\
         --recipe faces --hr-size 256 --scale 4
 
-Runs on the Ray cluster named by --ray-address or RAY_ADDRESS (as under `ray job submit`),
-else on a local Ray started for the run.
+Each run writes a new version under OUTPUT/versions/ and commits it by writing OUTPUT/_SUMMARY.json
+last (pipelines/pair_store.py); a build that fails, or in which no file gave a pair or too many
+reads failed, commits nothing and leaves the previous dataset as it was. Runs on the Ray cluster
+named by --ray-address or RAY_ADDRESS (as under `ray job submit`), else on a local Ray.
 """
 
 from __future__ import annotations
@@ -31,50 +33,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patches-per-image", type=int, default=16, help="patches recipe only")
     parser.add_argument("--seed", type=int, default=0, help="patch positions")
     parser.add_argument("--limit", type=int, default=None, help="first N files (sorted by key) only")
+    parser.add_argument("--max-read-errors", type=float, default=0.05,
+                        help="fraction of files that may fail to read (after retries) before the build "
+                             "is refused and nothing is committed (default 0.05)")
+    parser.add_argument("--keep-versions", type=int, default=2,
+                        help="committed versions kept: the new one and the previous ones (default 2)")
     parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import run_job
+
+    return run_job("build_pairs", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from pipelines.pair_transforms import PairSpec
+
+    # check the flags before starting Ray
+    PairSpec(args.recipe, args.hr_size, args.scale, args.val_fraction, args.patches_per_image, args.seed)
+    if args.keep_versions < 1 or not 0 <= args.max_read_errors <= 1:
+        raise ValueError("--keep-versions must be at least 1 and --max-read-errors in [0, 1]")
+    from pipelines import storage
+
+    for uri in args.input:
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"--input {uri}: nothing there")
     import ray
 
-    from pipelines import storage
-    from pipelines.pair_transforms import PairSpec
     from pipelines.pairs import build_pairs, read_part
 
-    try:  # check the flags before starting Ray
-        PairSpec(args.recipe, args.hr_size, args.scale, args.val_fraction, args.patches_per_image, args.seed)
-    except ValueError as error:
-        print(f"build_pairs: error: {error}", file=sys.stderr)
-        return 2
     env = storage.worker_env()
     ray.init(
         address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local",
         runtime_env={"env_vars": env} if env else None,
     )
-    try:
-        summary = build_pairs(
-            args.input,
-            args.output,
-            args.recipe,
-            args.hr_size,
-            args.scale,
-            val_fraction=args.val_fraction,
-            patches_per_image=args.patches_per_image,
-            seed=args.seed,
-            limit=args.limit,
-        )
-    except (FileNotFoundError, ValueError) as error:  # missing or colliding inputs: one line
-        print(f"build_pairs: error: {error}", file=sys.stderr)
-        return 2
+    summary = build_pairs(
+        args.input,
+        args.output,
+        args.recipe,
+        args.hr_size,
+        args.scale,
+        val_fraction=args.val_fraction,
+        patches_per_image=args.patches_per_image,
+        seed=args.seed,
+        limit=args.limit,
+        max_read_errors=args.max_read_errors,
+        keep_versions=args.keep_versions,
+    )
     rejects = read_part(args.output, "rejects").to_pylist()
     for row in rejects[:MAX_REJECT_LINES]:
         print(f"rejected {row['source']}: {row['reason']} ({row['detail']})")
     if len(rejects) > MAX_REJECT_LINES:
-        print(f"... and {len(rejects) - MAX_REJECT_LINES} more in {storage.join(args.output, 'rejects')}")
+        print(f"... and {len(rejects) - MAX_REJECT_LINES} more in the rejects/ part of version {summary['version']}")
     reasons = ", ".join(f"{reason} {count}" for reason, count in summary["rejected_by_reason"].items())
+    print(f"build_pairs: committed version {summary['version']} (fingerprint {summary['fingerprint']}); "
+          f"kept: {', '.join([summary['version'], *summary['history']])}")
     print(
         f"build_pairs: {summary['listed']} files -> {summary['pairs']} pairs "
         f"(train {summary['train']}, val {summary['val']}), {summary['rejected']} rejected"

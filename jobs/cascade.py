@@ -44,18 +44,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import run_job
+
+    return run_job("cascade", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from pipelines.cascade import cascade
     from pipelines.runtime import init_ray
 
     init_ray(args.ray_address)
-    try:
-        summary = cascade(args.base, args.stage, args.num_samples, args.output, steps=args.steps, seed=args.seed,
-                          batch_size=args.batch_size, fmt=args.format, keep_intermediate=args.keep_intermediate,
-                          workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"cascade: error: {error}", file=sys.stderr)
-        return 2
+    summary = cascade(args.base, args.stage, args.num_samples, args.output, steps=args.steps, seed=args.seed,
+                      batch_size=args.batch_size, fmt=args.format, keep_intermediate=args.keep_intermediate,
+                      workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker, device=args.device)
     print(f"cascade: {summary['done']} samples generated, {summary['skipped']} already done "
           f"({summary['images_written']} images written) in {summary['elapsed_s']:.1f}s; output: {args.output}")
     return 0

@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import run_job
+
+    return run_job("evaluate", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from pipelines.evaluate import evaluate
     from pipelines.runtime import init_ray_if_named
@@ -64,17 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: {message}", flush=True)
 
     init_ray_if_named(args.ray_address)
-    try:
-        result = evaluate(
-            args.model, args.pairs, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
-            samples=args.samples, baselines=args.baseline, limit=args.limit, report_uri=args.report,
-            seed=args.seed, metrics=args.metrics, fid_weights=args.fid_weights,
-            lpips_weights=args.lpips_weights, experiment=args.experiment, run_name=args.run_name,
-            device=args.device, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
-            batch_size=args.batch_size, grid_rows=args.grid_rows, say=say)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
-        return 2
+    result = evaluate(
+        args.model, args.pairs, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+        samples=args.samples, baselines=args.baseline, limit=args.limit, report_uri=args.report,
+        seed=args.seed, metrics=args.metrics, fid_weights=args.fid_weights,
+        lpips_weights=args.lpips_weights, experiment=args.experiment, run_name=args.run_name,
+        device=args.device, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
+        batch_size=args.batch_size, grid_rows=args.grid_rows, say=say)
     say(f"report: {result.report}/index.html (metrics.json beside it)")
     say(f"mlflow: {result.tracking_uri} experiment {args.experiment} run {result.run_id}")
     return 0

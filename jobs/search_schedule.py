@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import run_job
+
+    return run_job("search_schedule", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from pipelines.schedule_search import search
     from pipelines.runtime import init_ray_if_named
@@ -64,16 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"search_schedule: {message}", flush=True)
 
     init_ray_if_named(args.ray_address)
-    try:
-        result = search(
-            args.model, args.pairs, args.steps, metric=args.metric, grid_n=args.grid, limit=args.limit,
-            sampler=args.sampler, seed=args.seed, apply=args.apply, start_range=args.start_range,
-            gamma_range=args.gamma_k_range, fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
-            experiment=args.experiment, run_name=args.run_name, device=args.device,
-            batch_size=args.batch_size, report_uri=args.report, say=say)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"search_schedule: error: {error}", file=sys.stderr)
-        return 2
+    result = search(
+        args.model, args.pairs, args.steps, metric=args.metric, grid_n=args.grid, limit=args.limit,
+        sampler=args.sampler, seed=args.seed, apply=args.apply, start_range=args.start_range,
+        gamma_range=args.gamma_k_range, fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
+        experiment=args.experiment, run_name=args.run_name, device=args.device,
+        batch_size=args.batch_size, report_uri=args.report, say=say)
     for k, best in sorted(result.best.items()):
         say(f"K={k}: best {result.metric} {best['value']:.4g} with β {best['beta_start']:g}→{best['beta_end']:.6g}")
     if args.apply:

@@ -1,13 +1,17 @@
-"""Train SR3 with Ray Train (DDP), MLflow tracking and the model registry (see pipelines/train.py).
+"""Train SR3 with Ray Train (DDP), MLflow tracking and the model registry (see pipelines/train/).
 
     python jobs/train.py --pairs gs://bkt/pairs/ffhq-16-128 --preset faces-16-128 \\
         --steps 1000000 --batch-size 256 --num-workers 8 --use-gpu --storage gs://bkt/runs \\
-        --checkpoint-every 5000 --run-name faces-16-128-a --register sr3-faces --alias champion
+        --run-name faces-16-128-a --register sr3-faces --alias champion
 
-Rerunning with the same --run-name and --storage continues from the latest checkpoint and the same
-MLflow run. Runs on the Ray cluster named by --ray-address or RAY_ADDRESS (as under
-`ray job submit`), else on a local Ray started for the run. MLflow: MLFLOW_TRACKING_URI, else
-sqlite:///mlflow.db in the current directory.
+Checkpoints every 5000 steps or 30 minutes, whichever comes first (--checkpoint-every N: every N
+steps), the last 3 kept. Rerunning with the same --run-name and --storage continues from the latest
+checkpoint and the same MLflow run; a run that already reached --steps trains nothing more. With
+--register the new version takes --alias only if it scores at least as well as the version holding
+it (--promote-metric, default lr_psnr; --force-alias moves it anyway). Runs on the Ray cluster named
+by --ray-address or RAY_ADDRESS (as under `ray job submit`), else on a local Ray started for the run.
+MLflow: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current directory. A bad input (an
+unknown preset, pairs that are missing or not committed, a bad --set) is one `train: error:` line.
 """
 
 from __future__ import annotations
@@ -33,16 +37,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--cpus-per-worker", type=float, help="default 0.5 on CPU, 1 with GPUs")
     parser.add_argument("--storage", help="checkpoint root URI (local, gs://, s3://); default ~/ray_results")
-    parser.add_argument("--checkpoint-every", type=int, help="steps; default: only at the end")
+    parser.add_argument("--checkpoint-every", type=int,
+                        help="checkpoint every N steps (default: every 5000 steps or 30 minutes, whichever first)")
+    parser.add_argument("--checkpoint-minutes", type=float,
+                        help="also checkpoint when this many minutes passed since the last (default 30 without "
+                             "--checkpoint-every; 0: never by time)")
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="latest checkpoints kept (default 3)")
+    parser.add_argument("--shuffle-buffer", type=int, default=0,
+                        help="rows in each worker's shuffle buffer (default: 16 batches, at least 256)")
     parser.add_argument("--val-every", type=int, default=0, help="steps; 0: validate at the end only")
     parser.add_argument("--val-images", type=int, default=4)
     parser.add_argument("--val-steps", type=int, default=10, help="DDIM steps of validation sampling")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
     parser.add_argument("--run-name", help="rerun with the same name to resume")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT",
+                        help="start this new run from another run's checkpoint URI (a fork: weights, EMA, "
+                             "optimizer, step, RNG and data position), e.g. to change --set train.lr from step k")
     parser.add_argument("--experiment", default="sr3", help="MLflow experiment")
     parser.add_argument("--register", help="registered model name")
     parser.add_argument("--alias", default="champion")
+    parser.add_argument("--promote-metric", default="lr_psnr",
+                        help="metric of jobs/evaluate.py's table the gate compares (default lr_psnr)")
+    parser.add_argument("--promote-limit", type=int, default=64, help="val pairs the gate evaluates (default 64)")
+    parser.add_argument("--promote-steps", type=int, help="refinement steps of the gate's sampling "
+                                                          "(default: the config's)")
+    parser.add_argument("--force-alias", action="store_true",
+                        help="move --alias to the new version without comparing")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.lr=2e-4; repeatable")
     parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
@@ -50,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import run_job
+
+    return run_job("train", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from sr3model.config import override, preset
@@ -57,22 +84,32 @@ def main(argv: list[str] | None = None) -> int:
     config = override(preset(args.preset, args.objective), args.overrides)
     if args.batch_size:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=args.batch_size))
+    from pipelines.cli import UserError
+    from pipelines.promote import GateConfig, metric_names
 
-    import ray
+    if args.promote_metric not in metric_names():
+        raise UserError(f"--promote-metric {args.promote_metric!r}: choose from {', '.join(metric_names())}")
 
     from pipelines import storage
-    from pipelines.train import train
+    from pipelines.train import check_pairs, train
+
+    check_pairs(args.pairs, config)  # a missing or uncommitted dataset fails here, before Ray starts
+    import ray
 
     env = storage.worker_env()
     if not ray.is_initialized():  # a caller (a test, a notebook) may have connected already
         ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local",
                  runtime_env={"env_vars": env} if env else None, logging_level="WARNING")
+    gate = GateConfig(metric=args.promote_metric, limit=args.promote_limit, steps=args.promote_steps,
+                      force=args.force_alias)
     result = train(
         args.pairs, config, steps=args.steps, num_workers=args.num_workers, use_gpu=args.use_gpu,
         storage_uri=args.storage, run_name=args.run_name, experiment=args.experiment,
-        checkpoint_every=args.checkpoint_every, register=args.register, alias=args.alias,
+        checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
+        keep_checkpoints=args.keep_checkpoints, register=args.register, alias=args.alias, gate=gate,
         cpus_per_worker=args.cpus_per_worker, val_every=args.val_every, val_images=args.val_images,
-        val_steps=args.val_steps, log_every=args.log_every, max_failures=args.max_failures)
+        val_steps=args.val_steps, log_every=args.log_every, max_failures=args.max_failures,
+        shuffle_buffer=args.shuffle_buffer, resume_from=args.resume_from)
     print(f"run {result.run_name}: {result.steps} steps in {result.seconds:.0f} s"
           f"{' (resumed)' if result.resumed else ''}")
     print(f"checkpoint: {result.checkpoint}")
@@ -83,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.model_uri:
         print(f"model: {result.model_uri}" + (f" (version {result.registered_version})"
                                               if result.registered_version else ""))
+    if result.promotion is not None:
+        print(f"alias {args.alias}: {'moved' if result.promotion.moved else 'not moved'}: {result.promotion.reason}")
     return 0
 
 

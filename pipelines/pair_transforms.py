@@ -12,6 +12,10 @@ Keys and splits:
   after retries) and `error` (anything unexpected while processing one file).
 - patch positions come from a numpy Generator seeded by blake2b(seed, source key): the same
   photo always gives the same crops, whatever task or order it is processed in.
+- order: files reach the tasks in `order_key` order (blake2b of the key with its own salt), not
+  in listing order, so a shard holds photos from all over the bucket (an ImageNet shard is not
+  one synset); inside a shard, pair rows are in `order_key` order too, so the patches of one photo
+  are spread over the shard's row groups. Training shuffles on top of that (pipelines.train.data).
 """
 
 from __future__ import annotations
@@ -103,6 +107,11 @@ def unit_hash(text: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
+def order_key(key: str) -> float:
+    """Where a file or row goes in the written order: a hash salted apart from the split's."""
+    return unit_hash(f"order:{key}")
+
+
 def split_for(key: str, val_fraction: float) -> str:
     return "val" if unit_hash(key) < val_fraction else "train"
 
@@ -188,12 +197,26 @@ def pairs_batch(batch: dict[str, np.ndarray], spec: PairSpec) -> pa.Table:
 
 
 def split_rows(table: pa.Table) -> dict[str, pa.Table]:
-    """ROW_SCHEMA rows → {"train", "val", "rejects"} tables with their own columns, sorted by key."""
+    """ROW_SCHEMA rows → {"train", "val", "rejects"} tables with their own columns: pair rows in
+    `order_key` order, rejects sorted by key (for people to read)."""
     rejected = table["reason"].is_valid()
     pairs = table.filter(pc.invert(rejected)).select(list(PAIR_COLUMNS))
     parts = {
         "train": pairs.filter(pc.equal(pairs["split"], "train")),
         "val": pairs.filter(pc.equal(pairs["split"], "val")),
-        "rejects": table.filter(rejected).select(list(REJECT_COLUMNS)),
     }
-    return {name: part.sort_by("key") for name, part in parts.items()}
+    parts = {name: part.take(np.argsort([order_key(k) for k in part["key"].to_pylist()], kind="stable"))
+             for name, part in parts.items()}
+    return parts | {"rejects": table.filter(rejected).select(list(REJECT_COLUMNS)).sort_by("key")}
+
+
+def rows_digest(table: pa.Table) -> int:
+    """An order-free digest of pair rows: the sum mod 2^64 of blake2b(split, key, hr, lr) per row.
+    Sums of shards add up to the dataset's, so a build's fingerprint needs no second pass."""
+    total = 0
+    for split, key, hr, lr in zip(*(table[c].to_pylist() for c in ("split", "key", "hr", "lr"))):
+        digest = hashlib.blake2b(digest_size=8)
+        for piece in (split.encode(), b"\0", key.encode(), b"\0", hr, lr):
+            digest.update(piece)
+        total = (total + int.from_bytes(digest.digest(), "big")) % 2**64
+    return total

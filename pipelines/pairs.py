@@ -1,19 +1,23 @@
 """Build LR/HR training pairs from image buckets with Ray Data, once, into Parquet shards.
 
-    list inputs (driver, fsspec)  →  from_items(files, one block per task)
+    list inputs (driver, fsspec), in hashed order  →  from_items(files, one block per task)
       → map_batches(pairs_batch)  1 CPU per task: fetch (16 threads, ahead of decoding),
                                   decode (JPEG draft), crop/resize, LR, PNG encode
       → write_datasink(PairsDatasink)  fused into the same task: one shard per part,
-                                       train/, val/, rejects/
+                                       train/, val/, rejects/ of a new version
+      → pair_store.commit  (driver): OUTPUT/_SUMMARY.json names the version and lists its files
 
-Layout under OUTPUT: `train/*.parquet`, `val/*.parquet` (PAIR_COLUMNS), `rejects/*.parquet`
-(REJECT_COLUMNS) and `_SUMMARY.json`. A custom datasink writes the three parts in the same pass,
-each with its own columns (one `write_parquet` would need one schema, or a second decode pass).
+Layout (`pipelines.pair_store`): `OUTPUT/versions/<version>/{train,val,rejects}/part-<task>.parquet`
+(PAIR_COLUMNS / REJECT_COLUMNS; row groups of ROW_GROUP_ROWS rows, the unit training reads and
+shuffles) and `OUTPUT/_SUMMARY.json`, written last: the commit. A custom datasink writes the three
+parts in the same pass, each with its own columns (one `write_parquet` would need one schema, or a
+second decode pass).
 
-Reruns: a run writes under `OUTPUT/_staging-<run id>/`; only after every task succeeded does it
-delete `_SUMMARY.json` and the old parts, move the new parts in and write `_SUMMARY.json` last.
-A failed run leaves the previous output untouched; `_SUMMARY.json` marks a complete output.
-Keys, splits and patch seeds are documented in `pipelines.pair_transforms`.
+Reruns: a run writes a new version next to the current one and commits it only when every task
+succeeded and the build made pairs: when no file gave a pair, or more than `max_read_errors` of
+the files could not be read (a storage outage), nothing is committed, the new version is deleted,
+and the previous dataset stays as it was. Readers (`read_part`) read what the summary lists only.
+Keys, splits, order and patch seeds are documented in `pipelines.pair_transforms`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import json
 import math
 import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
@@ -37,13 +40,16 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
-from pipelines import storage
+from pipelines import pair_store, storage
+from pipelines.cli import UserError
 from pipelines.pair_transforms import (
     PAIR_COLUMNS,
     REJECT_COLUMNS,
     ROW_SCHEMA,
     PairSpec,
+    order_key,
     pairs_batch,
+    rows_digest,
     source_key,
     split_rows,
 )
@@ -51,8 +57,10 @@ from pipelines.pair_transforms import (
 if TYPE_CHECKING:
     from ray.data._internal.execution.interfaces import TaskContext
 
-PARTS = ("train", "val", "rejects")
-SUMMARY_NAME = "_SUMMARY.json"
+PARTS = pair_store.PARTS
+SUMMARY_NAME = pair_store.SUMMARY_NAME
+ROW_GROUP_ROWS = 64  # rows per Parquet row group: what a training worker reads at once
+DEFAULT_MAX_READ_ERRORS = 0.05  # fraction of files that may fail to read before a build is refused
 TARGET_SHARD_BYTES = 64 * 2**20  # PNG bytes per train shard (one shard per task)
 PNG_BYTES_PER_PIXEL = 1.5  # rough PNG size of an RGB photo pixel, to size tasks
 MAX_FILES_PER_TASK = 256
@@ -60,37 +68,49 @@ TASKS_PER_CPU = 4  # enough tasks to keep every CPU busy to the end on small run
 
 
 class PairsDatasink(Datasink[dict[str, Any]]):
-    """Writes each task's rows as `<staging>/{train,val,rejects}/part-<task>.parquet`."""
+    """Writes each task's rows as `<version>/{train,val,rejects}/part-<task>.parquet`."""
 
-    def __init__(self, staging: str) -> None:
-        self.staging = staging
+    def __init__(self, output: str, version: str) -> None:
+        self.output, self.version = output, version
         self.counts: dict[str, Any] | None = None
 
     def write(self, blocks: Iterable[Block], ctx: "TaskContext") -> dict[str, Any]:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [table for table in tables if table.num_rows]
-        counts: dict[str, Any] = {part: 0 for part in PARTS} | {"by_reason": {}}
+        counts: dict[str, Any] = {part: 0 for part in PARTS} | {"by_reason": {}, "files": {}, "digest": 0}
         if not tables:
             return counts
-        fs, root = storage.resolve(self.staging)
+        fs, root = storage.resolve(pair_store.version_uri(self.output, self.version))
         filesystem = storage.to_pyarrow(fs)
         for part, table in split_rows(pa.concat_tables(tables)).items():
             counts[part] = table.num_rows
             if table.num_rows:
+                relative = f"{part}/part-{ctx.task_idx:05d}.parquet"
                 filesystem.create_dir(f"{root}/{part}", recursive=True)
-                pq.write_table(table, f"{root}/{part}/part-{ctx.task_idx:05d}.parquet", filesystem=filesystem)
+                pq.write_table(table, f"{root}/{relative}", filesystem=filesystem, row_group_size=ROW_GROUP_ROWS)
+                groups = [min(ROW_GROUP_ROWS, table.num_rows - start) for start in range(0, table.num_rows, ROW_GROUP_ROWS)]
+                path = f"{pair_store.VERSIONS_DIR}/{self.version}/{relative}"
+                counts["files"][part] = {"path": path, "rows": table.num_rows, "row_groups": groups}
             if part == "rejects":
                 reasons = pc.value_counts(table["reason"]).to_pylist()
                 counts["by_reason"] = {item["values"]: item["counts"] for item in reasons}
+            else:
+                counts["digest"] = (counts["digest"] + rows_digest(table)) % 2**64
         return counts
 
     def on_write_complete(self, write_result: WriteResult[dict[str, Any]]) -> None:
         totals: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
+        files: dict[str, list[dict[str, Any]]] = {part: [] for part in PARTS}
+        digest = 0
         for counts in write_result.write_returns:
             totals.update({part: counts[part] for part in PARTS})
             reasons.update(counts["by_reason"])
-        self.counts = {part: totals[part] for part in PARTS} | {"by_reason": dict(sorted(reasons.items()))}
+            for part, described in counts["files"].items():
+                files[part].append(described)
+            digest = (digest + counts["digest"]) % 2**64
+        self.counts = ({part: totals[part] for part in PARTS} | {"by_reason": dict(sorted(reasons.items()))}
+                       | {"files": files, "fingerprint": f"{digest:016x}"})
 
 
 def list_sources(inputs: Sequence[str]) -> list[dict[str, Any]]:
@@ -127,13 +147,18 @@ def plan_tasks(num_files: int, spec: PairSpec, cpus: int, files_per_task: int | 
     return max(math.ceil(num_files / per_task), min(num_files, TASKS_PER_CPU * cpus))
 
 
-def read_part(output: str, part: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """One part ("train", "val", "rejects") of a built output as a pyarrow Table (empty if absent)."""
+def read_part(output: str, part: str, columns: Sequence[str] | None = None, *,
+              version: str | None = None) -> pa.Table:
+    """One part ("train", "val", "rejects") of the committed dataset at `output` (or of one of its
+    kept versions) as a pyarrow Table: only the files its summary lists; empty if it lists none.
+    A URI without a committed summary raises `pipelines.cli.UserError`."""
     names = list(REJECT_COLUMNS if part == "rejects" else PAIR_COLUMNS) if columns is None else list(columns)
-    fs, path = storage.resolve(storage.join(output, part))
-    if not fs.exists(path):  # a run without rejects (or without val rows) writes no files there
+    files = pair_store.part_files(output, part, version=version)
+    if not files:  # a run without rejects (or without val rows) writes no files there
         return pa.schema([ROW_SCHEMA.field(name) for name in names]).empty_table()
-    return pq.read_table(path, filesystem=storage.to_pyarrow(fs), columns=names)
+    fs, _ = storage.resolve(files[0].uri)
+    paths = [storage.resolve(f.uri)[1] for f in files]
+    return pq.ParquetDataset(paths, filesystem=storage.to_pyarrow(fs)).read(columns=names)
 
 
 def build_pairs(
@@ -148,9 +173,12 @@ def build_pairs(
     limit: int | None = None,
     *,
     files_per_task: int | None = None,
+    max_read_errors: float = DEFAULT_MAX_READ_ERRORS,
+    keep_versions: int = pair_store.DEFAULT_KEEP,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Build pairs from every file under `inputs` into `output`; returns the `_SUMMARY.json` dict.
+    """Build pairs from every file under `inputs` into a new version of `output` and commit it;
+    returns the committed `_SUMMARY.json` dict.
 
     Uses the Ray cluster this process is connected to (Ray Data starts a local one otherwise)."""
     spec = PairSpec(recipe, hr_size, scale, val_fraction, patches_per_image, seed)
@@ -160,55 +188,80 @@ def build_pairs(
     files = files[:limit] if limit is not None else files
     if not files:
         raise ValueError("nothing to do: --limit selected no files")
+    return build_listed(files, output, spec, inputs=inputs, found=found, limit=limit, started=started,
+                        files_per_task=files_per_task, max_read_errors=max_read_errors,
+                        keep_versions=keep_versions, progress=progress)
+
+
+def build_listed(files: list[dict[str, Any]], output: str, spec: PairSpec, *, inputs: Sequence[str] = (),
+                 found: int | None = None, limit: int | None = None, started: float | None = None,
+                 files_per_task: int | None = None, max_read_errors: float = DEFAULT_MAX_READ_ERRORS,
+                 keep_versions: int = pair_store.DEFAULT_KEEP,
+                 progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """`build_pairs` on an already listed set of files ({key, source, size}, as `list_sources`)."""
+    started = time.perf_counter() if started is None else started
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
     tasks = plan_tasks(len(files), spec, cpus, files_per_task)
-    progress(f"listed {found} files under {len(inputs)} input(s); building {len(files)} in {tasks} tasks")
+    version = pair_store.new_version()
+    progress(f"listed {found if found is not None else len(files)} files under {len(inputs)} input(s); "
+             f"building {len(files)} in {tasks} tasks as version {version}")
 
-    staging = storage.join(output, f"_staging-{uuid.uuid4().hex[:12]}")
+    ordered = sorted(files, key=lambda item: order_key(item["key"]))  # shards do not follow the listing
     dataset = (
-        ray.data.from_items(files, override_num_blocks=tasks)
+        ray.data.from_items(ordered, override_num_blocks=tasks)
         .map_batches(pairs_batch, fn_kwargs={"spec": spec}, batch_size=None, num_cpus=1)
     )
     # One fused operator: per-operator reservations have nothing to protect and, measured on
     # 2 CPUs, keep the second CPU idle for the first second of every run.
     dataset.context.op_resource_reservation_enabled = False
-    sink = PairsDatasink(staging)
+    sink = PairsDatasink(output, version)
+    committed = False
     try:
         dataset.write_datasink(sink)
-        _commit(staging, output)
+        assert sink.counts is not None
+        counts = sink.counts
+        refusal = _refusal(counts, len(files), max_read_errors)
+        if refusal:
+            raise UserError(f"{refusal}; nothing committed, {output} is left as it was")
+        elapsed = time.perf_counter() - started
+        pairs = counts["train"] + counts["val"]
+        summary = {
+            "output": output,
+            "inputs": list(inputs),
+            **asdict(spec),
+            "limit": limit,
+            "found": found if found is not None else len(files),
+            "listed": len(files),
+            "accepted": len(files) - counts["rejects"],
+            "pairs": pairs,
+            "train": counts["train"],
+            "val": counts["val"],
+            "rejected": counts["rejects"],
+            "rejected_by_reason": counts["by_reason"],
+            "fingerprint": counts["fingerprint"],
+            "row_group_rows": ROW_GROUP_ROWS,
+            "tasks": tasks,
+            "elapsed_s": round(elapsed, 3),
+            "files_per_s": round(len(files) / elapsed, 2),
+            "pairs_per_s": round(pairs / elapsed, 2),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        document = pair_store.commit(output, version, counts["files"], summary, keep=keep_versions)
+        committed = True
     finally:
-        storage.remove(staging)
-    assert sink.counts is not None
-
-    elapsed = time.perf_counter() - started
-    pairs = sink.counts["train"] + sink.counts["val"]
-    summary = {
-        "output": output,
-        "inputs": list(inputs),
-        **asdict(spec),
-        "limit": limit,
-        "found": found,
-        "listed": len(files),
-        "accepted": len(files) - sink.counts["rejects"],
-        "pairs": pairs,
-        "train": sink.counts["train"],
-        "val": sink.counts["val"],
-        "rejected": sink.counts["rejects"],
-        "rejected_by_reason": sink.counts["by_reason"],
-        "tasks": tasks,
-        "elapsed_s": round(elapsed, 3),
-        "files_per_s": round(len(files) / elapsed, 2),
-        "pairs_per_s": round(pairs / elapsed, 2),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    storage.write_bytes(storage.join(output, SUMMARY_NAME), json.dumps(summary, indent=2).encode())
-    return summary
+        if not committed:
+            pair_store.discard(output, version)
+    return document
 
 
-def _commit(staging: str, output: str) -> None:
-    """Swap the staged parts in: summary out first, old parts out, new parts in."""
-    storage.remove(storage.join(output, SUMMARY_NAME))
-    for part in PARTS:
-        storage.remove(storage.join(output, part))
-        if storage.exists(storage.join(staging, part)):
-            storage.move_tree(storage.join(staging, part), storage.join(output, part))
+def _refusal(counts: dict[str, Any], listed: int, max_read_errors: float) -> str | None:
+    """Why a finished build must not replace the current dataset, or None."""
+    reasons = counts["by_reason"]
+    said = ", ".join(f"{reason} {count}" for reason, count in reasons.items())
+    if counts["train"] + counts["val"] == 0:
+        return f"none of the {listed} files gave a pair ({said})"
+    unread = reasons.get("read_error", 0)
+    if unread > max_read_errors * listed:
+        return (f"{unread} of {listed} files could not be read (more than --max-read-errors "
+                f"{max_read_errors:g}); storage trouble?")
+    return None

@@ -146,8 +146,9 @@ def _requirements() -> list[str]:
 
 
 def log_model(model_dir: str | Path, run_id: str, tracking_uri: str, *, register: str | None = None,
-              alias: str = "champion") -> tuple[str, str | None]:
-    """Log the pyfunc into `run_id`; with `register`, register it and point `alias` at it.
+              alias: str | None = "champion") -> tuple[str, str | None]:
+    """Log the pyfunc into `run_id`; with `register`, register it and point `alias` at it (with
+    `alias=None` the version is registered without one: the training job's promotion gate decides).
 
     Returns (model URI, registered version or None). `model_dir` is a checkpoint or a model
     directory; only the weight files are copied into the model."""
@@ -170,6 +171,8 @@ def log_model(model_dir: str | Path, run_id: str, tracking_uri: str, *, register
     version = None
     if register:
         version = str(info.registered_model_version)
+        if alias is None:
+            return f"models:/{register}/{version}", version
         mlflow.MlflowClient(tracking_uri).set_registered_model_alias(register, alias, version)
         return f"models:/{register}@{alias}", version
     return info.model_uri, version

@@ -13,6 +13,12 @@ both to the rank-0 worker (`RunLogger`) through the train loop config.
   with the same name continues the same MLflow run and its metric steps.
 - Params: MLflow refuses to change a logged param, so a resumed run logs only params it does not
   have yet and returns the ones whose value differs (the caller prints them).
+- Datasets: every run that reads a pairs dataset records its identity (`pipelines.pair_store`):
+  params `data.id`, `data.fingerprint`, `data.pairs`, `data.train`, `data.val`, `data.recipe`,
+  `data.hr_size`, `data.scale` and tags `sr3.data.id`, `sr3.data.fingerprint`, `sr3.data.uri`
+  (`log_dataset`). Training calls it; any run whose params name a `pairs` URI (evaluation,
+  schedule search) gets it from `log_params`, so a model version says what it was trained and
+  evaluated on.
 """
 
 from __future__ import annotations
@@ -83,22 +89,49 @@ def start_or_resume(uri: str, experiment: str, run_name: str,
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """Log params the run lacks; return {key: (logged, new)} for those whose value differs."""
+    """Log params the run lacks; return {key: (logged, new)} for those whose value differs.
+    A `pairs` param (a pairs dataset URI) also logs that dataset's identity (`log_dataset`)."""
     from mlflow.entities import Param
 
+    conflicts: dict[str, tuple[str, str]] = {}
+    if isinstance(params.get("pairs"), str) and params["pairs"]:
+        from pipelines import pair_store
+
+        try:
+            conflicts = log_dataset(uri, run_id, pair_store.identity(params["pairs"]))
+        except ValueError:  # not a committed dataset: its readers already said so
+            pass
     client = _client(uri)
     existing = client.get_run(run_id).data.params
     values = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
-    conflicts = {k: (existing[k], v) for k, v in values.items() if k in existing and existing[k] != v}
     new = [Param(k, v) for k, v in sorted(values.items()) if k not in existing]
     for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=new[i:i + MAX_PARAMS_PER_BATCH])
-    return conflicts
+    return conflicts | {k: (existing[k], v) for k, v in values.items() if k in existing and existing[k] != v}
+
+
+def log_dataset(uri: str, run_id: str, identity: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """The dataset's identity (`pipelines.pair_store.identity`) as `data.*` params and `sr3.data.*`
+    tags; returns the params whose logged value differs (a resumed run on a rebuilt dataset)."""
+    set_tags(uri, run_id, {"sr3.data.id": identity.get("id"), "sr3.data.fingerprint": identity.get("fingerprint"),
+                           "sr3.data.uri": identity.get("uri")})
+    return log_params(uri, run_id, {f"data.{key}": identity.get(key) for key in
+                                    ("id", "fingerprint", "pairs", "train", "val", "recipe", "hr_size", "scale")})
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    client = _client(uri)
     for key, value in tags.items():
-        _client(uri).set_tag(run_id, key, str(value))
+        client.set_tag(run_id, key, str(value))
+
+
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return dict(_client(uri).get_run(run_id).data.tags)
+
+
+def run_latest_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The latest value of every metric of the run."""
+    return dict(_client(uri).get_run(run_id).data.metrics)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -128,3 +128,80 @@ def test_task_planning_fills_cpus_and_caps_shards() -> None:
     assert 1500 <= plan_tasks(70_000, faces, cpus=2) <= 2000  # ~64 MiB shards of 1024² PNGs
     assert plan_tasks(70_000, PairSpec("imagenet", 64, 4), cpus=2) == 274  # capped at 256 files/task
     assert plan_tasks(100, faces, cpus=64, files_per_task=10) == 10
+
+
+# -- committed versions (pipelines.pair_store) on local files --------------------------------------
+
+def _version(root: Path, rows: int) -> tuple[str, dict]:
+    """Write one version's train file as a build would (not yet committed)."""
+    import pyarrow.parquet as pq
+
+    from pipelines import pair_store
+
+    version = pair_store.new_version()
+    folder = root / pair_store.VERSIONS_DIR / version / "train"
+    folder.mkdir(parents=True)
+    table = pa.table({"key": [f"k{i}" for i in range(rows)], "hr_size": [64] * rows})
+    pq.write_table(table, folder / "part-00000.parquet")
+    return version, {"train": [{"path": f"versions/{version}/train/part-00000.parquet", "rows": rows,
+                                "row_groups": [rows]}]}
+
+
+def test_versions_commit_in_one_write_keep_the_previous_and_prune_the_rest(tmp_path: Path) -> None:
+    from pipelines import pair_store
+    from pipelines.cli import UserError
+    from pipelines.pairs import read_part
+
+    root = tmp_path / "pairs"
+    with pytest.raises(UserError, match="not a committed pairs dataset"):
+        read_part(str(root), "train", columns=["key"])
+    committed: list[str] = []
+    for rows in (3, 5, 7):
+        version, files = _version(root, rows)
+        orphan, _ = _version(root, 1)  # a build that died before its commit: never read, pruned later
+        if committed:  # written but not committed: readers still see the previous version
+            assert read_part(str(root), "train", columns=["key"]).num_rows == rows - 2
+        summary = pair_store.commit(str(root), version, files, {"recipe": "patches", "fingerprint": "f"}, keep=2)
+        committed.append(version)
+        assert summary["history"] == committed[-2:-1] and summary["id"] == version
+        assert read_part(str(root), "train", columns=["key"]).num_rows == rows
+        assert orphan not in {p.name for p in (root / "versions").iterdir()}
+    assert sorted(p.name for p in (root / "versions").iterdir()) == sorted(committed[-2:])
+    assert read_part(str(root), "train", columns=["key"], version=committed[-2]).num_rows == 5  # kept, readable
+    with pytest.raises(UserError, match="is gone"):
+        read_part(str(root), "train", version=committed[0])
+    assert read_part(str(root), "val", columns=["key"]).num_rows == 0  # listed nothing: empty
+    rollback = (root / "versions" / committed[-2] / "_SUMMARY.json").read_bytes()  # the README's rollback
+    (root / "_SUMMARY.json").write_bytes(rollback)
+    assert read_part(str(root), "train", columns=["key"]).num_rows == 5
+    identity = pair_store.identity(str(root))
+    assert (identity["id"], identity["recipe"], identity["uri"]) == (committed[-2], "patches", str(root))
+
+
+def test_a_summary_from_before_versions_is_still_read(tmp_path: Path) -> None:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipelines.pairs import read_part
+
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.table({"key": ["a", "b"]}), tmp_path / "train" / "part-00000.parquet")
+    (tmp_path / "_SUMMARY.json").write_text(json.dumps({"pairs": 2, "finished_at": "2026-11-01T00:00:00"}))
+    assert read_part(str(tmp_path), "train", columns=["key"]).num_rows == 2
+
+
+def test_pair_rows_are_written_in_hashed_order_and_digested() -> None:
+    from pipelines.pair_transforms import ROW_SCHEMA, order_key, rows_digest
+
+    rows = [{"key": f"n0{c}/img{i}.jpg#p{p:03d}", "source": "s", "split": "train", "recipe": "patches",
+             "hr_size": 64, "scale": 4, "hr": bytes([c, i, p]), "lr": b"l", "reason": None, "detail": None}
+            for c in range(4) for i in range(4) for p in range(4)]
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    train = split_rows(table)["train"]
+    keys = train["key"].to_pylist()
+    assert keys == sorted(keys, key=order_key) and keys != sorted(keys)
+    assert len({k.split("/")[0] for k in keys[:8]}) >= 3  # the first rows come from several folders
+    assert len({k.split("#")[0] for k in keys[:8]}) >= 6  # ... and from different photos
+    shuffled = table.take(np.random.default_rng(0).permutation(table.num_rows))
+    assert rows_digest(train) == rows_digest(shuffled) != rows_digest(table.slice(1))

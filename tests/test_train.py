@@ -1,7 +1,12 @@
-"""Ray Train training on a real local Ray: 2 DDP workers, checkpoints, resume, a worker failure.
+"""Ray Train training on a real local Ray: 2 DDP workers, checkpoints, resume, a killed worker.
 
 Runs `pipelines.train.train` on the session's local Ray (`ray_local`, 2 CPUs) with the `tiny`
 preset shrunk further (tests/train_support.py) and an MLflow store in a sqlite file.
+
+Resume equals not stopping: a run resumed from step 3's checkpoint must reach what a run that went
+straight to 6 reached — the loss at steps 4-6 within a relative 1e-4 and every weight (model and
+EMA) within 1e-5 absolute, while the weights move by far more than that in those 3 steps (the check
+can fail). Float sums are not promised bit-exact across runs, hence tolerances.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from pipelines import tracking
 from pipelines.train import check_pairs, decode_pairs
-from pipelines.train_loop import STATE_FILE, image_grid
+from pipelines.train.loop import STATE_FILE, image_grid
 from train_support import HR, SCALE, tiny_config, write_pairs
 
 
@@ -52,10 +57,16 @@ def test_decode_pairs_matches_the_science_core_pixels(pairs: str) -> None:
         assert torch.equal(torch.from_numpy(out[name]), expected)
 
 
-def test_check_pairs_names_a_size_mismatch(pairs: str) -> None:
+def test_check_pairs_names_a_size_mismatch_and_refuses_uncommitted_pairs(pairs: str, tmp_path: Path) -> None:
+    from pipelines.cli import UserError
+
     assert check_pairs(pairs, tiny_config()) == 16
     with pytest.raises(ValueError, match=r"\(hr_size, scale\) \[\(64, 4\)\]"):
         check_pairs(pairs, tiny_config("hr_size=128", "lr_size=32"))
+    uncommitted = Path(write_pairs(tmp_path / "half"))
+    (uncommitted / "_SUMMARY.json").unlink()  # as if its build died before the commit
+    with pytest.raises(UserError, match="not a committed pairs dataset"):
+        check_pairs(str(uncommitted), tiny_config())
 
 
 def test_image_grid_columns() -> None:
@@ -86,63 +97,112 @@ def test_tracking_uri_is_absolute_and_params_do_not_change(tmp_path: Path, monke
 
 # -- on a real local Ray ---------------------------------------------------------------------------
 
+def _weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{name}/{key}": value for name in ("model", "ema")
+            for key, value in load_file(Path(checkpoint) / f"{name}.safetensors").items()}
+
+
 @pytest.mark.slow
-def test_two_workers_checkpoint_then_resume_same_run(ray_local: str, pairs: str, tmp_path: Path) -> None:
+def test_resumed_run_equals_uninterrupted_run_and_a_rerun_registers_nothing_new(
+        ray_local: str, pairs: str, tmp_path: Path) -> None:
+    """Run A goes straight to step 6 (checkpoints at 3 and 6). Run B starts from A's step-3
+    checkpoint (`resume_from`: the same restore a rerun or a restart does, from that checkpoint) and
+    must reach A's state. Rerunning the same name resuming from storage is checked in
+    tests/test_train_s3.py and, after a killed worker, below."""
+    from mlflow import MlflowClient
+
+    from pipelines import pair_store
     from pipelines.train import train
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = dict(num_workers=2, storage_uri=str(tmp_path / "runs"), run_name="resume-me", experiment="t",
-                  checkpoint_every=2, val_images=2, val_steps=2, tracking_uri=uri, log_pyfunc=False)
-    first = train(pairs, tiny_config(), steps=3, **common)
-    assert first.steps == 3 and not first.resumed and first.metrics["loss"] > 0
-    checkpoints = sorted(p for p in (tmp_path / "runs" / "resume-me").glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 2  # steps 2 and 3
-    names = {p.name for p in checkpoints[-1].iterdir()}
+    common = dict(num_workers=2, storage_uri=str(tmp_path / "runs"), experiment="t", checkpoint_every=3,
+                  val_images=2, val_steps=2, tracking_uri=uri, log_pyfunc=False)
+    straight = train(pairs, tiny_config(), steps=6, run_name="straight", **common)
+    checkpoints = sorted(p for p in (tmp_path / "runs" / "straight").glob("checkpoint_*") if p.is_dir())
+    assert [_state(str(c))["step"] for c in checkpoints] == [3, 6]
+    names = {p.name for p in checkpoints[0].iterdir()}
     assert {"config.json", "model.safetensors", "ema.safetensors", STATE_FILE,
             "rng_rank0.pt", "rng_rank1.pt"} <= names
-    assert json.loads((checkpoints[-1] / "config.json").read_text())["unet"]["channels"] == 8
-    assert _state(first.checkpoint)["step"] == 3
+    assert json.loads((checkpoints[0] / "config.json").read_text())["unet"]["channels"] == 8
+    halfway = _state(str(checkpoints[0]))
+    # 16 rows over 2 ranks, 2 per rank and step: 4 steps per epoch; 3 done
+    assert (halfway["data_epoch"], halfway["data_position"], halfway["ema_updates"]) == (0, 3, 3)
+    assert halfway["data_id"] == pair_store.read_summary(pairs)["id"] + "/2x2/auto"
 
-    second = train(pairs, tiny_config(), steps=5, **common)
-    assert second.resumed and second.run_id == first.run_id and second.steps == 5
-    state = _state(second.checkpoint)
-    assert state["step"] == 5 and state["ema_updates"] == 5  # 3 restored + 2 new updates
-    # metrics continue in step: each step logged exactly once across both runs
-    assert [s for s, _ in tracking.run_metrics(uri, first.run_id, "loss")] == [1, 2, 3, 4, 5]
-    assert [s for s, _ in tracking.run_metrics(uri, first.run_id, "val_psnr")] == [3, 5]
+    resumed = train(pairs, tiny_config(), steps=6, run_name="resumed", resume_from=str(checkpoints[0]),
+                    register="sr3-resume", **common)
+    assert not resumed.resumed and resumed.steps == 6
+    state = _state(resumed.checkpoint)
+    assert state["step"] == 6 and state["ema_updates"] == 6  # 3 restored + 3 new updates
+    assert (state["data_epoch"], state["data_position"]) == (1, 2)  # into the second epoch
 
-    from mlflow import MlflowClient
+    # resumed == uninterrupted: losses and weights within the tolerances of the module docstring
+    losses = [tracking.run_metrics(uri, run, "loss") for run in (straight.run_id, resumed.run_id)]
+    assert [s for s, _ in losses[0]] == [1, 2, 3, 4, 5, 6] and [s for s, _ in losses[1]] == [4, 5, 6]
+    np.testing.assert_allclose([v for _, v in losses[1]], [v for _, v in losses[0][3:]], rtol=1e-4)
+    after, uninterrupted, before = (_weights(str(c)) for c in (resumed.checkpoint, straight.checkpoint,
+                                                                 checkpoints[0]))
+    assert after.keys() == uninterrupted.keys()
+    worst = max(float((after[k] - uninterrupted[k]).abs().max()) for k in after)
+    moved = max(float((uninterrupted[k] - before[k]).abs().max()) for k in uninterrupted)
+    assert worst <= 1e-5 < 1e-3 < moved, (worst, moved)
 
-    run = MlflowClient(uri).get_run(first.run_id)
+    client = MlflowClient(uri)
+    run = client.get_run(straight.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["unet.channels"] == "8" and run.data.params["run.steps"] == "3"
+    assert run.data.params["unet.channels"] == "8" and run.data.params["run.steps"] == "6"
     assert set(tiny_config().flat()) <= set(run.data.params)
-    for key in ("loss", "grad_norm", "lr", "images_per_s", "step_time_s", "val_ssim", "val_consistency"):
+    identity = pair_store.identity(pairs)
+    assert run.data.params["data.id"] == identity["id"] and run.data.params["data.train"] == "16"
+    assert run.data.tags["sr3.data.fingerprint"] == identity["fingerprint"]
+    for key in ("loss", "grad_norm", "lr", "images_per_s", "step_time_s", "epoch", "val_ssim", "val_consistency"):
         assert key in run.data.metrics, key
-    grids = [a.path for a in MlflowClient(uri).list_artifacts(first.run_id, "validation")]
-    assert grids == ["validation/step_00000003.png", "validation/step_00000005.png"]
+    assert [s for s, _ in tracking.run_metrics(uri, resumed.run_id, "val_psnr")] == [6]
+    grids = [a.path for a in client.list_artifacts(straight.run_id, "validation")]
+    assert grids == ["validation/step_00000006.png"]
+
+    # registered once, alias moved (no holder); a rerun of the finished run starts no worker and
+    # registers nothing new
+    assert resumed.registered_version == "1" and resumed.promotion.moved
+    assert resumed.model_uri == "models:/sr3-resume@champion"
+    again = train(pairs, tiny_config(), steps=6, run_name="resumed", register="sr3-resume", **common)
+    assert again.finished_before and again.steps == 6 and again.checkpoint == resumed.checkpoint
+    assert again.registered_version == "1" and again.promotion.moved
+    assert [str(v.version) for v in client.search_model_versions("name='sr3-resume'")] == ["1"]
 
 
 @pytest.mark.slow
-def test_worker_failure_on_gcs_is_replaced_and_run_completes(ray_local: str, gcs_bucket: str, pairs: str,
-                                                            tmp_path: Path) -> None:
-    """Pairs and checkpoints in a real GCS emulator bucket; rank 1 dies once after step 3."""
+def test_default_cadence_leaves_checkpoints_and_a_killed_worker_resumes_from_one(
+        ray_local: str, gcs_bucket: str, pairs: str, tmp_path: Path) -> None:
+    """Pairs and checkpoints in a real GCS emulator bucket; no checkpoint_every (the cadence is time:
+    a checkpoint is due at every logged step); rank 1's process is SIGKILLed once after step 4."""
     from pipelines import storage
     from pipelines.train import FAILURE_MARKER, train
 
     fs, bucket = storage.resolve(gcs_bucket)
     fs.put(pairs, f"{bucket}/pairs", recursive=True)
     remote_pairs = storage.join(gcs_bucket, "pairs")
-    assert len(storage.list_files(remote_pairs)) == 2
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = train(remote_pairs, tiny_config(), steps=4, num_workers=2, storage_uri=storage.join(gcs_bucket, "runs"),
-                   run_name="fails-once", checkpoint_every=1, val_images=1, val_steps=1, tracking_uri=uri,
-                   fail_once_at=(1, 3), max_failures=1, log_pyfunc=False)
-    marker = storage.read_bytes(storage.join(gcs_bucket, "runs", "fails-once", FAILURE_MARKER))
-    assert marker.decode().startswith("rank 1 failed at step 3")  # the failure did happen
-    assert result.steps == 4 and result.checkpoint.startswith(gcs_bucket + "/runs/fails-once/checkpoint_")
+    runs = storage.join(gcs_bucket, "runs")
+    result = train(remote_pairs, tiny_config(), steps=6, num_workers=2, storage_uri=runs, run_name="killed-once",
+                   checkpoint_minutes=1e-4, val_images=1, val_steps=1, tracking_uri=uri,
+                   fail_once_at=(1, 4), max_failures=1, log_pyfunc=False)
+    marker = storage.read_bytes(storage.join(runs, "killed-once", FAILURE_MARKER))
+    assert marker.decode().startswith("rank 1 killed at step 4")  # the kill did happen
+    assert result.steps == 6 and result.checkpoint.startswith(f"{runs}/killed-once/checkpoint_")
+    kept = sorted(item.uri.rsplit("/", 1)[0] for item in storage.list_files(storage.join(runs, "killed-once"))
+                  if item.relpath.endswith(STATE_FILE))
+    steps = sorted(torch.load(io.BytesIO(storage.read_bytes(storage.join(c, STATE_FILE))), weights_only=True)["step"]
+                   for c in kept)
+    # intermediate checkpoints, the last 3 kept (default); Ray deletes older ones in the background
+    # and keeps the one it resumed from until newer ones replace it
+    assert steps[-3:] == [4, 5, 6] and len(steps) <= 4, steps
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(result.checkpoint, STATE_FILE))), weights_only=True)
-    assert state["step"] == 4 and state["ema_updates"] == 4  # resumed from step 2's checkpoint, not from 0
-    steps = [s for s, _ in tracking.run_metrics(uri, result.run_id, "loss")]
-    assert sorted(set(steps)) == [1, 2, 3, 4] and steps.count(3) <= 2  # step 3 ran again after the restart
-    assert steps.count(1) == steps.count(2) == 1  # ... but steps 1-2 did not: it restarted from step 2
+    assert state["step"] == 6 and state["ema_updates"] == 6
+    logged = [s for s, _ in tracking.run_metrics(uri, result.run_id, "loss")]
+    assert sorted(set(logged)) == [1, 2, 3, 4, 5, 6] and logged.count(4) == 1  # step 4 was never logged twice
+    # it restarted from an intermediate checkpoint (step 2 or 3: a report still in flight when a
+    # worker is killed may be lost), not from step 0: step 1 ran once
+    assert logged.count(1) == 1

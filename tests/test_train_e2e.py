@@ -8,6 +8,11 @@ anyone else's cluster) and runs as `ray start --head --block` in its own process
 test stops by that group's id (never `ray stop`, which would stop every Ray on the machine). The
 MLflow server runs in its own process group too. Resuming by --run-name through the CLI is covered
 in-process by tests/test_train.py; here the job runs once.
+
+The promotion gate (pipelines.promote) runs against the same MLflow server: versions of a regression
+model that outputs the bicubic upsampling and one that adds +1 to it (a colour shift), compared on
+lr_psnr by `pipelines.evaluate.evaluate` in this process (its sampling on a cluster is
+tests/test_evaluate.py's).
 """
 
 from __future__ import annotations
@@ -156,6 +161,7 @@ def test_job_submit_trains_registers_and_pyfunc_matches_in_memory_model(
         "--set", "unet.channels=8", "--set", "unet.norm_groups=4", "--set", "unet.attention_head_channels=8"])
     assert "run e2e: 2 steps" in printed
     assert "model: models:/sr3-e2e@champion (version 1)" in printed
+    assert "alias champion: moved: no version held @champion" in printed
 
     client = mlflow.MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias("sr3-e2e", "champion")
@@ -181,3 +187,60 @@ def test_job_submit_trains_registers_and_pyfunc_matches_in_memory_model(
     assert list(out["sr"]) == list(local["sr"])  # same weights (EMA), same seed -> same pixels
     other = served.predict(frame, params={**params, "seed": 8})
     assert list(other["sr"]) != list(out["sr"])  # the seed matters: the comparison above can fail
+
+
+@pytest.mark.slow
+def test_promotion_gate_moves_the_alias_only_to_a_version_at_least_as_good(mlflow_server: str, tmp_path: Path) -> None:
+    import mlflow
+
+    from pipelines import promote, tracking
+    from pipelines.pyfunc import log_model
+    from sr3model.model import SR3
+    from sr3model.weights import save_model
+    from train_support import tiny_config
+
+    pairs = write_pairs(tmp_path / "pairs", n_train=1, n_val=2)
+    client = mlflow.MlflowClient(mlflow_server)
+
+    def register(kind: str, index: int) -> tuple[str, str]:
+        """A regression model (HR − x head) registered without the alias: "plain" outputs x, the
+        bicubic upsampling (its head is zero-initialised); "bright" adds +1 to every pixel. A linear
+        sampling schedule, because evaluation of a log-SNR one fails on main at 8602477
+        (pipelines/infer/scoring.work_item: float(None) for its β)."""
+        model = SR3(tiny_config("objective=regression", "diffusion.sample_schedule=linear",
+                                "diffusion.sample_steps=20", "diffusion.sample_beta_end=0.9"))
+        if kind == "bright":
+            model.net.out[-1].bias.data.fill_(1.0)
+        folder = save_model(tmp_path / f"{kind}-{index}", model)
+        run_id, _ = tracking.start_or_resume(mlflow_server, "gate", f"train-{kind}-{index}")
+        _, version = log_model(folder, run_id, mlflow_server, register="sr3-gate", alias=None)
+        return version, run_id
+
+    config = promote.GateConfig(limit=2, report_root=str(tmp_path / "reports"), on_cluster=False)
+    v1, _ = register("plain", 1)
+    first = promote.gate(mlflow_server, "sr3-gate", v1, "champion", pairs, config)
+    assert first.moved and first.reason == "no version held @champion" and first.new_score is None
+
+    v2, run2 = register("bright", 2)
+    said: list[str] = []
+    worse = promote.gate(mlflow_server, "sr3-gate", v2, "champion", pairs, config, run_id=run2, say=said.append)
+    assert not worse.moved and worse.holder == v1
+    assert worse.new_score < worse.holder_score - 10  # a colour shift: far from the LR input (dB)
+    assert worse.reason.startswith("worse: lr_psnr") and "higher is better" in worse.reason
+    assert said[-1].startswith(f"@champion stays on v{v1}, not moved to v{v2}: worse: lr_psnr")
+    assert client.get_model_version_by_alias("sr3-gate", "champion").version == v1
+    assert client.get_model_version("sr3-gate", v2).tags[promote.DECISION_TAG] == "kept"
+    assert client.get_run(run2).data.tags[promote.REASON_TAG] == worse.reason
+    assert {"sr3.data.id", "sr3.data.fingerprint"} <= set(
+        client.search_runs([client.get_experiment_by_name(promote.EXPERIMENT).experiment_id])[0].data.tags)
+
+    forced = promote.gate(mlflow_server, "sr3-gate", v2, "champion", pairs,
+                          promote.GateConfig(**{**config.__dict__, "force": True}))
+    assert forced.moved and forced.reason.startswith("--force-alias")
+    assert client.get_model_version_by_alias("sr3-gate", "champion").version == v2
+
+    v3, _ = register("plain", 3)  # plain again against the bright holder: better, so it moves
+    better = promote.gate(mlflow_server, "sr3-gate", v3, "champion", pairs, config)
+    assert better.moved and better.reason.startswith("at least as good: lr_psnr")
+    assert better.new_score == pytest.approx(worse.holder_score, abs=1e-6)  # the same output as v1
+    assert client.get_model_version_by_alias("sr3-gate", "champion").version == v3

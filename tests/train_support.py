@@ -1,5 +1,6 @@
 """Helpers shared by the training tests: a tiny pairs dataset with the build_pairs column contract,
-and a tiny config that trains in seconds on 2 CPU cores."""
+committed as a version the way build_pairs commits one (pipelines.pair_store), and a tiny config
+that trains in seconds on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -30,8 +31,13 @@ def _png(image: Image.Image) -> bytes:
 
 
 def write_pairs(root: Path, n_train: int = 16, n_val: int = 4, seed: int = 0) -> str:
-    """HR 64×64 crops of skimage photos (area-resized), LR = Pillow bicubic ÷4; one shard per split."""
+    """HR 64×64 crops of skimage photos (area-resized), LR = Pillow bicubic ÷4; one shard (of one
+    row group) per split, committed as a new version of `root`."""
+    from pipelines import pair_store
+
     rng = np.random.default_rng(seed)
+    version = pair_store.new_version()
+    files = {}
     photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
     for split, count in (("train", n_train), ("val", n_val)):
         rows = []
@@ -43,7 +49,12 @@ def write_pairs(root: Path, n_train: int = 16, n_val: int = 4, seed: int = 0) ->
             lr = hr.resize((HR // SCALE, HR // SCALE), Image.BICUBIC)
             rows.append({"key": f"{split}-{i:04d}", "source": f"skimage/{i % len(photos)}", "split": split,
                          "recipe": "patches", "hr_size": HR, "scale": SCALE, "hr": _png(hr), "lr": _png(lr)})
-        folder = root / split
+        folder = root / pair_store.VERSIONS_DIR / version / split
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), folder / "part-00000.parquet")
+        files[split] = [{"path": f"{pair_store.VERSIONS_DIR}/{version}/{split}/part-00000.parquet",
+                         "rows": count, "row_groups": [count]}]
+    pair_store.commit(str(root), version, files, {"recipe": "patches", "hr_size": HR, "scale": SCALE,
+                                                  "pairs": n_train + n_val, "train": n_train, "val": n_val,
+                                                  "fingerprint": f"test-{seed}-{n_train}-{n_val}"})
     return str(root)

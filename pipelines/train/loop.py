@@ -1,23 +1,31 @@
 """The per-worker Ray Train loop: glue between Ray and `sr3model.training.train_step`.
 
-    restore (ray.train.get_checkpoint) → prepare_model (DDP) → repeat over the train shard:
+    restore (ray.train.get_checkpoint) → prepare_model (DDP) → repeat over this rank's batches
+    (pipelines.train.data: its own units of the committed train files, a new order every epoch):
         train_step (Algorithm 1, Adam + warm-up, clipping, EMA)      every step
         all-reduced loss etc. → MLflow (rank 0, pipelines.tracking)  every `log_every` steps
         DDIM validation on val pairs → metrics + image grid          every `val_every` steps (rank 0)
-        checkpoint → ray.train.report                                every `checkpoint_every` steps + last
+        checkpoint → ray.train.report                                every `checkpoint_every` steps,
+                                                                     or `checkpoint_minutes` (rank 0's
+                                                                     clock, agreed at log steps), + last
 
-A checkpoint directory holds `config.json`, `model.safetensors`, `ema.safetensors` (sr3model.weights),
-`trainer_state.pt` (step, optimizer, EMA update count, MLflow run id) written by rank 0, and one
-`rng_rank{r}.pt` per rank (its sampling generator and torch RNG): Ray merges the ranks' directories.
-`loop_config` keys are documented in `LoopConfig`; the driver (`pipelines.train`) builds it.
+A run starts from its own latest checkpoint (a rerun or a restart after a failure), else from
+`resume_from` (another run's checkpoint: a fork that continues exactly where that run was), else
+from scratch. A checkpoint directory holds `config.json`, `model.safetensors`, `ema.safetensors` (sr3model.weights),
+`trainer_state.pt` (step, optimizer, EMA update count, MLflow run id, the data position: epoch,
+batches of it done, dataset id) written by rank 0, and one `rng_rank{r}.pt` per rank (its sampling
+generator and torch RNG): Ray merges the ranks' directories. Resuming restores all of it, so the
+resumed run sees the batches, noise and dropout an uninterrupted run would have (validation runs
+on forked RNG streams and changes nothing). `loop_config` keys are documented in `LoopConfig`;
+the driver (`pipelines.train`) builds it.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint
 from sr3model import metrics as sr_metrics
+from pipelines.train.data import BatchStream
 from sr3model.config import SR3Config
 from sr3model.ema import EMA
 from sr3model.imageio import decode_png, to_tensor, to_uint8_batch
@@ -40,7 +49,6 @@ from sr3model.training import make_optimizer, train_step
 from sr3model.weights import EMA_FILE, MODEL_FILE, save_model
 
 STATE_FILE = "trainer_state.pt"
-SHUFFLE_BUFFER = 256  # rows; per worker
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,16 @@ class LoopConfig:
     config: str  # SR3Config JSON
     steps: int  # total optimiser steps of the run (a resumed run continues up to this)
     batch_per_worker: int
-    checkpoint_every: int
+    checkpoint_every: int  # steps; 0: not by steps
+    train_files: tuple[str, ...] = ()  # URIs of the committed train files of the pinned version
+    train_row_groups: tuple[tuple[int, ...], ...] = ()  # rows per row group of each train file
+    data_id: str = ""  # dataset id / workers x batch / buffer: a checkpoint's data position is kept
+    # only for the same data order (the same dataset version, world size, batch and buffer)
+    shuffle_buffer: int = 0  # rows; 0: pipelines.train.data.shuffle_buffer_rows(batch)
+    checkpoint_minutes: float = 0.0  # 0: not by time
+    resume_from: str = ""  # a checkpoint URI of another run to start from when this run has none
     pairs: str = ""  # pairs URI; its val/ split feeds validation
+    pairs_version: str | None = None  # the committed version read (None: an unversioned dataset)
     val_every: int = 0  # 0: validate only at the end
     val_images: int = 4
     val_steps: int = 10  # DDIM steps of the validation sampler
@@ -81,7 +97,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ema = EMA(model.net, cfg.train.ema_decay)
     generator = torch.Generator(device=device)
     start, state = 0, None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or (from_uri(lc.resume_from) if lc.resume_from else None)
     if checkpoint is not None:
         # A private download per rank: `as_directory()` shares one download between the processes
         # of a node, and ranks reading it while another rank fetches it read torn files (seen on GCS).
@@ -101,19 +117,29 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         from pipelines.tracking import RunLogger
 
         logger = RunLogger(lc.tracking_uri, lc.run_id)
-    val = load_val(lc.pairs, lc.val_images, device) if rank == 0 and lc.pairs and lc.val_images else None
+    val = load_val(lc, device) if rank == 0 and lc.pairs and lc.val_images else None
 
-    batches = iterate(ray.train.get_dataset_shard("train"), lc.batch_per_worker, device)
+    epoch, position = (0, 0) if state is None else (int(state.get("data_epoch", 0)), int(state.get("data_position", 0)))
+    if state is not None and state.get("data_id") != lc.data_id:  # another dataset: a fresh epoch
+        position = 0
+        if rank == 0:
+            print(f"note: the data order changed since the checkpoint ({state.get('data_id')!r} → {lc.data_id!r}: "
+                  f"dataset id / workers x batch / buffer): epoch {epoch} starts over")
+    batches = train_batches(lc, cfg.train.seed, rank, world, context.get_local_world_size())(epoch, position)
     window: list[dict[str, float]] = []
     summary: dict[str, float] = {}
+    last_saved = time.monotonic()
     if start >= lc.steps:  # already done (a rerun of a finished run): re-report its last state
-        save_and_report(model, ema, optimizer, generator, rank, start, lc, {"step": start})
+        save_and_report(model, ema, optimizer, generator, rank, start, lc, {"step": start}, (epoch, position))
     for step in range(start, lc.steps):
         tick = time.perf_counter()
-        hr, lr = next(batches)
+        epoch, position, hr, lr = next(batches)
+        hr, lr = torch.from_numpy(hr).to(device), torch.from_numpy(lr).to(device)
+        waited = time.perf_counter() - tick  # > 0 for long: training waits for its data
         stats = train_step(model, optimizer, hr, None if not cfg.conditional else lr, step=step,
                            config=cfg.train, ema=ema, generator=generator)
         stats["step_time_s"] = time.perf_counter() - tick
+        stats["data_wait_s"] = waited
         window.append(stats)
         done = step + 1
         if rank == lc.fail_rank and done == lc.fail_step and lc.fail_marker:
@@ -123,36 +149,54 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if done % lc.log_every == 0 or last:
             summary = reduce_window(window, device)
             summary["images_per_s"] = lc.batch_per_worker * world / summary["step_time_s"]
+            summary["epoch"] = float(epoch)
             window = []
             if logger is not None:
                 logger.log_metrics(summary, step=done)
         report: dict[str, Any] = {**summary, "step": done}  # latest logged stats, to Ray too
         if val is not None and ((lc.val_every and done % lc.val_every == 0) or last):
-            report.update(validate(unwrap(model), ema, val, lc, done, logger))
-        if done % lc.checkpoint_every == 0 or last:
-            save_and_report(model, ema, optimizer, generator, rank, done, lc, report)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                report.update(validate(unwrap(model), ema, val, lc, done, logger))
+        due = last or bool(lc.checkpoint_every and done % lc.checkpoint_every == 0)
+        if not due and lc.checkpoint_minutes > 0 and done % lc.log_every == 0:  # the same steps on every rank
+            due = agree(rank == 0 and time.monotonic() - last_saved >= 60 * lc.checkpoint_minutes, device)
+        if due:
+            save_and_report(model, ema, optimizer, generator, rank, done, lc, report, (epoch, position))
+            last_saved = time.monotonic()
+    batches.close()
 
 
 # -- data -----------------------------------------------------------------------------------------
 
-def iterate(shard, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (hr, lr) batches: the shard is re-read for as many epochs as the steps need."""
-    while True:
-        count = 0
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                              dtypes=torch.float32,
-                                              local_shuffle_buffer_size=SHUFFLE_BUFFER):
-            count += 1
-            yield batch["hr"], batch["lr"]
-        if count == 0:
-            raise RuntimeError(f"the train shard holds fewer than batch size {batch_size} rows")
+def train_batches(lc: LoopConfig, seed: int, rank: int, world: int, local_world: int) -> BatchStream:
+    """This rank's batch stream over the pinned train files (see pipelines.train.data)."""
+    from pipelines import storage
+
+    if not lc.train_files:
+        raise ValueError("no train files were given to the loop")
+    fs, _ = storage.resolve(lc.train_files[0])
+    paths = [storage.resolve(uri)[1] for uri in lc.train_files]
+    threads = max(1, min(4, (os.cpu_count() or 2) // max(1, local_world)))
+    return BatchStream(paths, lc.train_row_groups, storage.to_pyarrow(fs), seed=seed, rank=rank, world=world,
+                       batch=lc.batch_per_worker, buffer=lc.shuffle_buffer or None, threads=threads)
 
 
-def load_val(pairs: str, limit: int, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """The first `limit` val pairs (by key) as tensors in [-1, 1]; None if there are none."""
+def agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if any rank says so (one tiny all-reduce; every rank must call it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def load_val(lc: LoopConfig, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The first `val_images` val pairs (by key) of the pinned version as tensors in [-1, 1];
+    None if there are none."""
     from pipelines.pairs import read_part
 
-    table = read_part(pairs, "val", columns=["key", "hr", "lr"]).sort_by("key").slice(0, limit)
+    table = read_part(lc.pairs, "val", columns=["key", "hr", "lr"], version=lc.pairs_version)
+    table = table.sort_by("key").slice(0, lc.val_images)
     if table.num_rows == 0:
         return None
     hr = torch.stack([to_tensor(decode_png(b)) for b in table.column("hr").to_pylist()])
@@ -214,6 +258,14 @@ def image_grid(lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor) -> np.ndarr
 
 # -- checkpoints ----------------------------------------------------------------------------------
 
+def from_uri(uri: str) -> Checkpoint:
+    """A checkpoint directory at any storage URI as a Ray Train Checkpoint."""
+    from pipelines import storage
+
+    fs, path = storage.resolve(uri)
+    return Checkpoint(path=path, filesystem=storage.to_pyarrow(fs))
+
+
 def reseed(generator: torch.Generator, seed: int, rank: int, step: int) -> None:
     """Seed per rank (and per resume step, when a checkpoint holds no RNG state for this rank)."""
     generator.manual_seed(seed * 1_000_003 + rank * 10_007 + step)
@@ -221,8 +273,9 @@ def reseed(generator: torch.Generator, seed: int, rank: int, step: int) -> None:
 
 
 def save_and_report(model, ema: EMA, optimizer, generator: torch.Generator, rank: int, step: int,
-                    lc: LoopConfig, metrics: dict[str, Any]) -> None:
-    """Every rank writes its RNG state; rank 0 adds weights + trainer state; all call report."""
+                    lc: LoopConfig, metrics: dict[str, Any], data: tuple[int, int]) -> None:
+    """Every rank writes its RNG state; rank 0 adds weights + trainer state (with the data position
+    `data` = (epoch, batches of it done)); all call report."""
     with tempfile.TemporaryDirectory(prefix="sr3-ckpt-") as directory:
         path = Path(directory)
         rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
@@ -233,7 +286,8 @@ def save_and_report(model, ema: EMA, optimizer, generator: torch.Generator, rank
             save_model(path, unwrap(model), {k: v.cpu() for k, v in ema.state_dict().items()},
                        metadata={"step": str(step)})
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "ema_updates": ema.updates,
-                        "run_id": lc.run_id or ""}, path / STATE_FILE)
+                        "run_id": lc.run_id or "", "data_epoch": data[0], "data_position": data[1],
+                        "data_id": lc.data_id}, path / STATE_FILE)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
 
@@ -257,10 +311,13 @@ def restore(directory: Path, model: SR3, ema: EMA, generator: torch.Generator,
 
 
 def inject_failure_once(marker: str, rank: int, step: int) -> None:
-    """Test hook: raise once (the marker file records that the failure happened)."""
+    """Test hook: this worker process dies by SIGKILL, once (the marker file records that it did),
+    as a preempted node's would: no exception, no clean-up."""
+    import signal
+
     from pipelines import storage
 
     if not storage.exists(marker):
-        storage.write_bytes(marker, f"rank {rank} failed at step {step}\n".encode())
-        raise RuntimeError(f"injected failure on rank {rank} after step {step}")
+        storage.write_bytes(marker, f"rank {rank} killed at step {step}\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
 

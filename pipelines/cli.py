@@ -1,0 +1,44 @@
+"""How every job reports a bad input: one `JOB: error: message` line on stderr, exit status 2.
+
+    def main(argv=None) -> int:
+        return run_job("train", _main, argv)     # _main raises UserError for what the user got wrong
+
+What counts as the user's mistake (a missing or uncommitted pairs URI, an unknown preset, a bad
+`--set`, a model URI that does not exist, sizes that do not match) is raised as `UserError` (or the
+`FileNotFoundError` / `ValueError` / `KeyError` that config parsing and storage raise for such inputs)
+and ends as that one line, no traceback — the way argparse reports a bad flag. Anything else
+propagates with its traceback: a real bug must stay visible.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+INPUT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError)
+
+
+class UserError(ValueError):
+    """An input the user can fix (a flag, a URI, a dataset): reported as one line, exit status 2."""
+
+
+def message(error: BaseException) -> str:
+    """The error's text on one line (KeyError's repr quotes are dropped)."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
+
+
+def fail(job: str, error: BaseException | str) -> int:
+    """Print `JOB: error: …` to stderr; return the exit status 2."""
+    text = error if isinstance(error, str) else message(error)
+    print(f"{job}: error: {text}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run_job(job: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
+            input_errors: tuple[type[BaseException], ...] = INPUT_ERRORS) -> int:
+    """`main(argv)`, with the input errors of `input_errors` (and UserError) turned into one line."""
+    try:
+        return main(argv)
+    except (UserError, *input_errors) as error:
+        return fail(job, error)

@@ -1,0 +1,75 @@
+"""Every job's input errors end as one `JOB: error: …` line on stderr with exit status 2, no traceback
+(pipelines.cli); real bugs keep their traceback. No Ray is started: each error comes first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from job_support import ROOT, load_job
+from pipelines.cli import UserError, run_job
+from train_support import write_pairs
+
+
+def _one_line(capsys, job: str, argv: list[str]) -> str:
+    assert load_job(job).main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{job}: error: "), captured.err
+    return lines[0]
+
+
+def test_a_bad_input_is_one_line_in_a_real_process(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--pairs", str(tmp_path / "missing"),
+                           "--preset", "tinyy"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "train: error: unknown preset 'tinyy'; choose from ['faces-16-128', 'faces-256-1024', 'faces-64-512', "
+        "'natural-64-256', 'peer-128', 'tiny']"]
+
+
+def test_train_job_input_errors(capsys, tmp_path: Path) -> None:
+    pairs = write_pairs(tmp_path / "pairs", n_train=4, n_val=1)
+    assert "not a committed pairs dataset (nothing there)" in _one_line(
+        capsys, "train", ["--pairs", str(tmp_path / "nonexistent"), "--preset", "tiny"])
+    assert "unknown config key 'unet.chanels'" in _one_line(
+        capsys, "train", ["--pairs", pairs, "--preset", "tiny", "--set", "unet.chanels=8"])
+    assert "--set expects key=value" in _one_line(capsys, "train", ["--pairs", pairs, "--preset", "tiny", "--set", "x"])
+    assert "pairs have (hr_size, scale) [(64, 4)]" in _one_line(
+        capsys, "train", ["--pairs", pairs, "--preset", "faces-16-128"])
+    assert "--promote-metric 'psnrr'" in _one_line(
+        capsys, "train", ["--pairs", pairs, "--preset", "tiny", "--promote-metric", "psnrr"])
+    (Path(pairs) / "_SUMMARY.json").unlink()  # a build that died before its commit
+    assert "no committed _SUMMARY.json" in _one_line(capsys, "train", ["--pairs", pairs, "--preset", "tiny"])
+
+
+def test_other_jobs_refuse_missing_or_uncommitted_pairs(capsys, tmp_path: Path, no_weight_env) -> None:
+    pairs = write_pairs(tmp_path / "pairs", n_train=1, n_val=1)
+    (Path(pairs) / "_SUMMARY.json").unlink()
+    line = _one_line(capsys, "evaluate", ["--model", str(tmp_path / "no-model"), "--pairs", pairs,
+                                          "--report", str(tmp_path / "report")])
+    assert "not a committed pairs dataset" in line
+    assert "error: " in _one_line(capsys, "search_schedule", ["--model", str(tmp_path / "no-model"), "--pairs", pairs,
+                                                              "--steps", "2", "--report", str(tmp_path / "r")])
+    assert f"--input {tmp_path / 'no-photos'}: nothing there" in _one_line(
+        capsys, "build_pairs", ["--input", str(tmp_path / "no-photos"), "--output", str(tmp_path / "out"),
+                                "--recipe", "faces", "--hr-size", "64", "--scale", "4"])
+    assert "hr_size 66 must be a positive multiple of scale 4" in _one_line(
+        capsys, "build_pairs", ["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--recipe", "faces",
+                                "--hr-size", "66", "--scale", "4"])
+
+
+def test_only_input_errors_become_one_line(capsys) -> None:
+    def bad_input(argv):
+        raise UserError("pairs\nmissing")
+
+    def bug(argv):
+        raise ZeroDivisionError("a real bug")
+
+    assert run_job("job", bad_input, []) == 2
+    assert capsys.readouterr().err == "job: error: pairs missing\n"
+    with pytest.raises(ZeroDivisionError):
+        run_job("job", bug, [])
