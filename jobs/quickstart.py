@@ -22,8 +22,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="training steps of the tiny model")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (2 workers)")
     parser.add_argument("--patches-per-image", type=int, default=48)
-    parser.add_argument("--sampler", default="ddpm", choices=SAMPLER_NAMES)
-    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLER_NAMES)
+    parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--eval-limit", type=int, default=64, help="held-out pairs the evaluation scores")
     args = parser.parse_args()
     run(args.workdir, steps=args.steps, batch_size=args.batch_size, patches=args.patches_per_image,

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rows in each worker's shuffle buffer (default: 16 batches, at least 256)")
     parser.add_argument("--val-every", type=int, default=0, help="steps; 0: validate at the end only")
     parser.add_argument("--val-images", type=int, default=4)
+    parser.add_argument("--val-pairs", help="pairs URI whose val/ split validation and the promotion gate use "
+                                            "(default: --pairs), e.g. pairs of held-out photos")
     parser.add_argument("--val-steps", type=int, default=10, help="DDIM steps of validation sampling")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
@@ -94,6 +96,8 @@ def _main(argv: list[str] | None) -> int:
     from pipelines.train import check_pairs, train
 
     check_pairs(args.pairs, config)  # a missing or uncommitted dataset fails here, before Ray starts
+    if args.val_pairs:
+        check_pairs(args.val_pairs, config, split="val")
     import ray
 
     env = storage.worker_env()
@@ -109,7 +113,7 @@ def _main(argv: list[str] | None) -> int:
         keep_checkpoints=args.keep_checkpoints, register=args.register, alias=args.alias, gate=gate,
         cpus_per_worker=args.cpus_per_worker, val_every=args.val_every, val_images=args.val_images,
         val_steps=args.val_steps, log_every=args.log_every, max_failures=args.max_failures,
-        shuffle_buffer=args.shuffle_buffer, resume_from=args.resume_from)
+        shuffle_buffer=args.shuffle_buffer, resume_from=args.resume_from, val_pairs=args.val_pairs)
     print(f"run {result.run_name}: {result.steps} steps in {result.seconds:.0f} s"
           f"{' (resumed)' if result.resumed else ''}")
     print(f"checkpoint: {result.checkpoint}")

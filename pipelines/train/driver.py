@@ -79,20 +79,20 @@ class Cadence:
         return cls(DEFAULT_CHECKPOINT_STEPS, DEFAULT_CHECKPOINT_MINUTES if minutes is None else minutes, keep)
 
 
-def check_pairs(pairs: str, config: SR3Config, summary: dict[str, Any] | None = None) -> int:
-    """Number of train rows of the committed dataset; a clear error when it is not committed, holds
-    no training pairs, or its sizes disagree with the config."""
+def check_pairs(pairs: str, config: SR3Config, summary: dict[str, Any] | None = None, split: str = "train") -> int:
+    """Number of `split` rows of the committed dataset; a clear error when it is not committed, holds
+    no such pairs, or its sizes disagree with the config."""
     from pipelines.pairs import read_part
 
     summary = summary if summary is not None else pair_store.read_summary(pairs)
-    if {"version", "train", "hr_size", "scale"} <= set(summary):  # a versioned build says it: no reading
-        rows, sizes = int(summary["train"]), {(int(summary["hr_size"]), int(summary["scale"]))}
+    if {"version", split, "hr_size", "scale"} <= set(summary):  # a versioned build says it: no reading
+        rows, sizes = int(summary[split]), {(int(summary["hr_size"]), int(summary["scale"]))}
     else:
-        table = read_part(pairs, "train", columns=["hr_size", "scale"], version=summary.get("version"))
+        table = read_part(pairs, split, columns=["hr_size", "scale"], version=summary.get("version"))
         rows = table.num_rows
         sizes = set(zip(table.column("hr_size").to_pylist(), table.column("scale").to_pylist()))
     if rows == 0:
-        raise UserError(f"{pairs}: the committed dataset holds no training pairs")
+        raise UserError(f"{pairs}: the committed dataset holds no {'training' if split == 'train' else split} pairs")
     if sizes != {(config.hr_size, config.scale)}:
         raise UserError(f"{pairs}: pairs have (hr_size, scale) {sorted(sizes)} but the config wants "
                         f"({config.hr_size}, {config.scale}); pick another preset or --set hr_size/lr_size")
@@ -135,8 +135,8 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
           gate: GateConfig | None = None, cpus_per_worker: float | None = None,
           val_every: int = 0, val_images: int = 4, val_steps: int = 10, log_every: int = 1,
           max_failures: int = 3, keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS,
-          shuffle_buffer: int = 0, resume_from: str | None = None, tracking_uri: str | None = None,
-          fail_once_at: tuple[int, int] | None = None, log_pyfunc: bool = True,
+          shuffle_buffer: int = 0, resume_from: str | None = None, val_pairs: str | None = None,
+          tracking_uri: str | None = None, fail_once_at: tuple[int, int] | None = None, log_pyfunc: bool = True,
           say=print) -> TrainResult:
     """Train (or resume) a run on the current Ray cluster; see the module docstring.
 
@@ -145,7 +145,8 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
     gate compares (default `GateConfig()`: lr_psnr). `fail_once_at=(rank, step)` is a test hook:
     that rank's process is killed after that step, once per run. `resume_from`: a checkpoint URI of
     another run that this run starts from (weights, EMA, optimizer, step, RNG, data position) when
-    it has no checkpoint of its own.
+    it has no checkpoint of its own. `val_pairs`: another committed pairs dataset whose val/ split
+    validation and the promotion gate use instead of `pairs`' own (e.g. held-out photos).
     """
     tick = time.time()
     if config.train.batch_size % num_workers:
@@ -156,6 +157,8 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
     if rows < config.train.batch_size:
         raise UserError(f"{pairs}: {rows} train pairs, fewer than one batch of {config.train.batch_size}")
     data = pair_store.identity(pairs, summary)
+    val_source = val_pairs or pairs
+    val_version = summary.get("version") if val_source == pairs else pair_store.read_summary(val_source).get("version")
     run_name = run_name or default_run_name(config)
     storage_uri = storage_uri or DEFAULT_STORAGE
     uri = tracking.tracking_uri(tracking_uri)
@@ -166,7 +169,7 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
     run_params = {"run.steps": steps, "run.num_workers": num_workers, "run.use_gpu": use_gpu,
                   "run.batch_per_worker": config.train.batch_size // num_workers,
                   "run.checkpoint_every": cadence.steps, "run.checkpoint_minutes": cadence.minutes,
-                  "run.pairs": pairs, "run.train_rows": rows, **({"run.resume_from": resume_from} if resume_from else {})}
+                  "run.pairs": pairs, "run.val_pairs": val_source, "run.train_rows": rows, **({"run.resume_from": resume_from} if resume_from else {})}
     conflicts = tracking.log_params(uri, run_id, {**config.flat(), **run_params})
     conflicts |= tracking.log_dataset(uri, run_id, data)
     for key, (old, new) in sorted(conflicts.items()):
@@ -184,6 +187,7 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
                                    cpus_per_worker=cpus_per_worker, val_every=val_every, val_images=val_images,
                                    val_steps=val_steps, log_every=log_every, max_failures=max_failures,
                                    shuffle_buffer=shuffle_buffer, resume_from=resume_from or "", uri=uri,
+                                   val=(val_source, val_version),
                                    run_id=run_id, fail_once_at=fail_once_at)
         final_step = int(metrics.get("step", steps))
         tracking.set_tags(uri, run_id, {FINAL_STEP_TAG: final_step, FINAL_CHECKPOINT_TAG: checkpoint})
@@ -193,7 +197,7 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
         from pipelines.train.publish import publish
 
         model_uri, version, decision = publish(
-            checkpoint, uri, run_id, final_step, register=register, alias=alias, pairs=pairs,
+            checkpoint, uri, run_id, final_step, register=register, alias=alias, pairs=val_source,
             gate=gate, report_root=storage.join(storage_uri, run_name, "promotion"),
             logged=tags.get(MODEL_TAG) if done_before else None, say=say)
         if model_uri and not register:
@@ -209,7 +213,7 @@ def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str,
          num_workers: int, use_gpu: bool, storage_uri: str, run_name: str, cadence: Cadence,
          cpus_per_worker: float | None, val_every: int, val_images: int, val_steps: int, log_every: int,
          max_failures: int, shuffle_buffer: int, resume_from: str, uri: str, run_id: str,
-         fail_once_at: tuple[int, int] | None) -> tuple[str, dict[str, Any]]:
+         fail_once_at: tuple[int, int] | None, val: tuple[str, str | None]) -> tuple[str, dict[str, Any]]:
     """Run the TorchTrainer to `steps`; (final checkpoint URI, its reported metrics)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -221,9 +225,9 @@ def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str,
     loop = LoopConfig(
         config=config.to_json(), steps=steps, batch_per_worker=config.train.batch_size // num_workers,
         checkpoint_every=cadence.steps, checkpoint_minutes=cadence.minutes, train_files=files,
-        train_row_groups=groups, shuffle_buffer=shuffle_buffer, resume_from=resume_from, pairs=pairs,
+        train_row_groups=groups, shuffle_buffer=shuffle_buffer, resume_from=resume_from, pairs=val[0],
         data_id=f"{data['id']}/{num_workers}x{config.train.batch_size // num_workers}/{shuffle_buffer or 'auto'}",
-        pairs_version=summary.get("version"), val_every=val_every, val_images=val_images,
+        pairs_version=val[1], val_every=val_every, val_images=val_images,
         val_steps=val_steps, log_every=log_every, tracking_uri=uri, run_id=run_id,
         fail_rank=fail_rank, fail_step=fail_step,
         fail_marker=storage.join(storage_uri, run_name, FAILURE_MARKER) if fail_once_at else "")

@@ -66,8 +66,8 @@ class LoopConfig:
     shuffle_buffer: int = 0  # rows; 0: pipelines.train.data.shuffle_buffer_rows(batch)
     checkpoint_minutes: float = 0.0  # 0: not by time
     resume_from: str = ""  # a checkpoint URI of another run to start from when this run has none
-    pairs: str = ""  # pairs URI; its val/ split feeds validation
-    pairs_version: str | None = None  # the committed version read (None: an unversioned dataset)
+    pairs: str = ""  # the pairs URI whose val/ split feeds validation (the train pairs or --val-pairs)
+    pairs_version: str | None = None  # its committed version read (None: an unversioned dataset)
     val_every: int = 0  # 0: validate only at the end
     val_images: int = 4
     val_steps: int = 10  # DDIM steps of the validation sampler
