@@ -87,7 +87,7 @@ def train(arm: str, hr: torch.Tensor, lr: torch.Tensor, args) -> tuple[SR3, floa
         index = torch.randint(0, len(hr), (args.batch_size,), generator=order)
         stats = train_step(model, optimizer, hr[index], lr[index], step=step, config=config.train, ema=ema,
                            generator=noise)
-        losses.append(stats["loss"])
+        losses.append(float(stats["loss"]))
         if (step + 1) % max(1, args.steps // 5) == 0:
             print(f"  {arm}: step {step + 1}/{args.steps}, loss {np.mean(losses[-50:]):.4f}", flush=True)
     seconds = time.perf_counter() - tick

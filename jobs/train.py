@@ -12,6 +12,11 @@ it (--promote-metric, default lr_psnr; --force-alias moves it anyway). Runs on t
 by --ray-address or RAY_ADDRESS (as under `ray job submit`), else on a local Ray started for the run.
 MLflow: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current directory. A bad input (an
 unknown preset, pairs that are missing or not committed, a bad --set) is one `train: error:` line.
+
+Speed: --batch-size is the global batch; --micro-batch N accumulates gradients over micro-batches of
+N images per worker (the same update as the whole batch, less memory). Batches travel as uint8 and
+are normalised on the device; metrics are read every --log-every steps (no per-step host sync);
+checkpoints upload in the background. --compile and --channels-last are for CUDA (no-ops on CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", required=True, help="config preset, e.g. tiny, faces-16-128")
     parser.add_argument("--objective", choices=("sr3", "regression", "residual", "unconditional"))
     parser.add_argument("--steps", type=int, default=1000, help="total optimiser steps of the run")
-    parser.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, help="global batch size (default: the preset's), split evenly "
+                                                        "over --num-workers")
+    parser.add_argument("--micro-batch", type=int, metavar="N",
+                        help="gradient accumulation: each worker runs its batch (global / workers) in micro-batches "
+                             "of N images and steps once with the whole batch's gradient (DDP syncs on the last); "
+                             "less activation memory, the same update (default: the whole per-worker batch)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the U-Net (CUDA only: on CPU a note and no effect; measured slower "
+                             "there). Off by default")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last memory format for weights and batches (CUDA only: on CPU a note and "
+                             "no effect; measured slower there). Off by default")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--cpus-per-worker", type=float, help="default 0.5 on CPU, 1 with GPUs")
@@ -113,7 +129,8 @@ def _main(argv: list[str] | None) -> int:
         keep_checkpoints=args.keep_checkpoints, register=args.register, alias=args.alias, gate=gate,
         cpus_per_worker=args.cpus_per_worker, val_every=args.val_every, val_images=args.val_images,
         val_steps=args.val_steps, log_every=args.log_every, max_failures=args.max_failures,
-        shuffle_buffer=args.shuffle_buffer, resume_from=args.resume_from, val_pairs=args.val_pairs)
+        shuffle_buffer=args.shuffle_buffer, resume_from=args.resume_from, val_pairs=args.val_pairs,
+        micro_batch=args.micro_batch, compile=args.compile, channels_last=args.channels_last)
     print(f"run {result.run_name}: {result.steps} steps in {result.seconds:.0f} s"
           f"{' (resumed)' if result.resumed else ''}")
     print(f"checkpoint: {result.checkpoint}")

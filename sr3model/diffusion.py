@@ -49,12 +49,29 @@ def q_sample(y0: torch.Tensor, gamma: torch.Tensor | float, eps: torch.Tensor) -
 
 def sample_step_and_level(schedule: NoiseSchedule, batch: int, *,
                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, γ) per image: t uniform in 1..T (returned 0-based), γ uniform in [γ_t, γ_{t−1}]; float64."""
-    gen_device = generator.device if generator is not None else "cpu"
-    t = torch.randint(0, len(schedule), (batch,), generator=generator, device=gen_device).cpu()
-    u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64).cpu()
-    high, low = schedule.gammas_prev[t], schedule.gammas[t]
-    return t, low + u * (high - low)
+    """(t, γ) per image: t uniform in 1..T (returned 0-based), γ uniform in [γ_t, γ_{t−1}]; float64,
+    on the generator's device (the CPU without one): no host round trip per training step."""
+    gen_device = torch.device(generator.device if generator is not None else "cpu")
+    t = torch.randint(0, len(schedule), (batch,), generator=generator, device=gen_device)
+    u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
+    high, low = _levels_on(schedule, gen_device)
+    return t, low[t] + u * (high[t] - low[t])
+
+
+_LEVELS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _levels_on(schedule: NoiseSchedule, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(γ_{t−1}, γ_t) of the schedule on `device`, copied there once per schedule and device, so
+    that drawing levels on an accelerator's generator never makes the host wait for it."""
+    if device.type == "cpu":
+        return schedule.gammas_prev, schedule.gammas
+    key = (id(schedule), device)
+    cached = _LEVELS.get(key)
+    if cached is None or cached[0] is not schedule.gammas:  # an id reused by another schedule
+        cached = (schedule.gammas, schedule.gammas_prev.to(device), schedule.gammas.to(device))
+        _LEVELS[key] = cached
+    return cached[1], cached[2]
 
 
 def sample_noise_level(schedule: NoiseSchedule, batch: int, *, generator: torch.Generator | None = None,

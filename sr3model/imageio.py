@@ -7,7 +7,8 @@ builder all share the very same pixels.
 | --------------------------------------------------- | ------------------------------------------- |
 | 8-bit RGB at I/O; grayscale → RGB; alpha on white;  | `decode_image` → `to_rgb8`                  |
 | EXIF orientation applied; 16-bit scaled to 8-bit    |                                             |
-| model tensors float in [-1, 1], RGB, (B, 3, H, W)   | `to_tensor(_batch)`, `to_uint8(_batch)`     |
+| model tensors float in [-1, 1], RGB, (B, 3, H, W)   | `to_tensor(_batch)`, `to_uint8(_batch)`,    |
+|                                                     | `from_uint8` (uint8 batches, on the device) |
 | LR from HR: bicubic with anti-aliasing (Pillow)     | `lr_from_hr` (`resize_bicubic`)             |
 | conditioning x: LR upsampled bicubic to HR size     | `resize_bicubic(lr, hr.size)`               |
 | ImageNet: drop shorter side < HR, central square,   | `imagenet_hr` (`center_square`,             |
@@ -192,6 +193,14 @@ def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected uint8 (H, W, 3), got {image.dtype} {image.shape}")
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W), a writable copy
+    return from_uint8(pixels)
+
+
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (…, 3, H, W) → float32 in [-1, 1] on their device: what training batches
+    travel as (4× fewer bytes than float32) until this runs on the accelerator."""
+    import torch
+
     return pixels.to(torch.float32) / 127.5 - 1.0
 
 

@@ -81,9 +81,22 @@ class SR3(nn.Module):
         return eps_hat
 
     # -- training (Algorithm 1) -----------------------------------------------------------------
+    def draw_noise(self, hr: torch.Tensor, *, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Algorithm 1's random draws for a batch of HR images: γ ~ p(γ) (B,) and ε (B, 3, H, W),
+        as `forward(..., gamma=, eps=)` takes them ({} for regression, which draws nothing).
+        Drawn once for a whole batch and sliced per micro-batch, they make gradient accumulation
+        see the same noise as the full batch (`sr3model.training.train_step`)."""
+        if self.config.objective == "regression":
+            return {}
+        gamma = sample_noise_level(self.schedule, hr.shape[0], generator=generator, device=hr.device)
+        eps = randn(hr.shape, generator=generator, like=hr, dtype=hr.dtype)
+        return {"gamma": gamma, "eps": eps}
+
     def forward(self, hr: torch.Tensor, lr: torch.Tensor | None = None, *,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """The training loss for a batch of HR images (B, 3, H, W) and their LR images."""
+                generator: torch.Generator | None = None, gamma: torch.Tensor | None = None,
+                eps: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss for a batch of HR images (B, 3, H, W) and their LR images; γ (B,) and
+        ε (B, 3, H, W) are drawn here (`draw_noise`) unless given."""
         x = self.condition(lr)
         p = self.config.diffusion.loss
         batch = hr.shape[0]
@@ -91,8 +104,9 @@ class SR3(nn.Module):
             ones = torch.ones(batch, device=hr.device)
             return lp_loss(self.net(x, ones), hr - x if self.config.regression_skip else hr, p)
         y0 = hr - x if self.config.objective == "residual" else hr
-        gamma = sample_noise_level(self.schedule, batch, generator=generator, device=hr.device)
-        eps = randn(y0.shape, generator=generator, like=y0, dtype=y0.dtype)
+        if gamma is None or eps is None:
+            drawn = self.draw_noise(y0, generator=generator)
+            gamma, eps = drawn["gamma"], drawn["eps"]
         y_t = q_sample(y0, gamma, eps)
         out = self.net(self._inputs(x, y_t), gamma)  # (B, 3, H, W): ε, v or y0
         return lp_loss(out, target(self.config.diffusion.prediction, y0, gamma, eps), p)

@@ -74,8 +74,8 @@ def test_tiny_learns_one_pair_and_its_samples_approach_it(monkeypatch):
     optimizer = make_optimizer(model, config.train)
     generator = torch.Generator().manual_seed(0)
     batch_hr, batch_lr = hr.expand(4, -1, -1, -1), lr.expand(4, -1, -1, -1)
-    losses = [train_step(model.train(), optimizer, batch_hr, batch_lr, step=s, config=config.train, ema=ema,
-                         generator=generator)["loss"] for s in range(STEPS)]
+    losses = [float(train_step(model.train(), optimizer, batch_hr, batch_lr, step=s, config=config.train, ema=ema,
+                               generator=generator)["loss"]) for s in range(STEPS)]
     first, last = sum(losses[:25]) / 25, sum(losses[-25:]) / 25
     assert last <= first / 2.5, f"loss fell only {first / last:.1f}x ({first:.3f} -> {last:.3f})"  # 3.4x
     ema.copy_to(model.net)

@@ -36,25 +36,28 @@ def _state(checkpoint: str) -> dict:
 
 # -- without Ray ----------------------------------------------------------------------------------
 
-def test_decode_pairs_gives_float_arrays_in_range(pairs: str) -> None:
+def test_decode_pairs_gives_uint8_batches(pairs: str) -> None:
     from pipelines.pairs import read_part
 
     table = read_part(pairs, "train", columns=["hr", "lr"]).slice(0, 3)
     out = decode_pairs({name: np.array(table.column(name).to_pylist(), dtype=object) for name in ("hr", "lr")})
     assert out["hr"].shape == (3, 3, HR, HR) and out["lr"].shape == (3, 3, HR // SCALE, HR // SCALE)
-    assert out["hr"].dtype == np.float32 and out["hr"].min() >= -1 and out["hr"].max() <= 1
-    assert out["hr"].std() > 0.1  # real photo content, not a constant
+    assert out["hr"].dtype == np.uint8 and out["hr"].flags.c_contiguous
+    assert out["hr"].std() > 25  # real photo content, not a constant
 
 
-def test_decode_pairs_matches_the_science_core_pixels(pairs: str) -> None:
+def test_decode_pairs_on_the_device_match_the_science_core_pixels(pairs: str) -> None:
+    """What the loop trains on (uint8 batch → `to_device`) is exactly `to_tensor`'s [-1, 1] pixels."""
     from pipelines.pairs import read_part
+    from pipelines.train.loop import to_device
     from sr3model.imageio import decode_png, to_tensor
 
     table = read_part(pairs, "val", columns=["hr", "lr"])
     out = decode_pairs({name: np.array(table.column(name).to_pylist(), dtype=object) for name in ("hr", "lr")})
     for name in ("hr", "lr"):
         expected = torch.stack([to_tensor(decode_png(b)) for b in table.column(name).to_pylist()])
-        assert torch.equal(torch.from_numpy(out[name]), expected)
+        got = to_device(out[name], torch.device("cpu"))
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
 def test_check_pairs_names_a_size_mismatch_and_refuses_uncommitted_pairs(pairs: str, tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def test_a_resumed_stream_continues_with_the_same_batches(tmp_path: Path) -> Non
     straight.close()
     assert [(e, p) for e, p, _, _ in seen[:5]] == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
     hr, lr = seen[0][2], seen[0][3]
-    assert hr.shape == (2, 3, HR, HR) and lr.shape == (2, 3, HR // SCALE, HR // SCALE) and hr.dtype == np.float32
+    assert hr.shape == (2, 3, HR, HR) and lr.shape == (2, 3, HR // SCALE, HR // SCALE) and hr.dtype == np.uint8
     epochs = [np.concatenate([b[2] for b in seen[e * steps:(e + 1) * steps]]) for e in range(3)]
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
 

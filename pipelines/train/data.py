@@ -6,7 +6,8 @@
               steps(e) = min over ranks of rows // batch  (every rank runs the same steps)
               batch k of rank r = rows [k·b, (k+1)·b) of its order
     reading:  threads read a unit's row group (pyarrow, columns hr/lr) when a batch that needs it
-              enters the prefetch window; other threads decode the PNGs of upcoming batches.
+              enters the prefetch window; other threads decode the PNGs of upcoming batches into
+              uint8 (B, 3, H, W) arrays (normalised to [-1, 1] on the device by the loop).
 
 The order is a pure function of (files and their row groups, seed, epoch, world size, batch, buffer),
 computed from metadata alone (`epoch_plan`), so a run resumed at (epoch, position) — what the
@@ -96,12 +97,15 @@ def epoch_plan(units: Sequence[Unit], *, seed: int, epoch: int, rank: int, world
 
 
 def decode_pairs(batch: dict[str, Sequence[bytes]]) -> dict[str, np.ndarray]:
-    """PNG bytes columns `hr`, `lr` → float32 (B, 3, H, W) arrays in [-1, 1]; no torch needed."""
+    """PNG bytes columns `hr`, `lr` → uint8 (B, 3, H, W) arrays, contiguous; no torch needed.
+
+    Batches travel as uint8 (a quarter of float32's bytes to copy and to send to the device);
+    the training loop maps them to [-1, 1] on the device (`sr3model.imageio.from_uint8`)."""
     from sr3model.imageio import decode_png
 
     def stack(column: Sequence[bytes]) -> np.ndarray:
         pixels = np.stack([np.asarray(decode_png(bytes(b)), dtype=np.uint8) for b in column])  # (B, H, W, 3)
-        return pixels.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0  # (B, 3, H, W)
+        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # (B, 3, H, W) uint8
 
     return {"hr": stack(batch["hr"]), "lr": stack(batch["lr"])}
 
@@ -138,7 +142,7 @@ class UnitReader:
 
 
 class BatchStream:
-    """One rank's endless stream of (epoch, position after the batch, hr, lr) float32 arrays."""
+    """One rank's endless stream of (epoch, position after the batch, hr, lr) uint8 arrays."""
 
     def __init__(self, paths: Sequence[str], row_groups: Sequence[Sequence[int]], filesystem, *, seed: int,
                  rank: int, world: int, batch: int, buffer: int | None = None, threads: int = 2) -> None:

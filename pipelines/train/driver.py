@@ -3,6 +3,8 @@
     PAIRS/_SUMMARY.json ──pin the version──> its train files + row groups, its val files
         └─ LoopConfig → every worker reads its own batches (pipelines.train.data)
     TorchTrainer(loop.train_loop, ScalingConfig(K workers, fractional CPU), RunConfig(storage, name))
+        └─ global batch B: B / K images per worker and step, in micro-batches of `micro_batch`
+           (gradient accumulation; default one micro-batch)
         └─ checkpoints under STORAGE/RUN_NAME every N steps or M minutes (+ the last), the last K kept;
            rerun with the same name/storage resumes from the latest one; FailureConfig(max_failures)
            replaces dead workers and resumes the same way
@@ -137,6 +139,7 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
           max_failures: int = 3, keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS,
           shuffle_buffer: int = 0, resume_from: str | None = None, val_pairs: str | None = None,
           tracking_uri: str | None = None, fail_once_at: tuple[int, int] | None = None, log_pyfunc: bool = True,
+          micro_batch: int | None = None, compile: bool = False, channels_last: bool = False,
           say=print) -> TrainResult:
     """Train (or resume) a run on the current Ray cluster; see the module docstring.
 
@@ -147,10 +150,18 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
     another run that this run starts from (weights, EMA, optimizer, step, RNG, data position) when
     it has no checkpoint of its own. `val_pairs`: another committed pairs dataset whose val/ split
     validation and the promotion gate use instead of `pairs`' own (e.g. held-out photos).
+    `micro_batch`: images per micro-batch on each worker (gradient accumulation: the update is the
+    whole batch's; default the whole per-worker batch). `compile`, `channels_last`: CUDA speed-ups
+    (torch.compile of the U-Net, channels_last memory), a note and no-op on CPU.
     """
     tick = time.time()
     if config.train.batch_size % num_workers:
         raise UserError(f"batch size {config.train.batch_size} is not divisible by {num_workers} workers")
+    per_worker = config.train.batch_size // num_workers
+    if micro_batch is not None and not 1 <= micro_batch <= per_worker:
+        raise UserError(f"--micro-batch {micro_batch}: must be between 1 and the per-worker batch {per_worker} "
+                        f"(batch size {config.train.batch_size} / {num_workers} workers)")
+    micro_batch = micro_batch or per_worker
     cadence = Cadence.of(checkpoint_every, checkpoint_minutes, keep_checkpoints)
     summary = pair_store.read_summary(pairs)
     rows = check_pairs(pairs, config, summary)
@@ -167,7 +178,9 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
     if resume_from and not storage.exists(storage.join(resume_from, "trainer_state.pt")):
         raise UserError(f"--resume-from {resume_from}: no checkpoint there (no trainer_state.pt)")
     run_params = {"run.steps": steps, "run.num_workers": num_workers, "run.use_gpu": use_gpu,
-                  "run.batch_per_worker": config.train.batch_size // num_workers,
+                  "run.batch_per_worker": per_worker, "run.micro_batch": micro_batch,
+                  "run.accumulation_steps": -(-per_worker // micro_batch),
+                  "run.compile": compile, "run.channels_last": channels_last,
                   "run.checkpoint_every": cadence.steps, "run.checkpoint_minutes": cadence.minutes,
                   "run.pairs": pairs, "run.val_pairs": val_source, "run.train_rows": rows, **({"run.resume_from": resume_from} if resume_from else {})}
     conflicts = tracking.log_params(uri, run_id, {**config.flat(), **run_params})
@@ -187,8 +200,8 @@ def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, us
                                    cpus_per_worker=cpus_per_worker, val_every=val_every, val_images=val_images,
                                    val_steps=val_steps, log_every=log_every, max_failures=max_failures,
                                    shuffle_buffer=shuffle_buffer, resume_from=resume_from or "", uri=uri,
-                                   val=(val_source, val_version),
-                                   run_id=run_id, fail_once_at=fail_once_at)
+                                   val=(val_source, val_version), run_id=run_id, fail_once_at=fail_once_at,
+                                   speed=(micro_batch, compile, channels_last))
         final_step = int(metrics.get("step", steps))
         tracking.set_tags(uri, run_id, {FINAL_STEP_TAG: final_step, FINAL_CHECKPOINT_TAG: checkpoint})
 
@@ -213,7 +226,8 @@ def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str,
          num_workers: int, use_gpu: bool, storage_uri: str, run_name: str, cadence: Cadence,
          cpus_per_worker: float | None, val_every: int, val_images: int, val_steps: int, log_every: int,
          max_failures: int, shuffle_buffer: int, resume_from: str, uri: str, run_id: str,
-         fail_once_at: tuple[int, int] | None, val: tuple[str, str | None]) -> tuple[str, dict[str, Any]]:
+         fail_once_at: tuple[int, int] | None, val: tuple[str, str | None],
+         speed: tuple[int, bool, bool]) -> tuple[str, dict[str, Any]]:
     """Run the TorchTrainer to `steps`; (final checkpoint URI, its reported metrics)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -229,7 +243,7 @@ def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str,
         data_id=f"{data['id']}/{num_workers}x{config.train.batch_size // num_workers}/{shuffle_buffer or 'auto'}",
         pairs_version=val[1], val_every=val_every, val_images=val_images,
         val_steps=val_steps, log_every=log_every, tracking_uri=uri, run_id=run_id,
-        fail_rank=fail_rank, fail_step=fail_step,
+        micro_batch=speed[0], compile=speed[1], channels_last=speed[2], fail_rank=fail_rank, fail_step=fail_step,
         fail_marker=storage.join(storage_uri, run_name, FAILURE_MARKER) if fail_once_at else "")
     storage_path, storage_fs = _storage(storage_uri)
     cpus = cpus_per_worker if cpus_per_worker is not None else (1.0 if use_gpu else 0.5)
