@@ -1,4 +1,4 @@
-"""The training loop's speed options (#14): --micro-batch, --compile, --channels-last.
+"""The training loop's speed options (#14): --micro-batch, --compile, --channels-last (what they do, not how fast).
 
 - The flags parse and reach `pipelines.train.train` (jobs/train.py with the pipeline replaced by a
   recorder); on CPU the CUDA-only ones print a note and leave the model as it was.
