@@ -236,8 +236,9 @@ def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str,
 
     files, groups = train_files(pairs, summary)
     fail_rank, fail_step = fail_once_at or (-1, -1)
+    cpus = cpus_per_worker if cpus_per_worker is not None else (1.0 if use_gpu else 0.5)
     loop = LoopConfig(
-        config=config.to_json(), steps=steps, batch_per_worker=config.train.batch_size // num_workers,
+        config=config.to_json(), threads=max(1, int(cpus)), steps=steps, batch_per_worker=config.train.batch_size // num_workers,
         checkpoint_every=cadence.steps, checkpoint_minutes=cadence.minutes, train_files=files,
         train_row_groups=groups, shuffle_buffer=shuffle_buffer, resume_from=resume_from, pairs=val[0],
         data_id=f"{data['id']}/{num_workers}x{config.train.batch_size // num_workers}/{shuffle_buffer or 'auto'}",
@@ -246,7 +247,6 @@ def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str,
         micro_batch=speed[0], compile=speed[1], channels_last=speed[2], fail_rank=fail_rank, fail_step=fail_step,
         fail_marker=storage.join(storage_uri, run_name, FAILURE_MARKER) if fail_once_at else "")
     storage_path, storage_fs = _storage(storage_uri)
-    cpus = cpus_per_worker if cpus_per_worker is not None else (1.0 if use_gpu else 0.5)
     env = {**storage.worker_env(), tracking.TRACKING_ENV: uri}
     trainer = TorchTrainer(
         train_loop,

@@ -96,6 +96,7 @@ class LoopConfig:
     micro_batch: int = 0  # images per micro-batch (gradient accumulation); 0: the whole batch_per_worker
     compile: bool = False  # torch.compile the U-Net (CUDA only; a note and no-op on CPU)
     channels_last: bool = False  # channels_last weights and batches (CUDA only; a note and no-op on CPU)
+    threads: int = 0  # torch threads of a worker: its CPUs (at least 1); 0: leave torch's default
     tracking_uri: str | None = None  # None: no MLflow
     run_id: str | None = None
     fail_rank: int = -1  # failure injection for tests: rank `fail_rank` raises after step
@@ -110,6 +111,10 @@ def unwrap(model: torch.nn.Module) -> SR3:
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     lc = LoopConfig(**loop_config)
+    if lc.threads:
+        # What Ray does only when OMP_NUM_THREADS is unset: a user's OMP_NUM_THREADS=2 inherited by
+        # two workers on two cores would oversubscribe them (tests/test_quickstart.py: 658 s, 173 s with this).
+        torch.set_num_threads(lc.threads)
     cfg = SR3Config.from_json(lc.config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
