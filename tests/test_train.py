@@ -21,7 +21,8 @@ import torch
 
 from pipelines import tracking
 from pipelines.train import check_pairs, decode_pairs
-from pipelines.train.loop import STATE_FILE, image_grid
+from pipelines.train.checkpoints import STATE_FILE
+from pipelines.train.loop import image_grid
 from train_support import HR, SCALE, tiny_config, write_pairs
 
 

@@ -108,7 +108,7 @@ def test_checkpoints_a_failure_left_unregistered_are_deleted_on_resume(tmp_path:
     import pyarrow.fs
     from safetensors.torch import save_file
 
-    from pipelines.train.loop import MODEL_FILE, drop_unregistered
+    from pipelines.train.checkpoints import MODEL_FILE, drop_unregistered
     from ray.train import Checkpoint
 
     def directory(name: str, step: int | None) -> Path:

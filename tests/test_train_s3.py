@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipelines import storage, tracking
-from pipelines.train.loop import STATE_FILE
+from pipelines.train.checkpoints import STATE_FILE
 from train_support import tiny_config, write_pairs
 
 for _name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
