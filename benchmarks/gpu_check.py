@@ -124,8 +124,10 @@ def train_row(name: str, sets: list[str], device: torch.device, args, peak: floa
     model = SR3(override(preset(name), sets)).to(device).train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # FLOPs are linear in the batch; counting at batch 1 keeps the counter's decomposed ops (which
+    # hold more memory than the real step) from running out of memory at the largest batch.
+    flops = count_flops(training_step(model, 1, device, "auto")) * batch
     step = training_step(model, batch, device, "auto")
-    flops = count_flops(step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = median_time(step, device, args.repeats)
@@ -218,7 +220,12 @@ def main() -> None:
         if time.perf_counter() - start > args.budget_s * 0.7:
             report["skipped"].append(f"training {name}: over the time budget")
             continue
-        report["train"].append(train_row(name, sets, device, args, peak))
+        try:
+            report["train"].append(train_row(name, sets, device, args, peak))
+        except torch.OutOfMemoryError as error:
+            report["train"].append({"preset": name, "error": f"out of memory: {str(error)[:80]}"})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(report["train"][-1], flush=True)
     report["loss"] = loss_agreement(presets[0][0], presets[0][1], device, 4 if not args.quick else 2)
     if time.perf_counter() - start < args.budget_s * 0.85:
