@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines import evaluate as E  # noqa: E402
-from pipelines.infer.sampling import image_seed  # noqa: E402
+from pipelines.sampling import image_seed  # noqa: E402
 from pipelines.quickstart import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo  # noqa: E402
 from sr3model import SR3, override, preset  # noqa: E402
 from sr3model.ema import EMA  # noqa: E402

@@ -61,7 +61,7 @@ def write_inputs(folder: Path, count: int, size: int) -> list[Path]:
 
 def bare_loop(model_dir: Path, paths: list[Path], output: Path, steps: int, batch: int) -> float:
     from pipelines import storage
-    from pipelines.infer.sampling import image_seed
+    from pipelines.sampling import image_seed
 
     started = time.perf_counter()
     model = load_model(model_dir)

@@ -26,7 +26,7 @@ They are computed when their weights are given, or when asked for (`--metrics fi
 metric that cannot run (no weights, no torch-fidelity, unreadable file) is one clear note in the
 output, the report and the run, and everything else is still computed.
 
-Sampling: the upscale job's path (`pipelines.infer.sampling`) on the same actor pool — GPU actors
+Sampling: the upscale job's path (`pipelines.sampling`) on the same actor pool — GPU actors
 when the cluster has or can scale to GPUs (`pipelines.infer.placement`); `meta["sampled_by"]` names
 the processes. Every output has its own generator, seeded by (seed, pair key, sample index)
 (`image_seed`): a rerun reproduces each image whatever the batch or actor, and the schedule
@@ -55,12 +55,8 @@ from pipelines.pairs import read_part
 from pipelines.report import metric_prefix
 from sr3model import metrics as M
 
-BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio")
+BASE_METRICS, LOWER_IS_BETTER = M.BASE_METRICS, M.LOWER_IS_BETTER
 EXTRA_METRICS = ("fid", "is", "lpips")
-LOWER_IS_BETTER = {"consistency", "colour_error", "fid", "lpips"}
-# Per-output energies whose set-level ratio is `detail_ratio` (a mean of per-image ratios would be
-# dominated by the flattest patches): summed in `Running`, never reported on their own.
-_DETAIL_SR, _DETAIL_HR = "_detail_sr", "_detail_hr"
 FID_ENV, LPIPS_ENV = "SR3_FID_WEIGHTS", "SR3_LPIPS_WEIGHTS"
 DEFAULT_EXPERIMENT = "sr3-eval"
 Say = Callable[[str], None]
@@ -124,34 +120,12 @@ def check_model(model, data: EvalSet, label: str) -> None:
         raise ValueError(f"{label}: the model upscales ×{cfg.scale}, the pairs are {lr_px}→{hr_px} px")
 
 
-def per_image(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:
-    """PSNR, SSIM, consistency, LR-PSNR, colour error per output (B·N,), the detail energies of
-    output and HR (`_detail_sr`, `_detail_hr`), and diversity per pair when N > 1."""
-    b, n = images.shape[:2]
-    flat = images.reshape(b * n, *images.shape[2:])
-    hr_n, lr_n = hr.repeat_interleave(n, dim=0), lr.repeat_interleave(n, dim=0)
-    lr_size = tuple(lr.shape[-2:])
-    scores = {"psnr": M.psnr(flat, hr_n), "ssim": M.ssim(flat, hr_n),
-              "consistency": M.consistency(flat, lr_n), "lr_psnr": M.lr_psnr(flat, lr_n),
-              "colour_error": M.colour_error(flat, hr_n),
-              _DETAIL_SR: M.detail_energy(flat, lr_size), _DETAIL_HR: M.detail_energy(hr_n, lr_size)}
-    if n > 1:
-        scores["diversity"] = M.diversity(images)
-    return scores
-
-
-def summarise(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Set-level metrics from per-output values: means, and `detail_ratio` as a ratio of means."""
-    out = {k: float(v.double().mean()) for k, v in values.items() if k not in (_DETAIL_SR, _DETAIL_HR)}
-    if _DETAIL_SR in values:
-        out["detail_ratio"] = float(values[_DETAIL_SR].double().mean() / values[_DETAIL_HR].double().mean()
-                                    .clamp_min(1e-12))
-    return out
+per_image, summarise = M.per_image, M.summarise  # the one table (sr3model.metrics)
 
 
 def base_scores(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
     """Set-level metrics (`summarise`) of outputs (B, N, 3, H, W)."""
-    return summarise(per_image(images, hr, lr))
+    return M.scores(images, hr, lr)
 
 
 def _weights(flag: str | None, env: str) -> str | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines import storage, tracking
-from pipelines.infer.sampling import Sampling, choose_sampling
+from pipelines.sampling import Sampling, choose_sampling
 
 __all__ = ["ModelRef", "Sampling", "parse_schedule", "resolve_model", "sampling_for", "store_sampling"]
 
@@ -191,7 +191,7 @@ def _parse(text: str | None) -> dict[int, dict[str, Any]]:
 def sampling_for(ref: ModelRef, *, sampler: str | None = None, steps: int | None = None,
                  schedule: tuple[float, float] | None = None) -> Sampling:
     """Flags win; else the schedule stored for (steps, sampler) by the search; else the config's
-    (`pipelines.infer.sampling.choose_sampling`, which the pyfunc shares)."""
+    (`pipelines.sampling.choose_sampling`, which the pyfunc shares)."""
     return choose_sampling(ref.config(), ref.sampling, sampler=sampler, steps=steps, schedule=schedule)
 
 

@@ -5,7 +5,7 @@ The logged model holds `artifacts/model/` = `config.json` + `model.safetensors` 
 so `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` and `mlflow models serve` work anywhere.
 (`mlflow.pytorch.log_model` is not used: it exports with torch.export, which breaks the sampler loop.)
 
-One sampling path: `predict` samples through `pipelines.infer.sampling`, as jobs/upscale.py does —
+One sampling path: `predict` samples through `pipelines.sampling`, as jobs/upscale.py does —
 the same decoding (`sr3model.imageio.decode_image`), tiling for sizes other than the model's,
 per-image noise seeded by `image_seed(seed, name, 0)` and the same choice of schedule: params, else
 the schedule `jobs/search_schedule.py --apply` stored with the registry version (tag `sr3.sampling`,
@@ -85,7 +85,7 @@ def super_resolve_frame(model, frame: pd.DataFrame, params: dict[str, Any] | Non
     `stored`: the search's schedules per K, as `pipelines.models.ModelRef.sampling`."""
     import torch
 
-    from pipelines.infer.sampling import Layout, choose_sampling, image_seed, sample_batches
+    from pipelines.sampling import Layout, choose_sampling, image_seed, sample_batches
     from sr3model.imageio import decode_image, encode_png, to_uint8_batch
 
     params = dict(params or {})

@@ -29,7 +29,7 @@ All of psnr, ssim, consistency, lr_psnr (and fid, is, lpips with weights) can be
 trial logs all the cheap ones anyway.
 
 Trials are comparable: the same pairs (the first `--limit` of val/ by key), and for each pair the
-same noise seeds in every trial (`pipelines.infer.sampling.image_seed(seed, key, 0)`). Every
+same noise seeds in every trial (`pipelines.sampling.image_seed(seed, key, 0)`). Every
 (trial, batch of pairs) is one work item for the sampling actors (`pipelines.infer.scoring`, GPU
 actors when the cluster has or can scale to GPUs); the driver aggregates each trial's values in
 order, then logs it.
@@ -73,7 +73,7 @@ from pipelines.evaluate import (
     load_val,
 )
 from pipelines.infer import scoring
-from pipelines.infer.sampling import Sampling
+from pipelines.sampling import Sampling
 from pipelines.models import resolve_model, store_sampling
 from pipelines.report import metric_prefix
 

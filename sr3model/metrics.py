@@ -11,6 +11,9 @@
   The ratio output/HR is 1 for an output as detailed as the photo; bicubic's own output sits far
   below (its detail is what the round trip keeps), grain above. Over a set, the ratio of summed
   energies (`detail_ratio` of the means), so flat patches do not dominate.
+- `per_image` / `summarise`: the table every stage reports (training validation, the evaluate job,
+  the promotion gate, benchmarks): per-output values, then set-level means (`detail_ratio` as a
+  ratio of summed energies). `BASE_METRICS` names its columns.
 - `diversity`: SRDiff's σ — per-pixel standard deviation across N samples of one input, averaged,
   on [0, 1] images; samples (B, N, 3, H, W).
 - `LPIPS` / `load_lpips`: LPIPS v0.1 with the AlexNet backbone (Zhang et al. 2018), the same
@@ -86,6 +89,45 @@ def diversity(samples: torch.Tensor) -> torch.Tensor:
     if samples.ndim != 5 or samples.shape[1] < 2:
         raise ValueError("diversity needs samples shaped (B, N>=2, C, H, W)")
     return to_unit(samples).std(dim=1, unbiased=True).mean(dim=(1, 2, 3))
+
+
+# -- the per-image table ---------------------------------------------------------------------------
+BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio")
+LOWER_IS_BETTER = frozenset({"consistency", "colour_error", "fid", "lpips"})
+# Per-output energies whose set-level ratio is `detail_ratio` (a mean of per-image ratios would be
+# dominated by the flattest patches): summed by `summarise`, never reported on their own.
+DETAIL_SR, DETAIL_HR = "_detail_sr", "_detail_hr"
+
+
+def per_image(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs (B, N, 3, H, W) of LR (B, 3, h, w) against HR (B, 3, H, W): PSNR, SSIM, consistency,
+    LR-PSNR, colour error per output (B·N,), the detail energies of output and HR (`DETAIL_SR`,
+    `DETAIL_HR`), and diversity per pair (B,) when N > 1."""
+    b, n = images.shape[:2]
+    flat = images.reshape(b * n, *images.shape[2:])
+    hr_n, lr_n = hr.repeat_interleave(n, dim=0), lr.repeat_interleave(n, dim=0)
+    lr_size = tuple(lr.shape[-2:])
+    scores = {"psnr": psnr(flat, hr_n), "ssim": ssim(flat, hr_n), "consistency": consistency(flat, lr_n),
+              "lr_psnr": lr_psnr(flat, lr_n), "colour_error": colour_error(flat, hr_n),
+              DETAIL_SR: detail_energy(flat, lr_size), DETAIL_HR: detail_energy(hr_n, lr_size)}
+    if n > 1:
+        scores["diversity"] = diversity(images)
+    return scores
+
+
+def summarise(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Set-level metrics from per-output values (of `per_image`, concatenated over batches): means,
+    and `detail_ratio` as the ratio of the summed energies."""
+    out = {k: float(v.double().mean()) for k, v in values.items() if k not in (DETAIL_SR, DETAIL_HR)}
+    if DETAIL_SR in values:
+        out["detail_ratio"] = float(values[DETAIL_SR].double().mean()
+                                    / values[DETAIL_HR].double().mean().clamp_min(1e-12))
+    return out
+
+
+def scores(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+    """Set-level metrics (`summarise`) of outputs (B, N, 3, H, W) in one call."""
+    return summarise(per_image(images, hr, lr))
 
 
 # -- LPIPS (AlexNet) ------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def test_evaluate_job_end_to_end(ray_local, registered, tmp_path, monkeypatch, c
 
     from mlflow import MlflowClient
 
-    from pipelines.infer.sampling import image_seed
+    from pipelines.sampling import image_seed
     from pipelines.models import resolve_model
 
     root, tracking_uri, pairs, regression, uri, version = registered

@@ -93,7 +93,7 @@ def test_sampling_actors_placement_on_gpus_cpus_and_an_autoscaling_cluster_witho
 
 
 def test_batches_grouped_by_size_and_capped_by_output_pixels() -> None:
-    from pipelines.infer.sampling import plan_batches
+    from pipelines.sampling import plan_batches
 
     sizes = [(16, 16), (20, 36), (16, 16), (16, 16), (20, 36)]  # LR; ×4 → 4096 and 11520 output pixels
     batches = plan_batches(sizes, 2, 4, 8, 9000)
@@ -103,8 +103,8 @@ def test_batches_grouped_by_size_and_capped_by_output_pixels() -> None:
 
 
 def test_the_shared_sampling_path_needs_no_ray_mlflow_or_fsspec() -> None:
-    """The pyfunc ships pipelines/infer/sampling.py, and a GPU machine without Ray can run it."""
-    code = ("import sys, pipelines.infer.sampling; "
+    """The pyfunc ships pipelines/sampling.py, and a GPU machine without Ray can run it."""
+    code = ("import sys, pipelines.sampling; "
             "print([m for m in ('ray', 'mlflow', 'fsspec', 'gcsfs') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"

@@ -4,8 +4,7 @@ and the MLflow pyfunc share. The stages' entry points stay at the top of `pipeli
 
 | module       | what                                                                         | Ray? |
 | ------------ | ---------------------------------------------------------------------------- | ---- |
-| `sampling`   | the one sampling path: settings, per-image seeds, tiling, batches capped by   | no   |
-|              | output pixels, failure isolation                                             |      |
+| (`pipelines.sampling`, one floor down: the one sampling path, shared with the pyfunc and evaluation) | | |
 | `placement`  | where the sampling actors run (GPU/CPU, autoscaling min/max pool sizes)      | yes  |
 | `actors`     | the Ray Data actors: `Upscaler` (buckets), `PairScorer` (evaluation/search)  | yes  |
 | `scoring`    | driver side of evaluation and search: work items out, values back in order   | yes  |

@@ -1,5 +1,5 @@
 """The sampling actors of Ray Data's actor pools: each loads its model(s) once, from bytes in the
-object store, and samples through `pipelines.infer.sampling` (one path for every stage).
+object store, and samples through `pipelines.sampling` (one path for every stage).
 
     Upscaler     decoded bucket rows → sampled rows for `bucket.write_batch` (jobs/upscale.py).
                  A generator: each finished sampling call yields the rows it completed, so an
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.infer.placement import setup_actor
-from pipelines.infer.sampling import Layout, Sampling, default_max_batch_pixels, image_seed, sample_batches
+from pipelines.sampling import Layout, Sampling, default_max_batch_pixels, image_seed, sample_batches
 from pipelines.infer.scoring import item_sampling
 
 

@@ -32,7 +32,7 @@ def item_sampling(item: dict[str, Any]):
     """The `Sampling` of a work item (the inverse of `work_item`'s columns)."""
     import math
 
-    from pipelines.infer.sampling import Sampling
+    from pipelines.sampling import Sampling
 
     start, end = float(item["beta_start"]), float(item["beta_end"])
     explicit = not (math.isnan(start) or math.isnan(end))

@@ -331,16 +331,7 @@ def validate(model: SR3, ema: EMA, val: dict[str, torch.Tensor], lc: LoopConfig,
                 schedule=model.inference_schedule(steps=lc.val_steps), generator=generator)[:, 0]
     finally:
         model.train(training)
-    lr_size = tuple(lr.shape[-2:])
-    results = {
-        "val_psnr": float(sr_metrics.psnr(sr, hr).mean()),
-        "val_ssim": float(sr_metrics.ssim(sr, hr).mean()),
-        "val_consistency": float(sr_metrics.consistency(sr, lr).mean()),
-        "val_lr_psnr": float(sr_metrics.lr_psnr(sr, lr).mean()),
-        "val_colour_error": float(sr_metrics.colour_error(sr, hr).mean()),
-        "val_detail_ratio": float(sr_metrics.detail_energy(sr, lr_size).mean()
-                                  / sr_metrics.detail_energy(hr, lr_size).mean().clamp_min(1e-12)),
-    }
+    results = {f"val_{k}": v for k, v in sr_metrics.scores(sr[:, None], hr, lr).items()}
     results["val_time_s"] = time.perf_counter() - tick
     if logger is not None:
         logger.log_metrics(results, step=step)
