@@ -8,11 +8,11 @@ interleaved over `--rounds` rounds (medians reported):
 
 - plain loop:     Image.open → convert RGB → recipe crop/resize → bicubic LR → PNG (Pillow
                   defaults: full-size decode, compress level 6), one process: what one writes first.
-- same-ops loop:  `pipelines.pair_transforms.rows_for_file` in one process: exactly the builder's
+- same-ops loop:  `pipelines.pairs.transforms.rows_for_file` in one process: exactly the builder's
                   per-file work (JPEG draft decode, PNG level 1), without Ray.
 - process pool:   the same-ops loop split over one process per core (multiprocessing): the
                   parallel ceiling this machine offers right now (other users' load lowers it).
-- Ray builder:    `pipelines.pairs.build_pairs` on a local Ray with every core (after one warm-up
+- Ray builder:    `pipelines.pairs.build.build_pairs` on a local Ray with every core (after one warm-up
                   run that starts the workers), including listing, Parquet writing and the commit.
                   Ray workers run at niceness 15 by default; RAY_worker_niceness=0 here so that
                   they compete for a shared machine on the same terms as the loops.
@@ -36,7 +36,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from pipelines.pair_transforms import PairSpec, hr_images, rows_for_file  # noqa: E402
+from pipelines.pairs.transforms import PairSpec, hr_images, rows_for_file  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat")
 

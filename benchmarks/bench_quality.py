@@ -11,7 +11,7 @@ chelsea). Every arm is the `tiny` preset with its objective / prediction, traine
 `sr3model.training.train_step` loop (Adam + warm-up, EMA, flips) for `--steps` steps of the same
 random batches, from the same initial weights; its EMA weights are evaluated.
 
-Evaluation (`pipelines.evaluate`'s metrics, so the numbers mean what the evaluate job reports): PSNR,
+Evaluation (`pipelines.eval`'s metrics, so the numbers mean what the evaluate job reports): PSNR,
 SSIM, LR-PSNR (consistency in dB), colour error (mean |Δ| of per-channel means, 8-bit levels),
 detail ratio (high-frequency energy relative to the HR's; 1 = as detailed as the photo) and
 diversity (σ across `--samples` samples per pair), each sample's noise seeded by (seed, pair) as in
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines import evaluate as E  # noqa: E402
+from pipelines import eval as E  # noqa: E402
 from pipelines.sampling import image_seed  # noqa: E402
 from pipelines.quickstart import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo  # noqa: E402
 from sr3model import SR3, override, preset  # noqa: E402

@@ -4,7 +4,7 @@ the loop of #14 against the loop before it; and what one CPU core decodes for a 
     python benchmarks/bench_train.py [--steps 40] [--warmup 10] [--batch-size 8] [--log-every 10] [--rounds 1]
                                      [--skip-ray-train] [--gpu-images-per-s 100] [--decode-pairs 64]
 
-Inputs: 16→64 patch pairs cut by `pipelines.pairs.build_pairs` (Ray Data, patches recipe) from
+Inputs: 16→64 patch pairs cut by `pipelines.pairs.build.build_pairs` (Ray Data, patches recipe) from
 12 photos bundled in skimage.data, in a temp dir; enough (by default) that the timed steps stay in
 the first epoch, as they would on a real dataset. Model: the `tiny` preset at global batch
 `--batch-size`. Both sides run `--warmup` + `--steps` optimiser steps and time only the last
@@ -100,7 +100,7 @@ def probed_loop(loop_config: dict) -> None:
 
 def bare_loop(pairs: str, config: SR3Config, warmup: int, steps: int, window: int) -> dict:
     """A plain single-process loop: images/s over all timed steps and per `window` steps."""
-    from pipelines.pairs import read_part
+    from pipelines.pairs.store import read_part
     from pipelines.train import decode_pairs
     from sr3model.ema import EMA
     from sr3model.model import SR3
@@ -159,7 +159,7 @@ def old_train_step(model, optimizer, hr: torch.Tensor, lr: torch.Tensor, *, step
 def loop_ratio(pairs: str, config: SR3Config, windows: int, window: int, device: torch.device) -> dict:
     """Images/s of the new and the old loop, in alternating windows of `window` steps (one warm-up
     window each, then `windows` timed ones each)."""
-    from pipelines.pairs import read_part
+    from pipelines.pairs.store import read_part
     from pipelines.train import decode_pairs
     from pipelines.train.loop import Meter, to_device
     from sr3model.ema import EMA
@@ -256,7 +256,8 @@ def decode_rate(pairs_count: int, repeats: int) -> dict:
 def loader_rate(pairs: str, batch: int, batches: int) -> float:
     """Images/s of the training data path alone (pipelines.train.data: seeded unit order, shuffle
     buffer, read and decode threads), one worker's view, after 2 warm-up batches."""
-    from pipelines import pair_store, storage
+    from pipelines import storage
+from pipelines.pairs import store as pair_store
     from pipelines.train.data import BatchStream
     from pipelines.train.driver import train_files
 

@@ -7,7 +7,7 @@ in the same run, and both read, decode, sample, encode and write every image:
 
 - bare loop: one process, torch with all the machine's cores; read → decode → `super_resolve`
   with one generator per image (as the upscaler) → PNG → atomic write, batch after batch;
-- Ray Data: `pipelines.upscale.upscale` on a local Ray with the machine's CPUs, timed from the
+- Ray Data: `pipelines.infer.upscale.upscale` on a local Ray with the machine's CPUs, timed from the
   call to its return (planning, actor start-up and model load, the whole stream, the manifest),
   once per `--workers` value (0 = the job's default placement).
 
@@ -79,7 +79,7 @@ def bare_loop(model_dir: Path, paths: list[Path], output: Path, steps: int, batc
 
 def ray_pipeline(model_dir: Path, inputs: Path, output: Path, steps: int, batch: int,
                  workers: int | None) -> float:
-    from pipelines.upscale import upscale
+    from pipelines.infer.upscale import upscale
 
     started = time.perf_counter()
     summary = upscale(str(model_dir), str(inputs), str(output), steps=steps, sampler="ddpm",

@@ -1,10 +1,10 @@
-"""Build LR/HR pairs from image buckets into Parquet shards (see pipelines/pairs.py).
+"""Build LR/HR pairs from image buckets into Parquet shards (see pipelines/pairs/build.py).
 
     python jobs/build_pairs.py --input gs://bkt/ffhq --output gs://bkt/pairs/ffhq-64-256 \\
         --recipe faces --hr-size 256 --scale 4
 
 Each run writes a new version under OUTPUT/versions/ and commits it by writing OUTPUT/_SUMMARY.json
-last (pipelines/pair_store.py); a build that fails, or in which no file gave a pair or too many
+last (pipelines/pairs/store.py); a build that fails, or in which no file gave a pair or too many
 reads failed, commits nothing and leaves the previous dataset as it was. Runs on the Ray cluster
 named by --ray-address or RAY_ADDRESS (as under `ray job submit`), else on a local Ray.
 """
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pipelines.pair_transforms import PairSpec
+    from pipelines.pairs.transforms import PairSpec
 
     # check the flags before starting Ray
     PairSpec(args.recipe, args.hr_size, args.scale, args.val_fraction, args.patches_per_image, args.seed)
@@ -64,7 +64,8 @@ def _main(argv: list[str] | None) -> int:
             raise FileNotFoundError(f"--input {uri}: nothing there")
     import ray
 
-    from pipelines.pairs import build_pairs, read_part
+    from pipelines.pairs.build import build_pairs
+    from pipelines.pairs.store import read_part
 
     env = storage.worker_env()
     ray.init(

@@ -1,5 +1,5 @@
 """Generate images with the paper's cascade: an unconditional base model, then SR stages
-(see pipelines/cascade.py).
+(see pipelines/infer/cascade.py).
 
     python jobs/cascade.py --base models:/faces-64@champion --stage models:/faces-64-256@champion \\
         --stage models:/faces-256-1024@champion --num-samples 1000 --output gs://bkt/cascade \\
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    from pipelines.cascade import cascade
+    from pipelines.infer.cascade import cascade
     from pipelines.runtime import init_ray
 
     init_ray(args.ray_address)

@@ -1,4 +1,4 @@
-"""Evaluate a model on held-out pairs against bicubic and baselines (see pipelines/evaluate.py).
+"""Evaluate a model on held-out pairs against bicubic and baselines (see pipelines/eval/run.py).
 
     python jobs/evaluate.py --model models:/sr3-faces@champion --pairs gs://bkt/pairs/ffhq-16-128 \\
         --steps 100 --samples 4 --baseline models:/sr3-faces-regression@champion --limit 256 \\
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    from pipelines.evaluate import evaluate
+    from pipelines.eval.run import evaluate
     from pipelines.runtime import init_ray_if_named
 
     def say(message: str) -> None:

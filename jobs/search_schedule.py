@@ -1,4 +1,4 @@
-"""Search the inference noise schedule per step budget (see pipelines/schedule_search.py).
+"""Search the inference noise schedule per step budget (see pipelines/eval/search.py).
 
     python jobs/search_schedule.py --model models:/sr3-faces@champion --pairs gs://bkt/pairs/ffhq-16-128 \\
         --steps 25 50 100 --grid 5 --limit 32 --apply
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    from pipelines.schedule_search import search
+    from pipelines.eval.search import search
     from pipelines.runtime import init_ray_if_named
 
     def say(message: str) -> None:

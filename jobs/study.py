@@ -7,7 +7,7 @@
         --db postgresql://study@db-host/studies --host 0.0.0.0 --port 8000      # SR3_STUDY_ADMIN_TOKEN
     python jobs/study.py results --study gs://bkt/studies/faces-task1 --db postgresql://… --mlflow
 
-create samples every model's outputs through Ray Data (pipelines.upscale) and writes images under
+create samples every model's outputs through Ray Data (pipelines.infer.upscale) and writes images under
 opaque names plus study.json; serve runs the raters' web app (answers in SQLite by default, any
 SQLAlchemy URL); results writes STUDY/results/index.html + results.json (fool rates, 95% intervals,
 catch-trial exclusions, the highest and lowest fool-rate images) and optionally MLflow metrics.

@@ -103,7 +103,7 @@ def _main(argv: list[str] | None) -> int:
     if args.batch_size:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=args.batch_size))
     from pipelines.cli import UserError
-    from pipelines.promote import GateConfig, metric_names
+    from pipelines.train.promote import GateConfig, metric_names
 
     if args.promote_metric not in metric_names():
         raise UserError(f"--promote-metric {args.promote_metric!r}: choose from {', '.join(metric_names())}")

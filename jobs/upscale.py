@@ -1,4 +1,4 @@
-"""Super-resolve every new image of a bucket with a registered model (see pipelines/upscale.py).
+"""Super-resolve every new image of a bucket with a registered model (see pipelines/infer/upscale.py).
 
     python jobs/upscale.py --model models:/sr3-natural@champion --input gs://bkt/photos \\
         --output gs://bkt/photos-x4 --steps 100 --sampler ddpm --batch-size 16 --workers 4
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipelines.runtime import init_ray
-    from pipelines.upscale import DEFAULT_MAX_OUTPUT_PIXELS, upscale
+    from pipelines.infer.upscale import DEFAULT_MAX_OUTPUT_PIXELS, upscale
 
     init_ray(args.ray_address)
     try:

@@ -2,7 +2,7 @@
 
     pipelines.infer.actors.Upscaler  (jobs/upscale.py)          ┐
     pipelines.infer.actors.PairScorer (evaluate, search_schedule) ├─ plan_batches ─ sample_batches ─┐
-    pipelines.pyfunc (mlflow.pyfunc, `mlflow models serve`)      ┘                                 │
+    pipelines.registry.pyfunc (mlflow.pyfunc, `mlflow models serve`)      ┘                                 │
         model.super_resolve (the model's LR size) | sr3model.tiling.super_resolve_any (any other) <─┘
 
 Only torch, numpy and sr3model are imported here — no Ray, MLflow or fsspec — so the pyfunc can

@@ -13,7 +13,7 @@ both to the rank-0 worker (`RunLogger`) through the train loop config.
   with the same name continues the same MLflow run and its metric steps.
 - Params: MLflow refuses to change a logged param, so a resumed run logs only params it does not
   have yet and returns the ones whose value differs (the caller prints them).
-- Datasets: every run that reads a pairs dataset records its identity (`pipelines.pair_store`):
+- Datasets: every run that reads a pairs dataset records its identity (`pipelines.pairs.store`):
   params `data.id`, `data.fingerprint`, `data.pairs`, `data.train`, `data.val`, `data.recipe`,
   `data.hr_size`, `data.scale` and tags `sr3.data.id`, `sr3.data.fingerprint`, `sr3.data.uri`
   (`log_dataset`). Training calls it; any run whose params name a `pairs` URI (evaluation,
@@ -95,7 +95,7 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> dict[str, tu
 
     conflicts: dict[str, tuple[str, str]] = {}
     if isinstance(params.get("pairs"), str) and params["pairs"]:
-        from pipelines import pair_store
+        from pipelines.pairs import store as pair_store
 
         try:
             conflicts = log_dataset(uri, run_id, pair_store.identity(params["pairs"]))
@@ -111,7 +111,7 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> dict[str, tu
 
 
 def log_dataset(uri: str, run_id: str, identity: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """The dataset's identity (`pipelines.pair_store.identity`) as `data.*` params and `sr3.data.*`
+    """The dataset's identity (`pipelines.pairs.store.identity`) as `data.*` params and `sr3.data.*`
     tags; returns the params whose logged value differs (a resumed run on a rebuilt dataset)."""
     set_tags(uri, run_id, {"sr3.data.id": identity.get("id"), "sr3.data.fingerprint": identity.get("fingerprint"),
                            "sr3.data.uri": identity.get("uri")})

@@ -33,7 +33,7 @@ def register_tiny(directory: Path, tracking_uri: str, name: str, alias: str = "c
     """Log the model directory as this project's pyfunc in a new run and register it with `alias`.
     Returns (models:/NAME@ALIAS, version)."""
     from pipelines import tracking
-    from pipelines.pyfunc import log_model
+    from pipelines.registry.pyfunc import log_model
 
     run_id, _ = tracking.start_or_resume(tracking_uri, experiment, f"register-{name}")
     uri, version = log_model(directory, run_id, tracking_uri, register=name, alias=alias)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from job_support import load_job
-from pipelines import evaluate as E
-from pipelines import report
+from pipelines import eval as E
+from pipelines.eval import report
 from sr3model import metrics as M
 from sr3model.resample import downsample
 
@@ -186,7 +186,7 @@ def test_evaluate_job_end_to_end(ray_local, registered, tmp_path, monkeypatch, c
     from mlflow import MlflowClient
 
     from pipelines.sampling import image_seed
-    from pipelines.models import resolve_model
+    from pipelines.registry.models import resolve_model
 
     root, tracking_uri, pairs, regression, uri, version = registered
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)

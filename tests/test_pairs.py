@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines.pair_transforms import (
+from pipelines.pairs.transforms import (
     PAIR_COLUMNS,
     REJECT_COLUMNS,
     PairSpec,
@@ -21,7 +21,7 @@ from pipelines.pair_transforms import (
     split_rows,
     unit_hash,
 )
-from pipelines.pairs import list_sources, plan_tasks
+from pipelines.pairs.build import list_sources, plan_tasks
 from sr3model.imageio import decode_png
 
 IMAGENET = PairSpec("imagenet", hr_size=64, scale=4, val_fraction=0.5)
@@ -130,13 +130,13 @@ def test_task_planning_fills_cpus_and_caps_shards() -> None:
     assert plan_tasks(100, faces, cpus=64, files_per_task=10) == 10
 
 
-# -- committed versions (pipelines.pair_store) on local files --------------------------------------
+# -- committed versions (pipelines.pairs.store) on local files --------------------------------------
 
 def _version(root: Path, rows: int) -> tuple[str, dict]:
     """Write one version's train file as a build would (not yet committed)."""
     import pyarrow.parquet as pq
 
-    from pipelines import pair_store
+    from pipelines.pairs import store as pair_store
 
     version = pair_store.new_version()
     folder = root / pair_store.VERSIONS_DIR / version / "train"
@@ -148,9 +148,9 @@ def _version(root: Path, rows: int) -> tuple[str, dict]:
 
 
 def test_versions_commit_in_one_write_keep_the_previous_and_prune_the_rest(tmp_path: Path) -> None:
-    from pipelines import pair_store
+    from pipelines.pairs import store as pair_store
     from pipelines.cli import UserError
-    from pipelines.pairs import read_part
+    from pipelines.pairs.store import read_part
 
     root = tmp_path / "pairs"
     with pytest.raises(UserError, match="not a committed pairs dataset"):
@@ -183,7 +183,7 @@ def test_a_summary_from_before_versions_is_still_read(tmp_path: Path) -> None:
 
     import pyarrow.parquet as pq
 
-    from pipelines.pairs import read_part
+    from pipelines.pairs.store import read_part
 
     (tmp_path / "train").mkdir()
     pq.write_table(pa.table({"key": ["a", "b"]}), tmp_path / "train" / "part-00000.parquet")
@@ -192,7 +192,7 @@ def test_a_summary_from_before_versions_is_still_read(tmp_path: Path) -> None:
 
 
 def test_pair_rows_are_written_in_hashed_order_and_digested() -> None:
-    from pipelines.pair_transforms import ROW_SCHEMA, order_key, rows_digest
+    from pipelines.pairs.transforms import ROW_SCHEMA, order_key, rows_digest
 
     rows = [{"key": f"n0{c}/img{i}.jpg#p{p:03d}", "source": "s", "split": "train", "recipe": "patches",
              "hr_size": 64, "scale": 4, "hr": bytes([c, i, p]), "lr": b"l", "reason": None, "detail": None}

@@ -18,10 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import pair_store, storage
+from pipelines import storage
+from pipelines.pairs import store as pair_store
 from pipelines.cli import UserError
-from pipelines.pair_transforms import PAIR_COLUMNS, REJECT_COLUMNS, PairSpec, split_for
-from pipelines.pairs import build_listed, build_pairs, list_sources, read_part
+from pipelines.pairs.transforms import PAIR_COLUMNS, REJECT_COLUMNS, PairSpec, split_for
+from pipelines.pairs.build import build_listed, build_pairs, list_sources
+from pipelines.pairs.store import read_part
 from sr3model.imageio import decode_png
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from job_support import load_job
-from pipelines import schedule_search as S
+from pipelines.eval import search as S
 
 pytestmark = pytest.mark.usefixtures("no_weight_env", "one_torch_thread")
 
@@ -64,7 +64,7 @@ def test_search_apply_stores_the_best_grid_schedule_that_upscale_then_uses(ray_l
     """The job's trials are sampled by the actors of a local Ray (jobs connect to Ray first)."""
     from mlflow import MlflowClient
 
-    from pipelines.models import resolve_model, sampling_for
+    from pipelines.registry.models import resolve_model, sampling_for
 
     root, tracking_uri, pairs, uri, version = registered
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -113,7 +113,7 @@ def test_search_on_a_model_directory_stores_sampling_json(tmp_path):
     from model_support import save_tiny
     from train_support import write_pairs
 
-    from pipelines.models import resolve_model, sampling_for
+    from pipelines.registry.models import resolve_model, sampling_for
 
     directory = save_tiny(tmp_path / "sr3")
     pairs = write_pairs(tmp_path / "pairs", n_train=1, n_val=2)

@@ -13,7 +13,7 @@ import torch
 from job_support import load_job
 from pictures import assert_same_picture, picture_psnr
 from pipelines import storage
-from pipelines.pairs import read_part
+from pipelines.pairs.store import read_part
 from pipelines.study.images import decode
 
 pytestmark = pytest.mark.slow
@@ -69,8 +69,8 @@ def test_the_study_records_which_model_made_what(created_study):
 
 
 def test_outputs_are_the_named_models_outputs(created_study):
-    from pipelines.evaluate import bicubic
-    from pipelines.models import resolve_model
+    from pipelines.eval.data import bicubic
+    from pipelines.registry.models import resolve_model
     from sr3model.imageio import to_tensor_batch, to_uint8_batch
 
     study = created_study.study()

@@ -38,7 +38,7 @@ def _state(checkpoint: str) -> dict:
 # -- without Ray ----------------------------------------------------------------------------------
 
 def test_decode_pairs_gives_uint8_batches(pairs: str) -> None:
-    from pipelines.pairs import read_part
+    from pipelines.pairs.store import read_part
 
     table = read_part(pairs, "train", columns=["hr", "lr"]).slice(0, 3)
     out = decode_pairs({name: np.array(table.column(name).to_pylist(), dtype=object) for name in ("hr", "lr")})
@@ -49,7 +49,7 @@ def test_decode_pairs_gives_uint8_batches(pairs: str) -> None:
 
 def test_decode_pairs_on_the_device_match_the_science_core_pixels(pairs: str) -> None:
     """What the loop trains on (uint8 batch → `to_device`) is exactly `to_tensor`'s [-1, 1] pixels."""
-    from pipelines.pairs import read_part
+    from pipelines.pairs.store import read_part
     from pipelines.train.loop import to_device
     from sr3model.imageio import decode_png, to_tensor
 
@@ -117,7 +117,7 @@ def test_resumed_run_equals_uninterrupted_run_and_a_rerun_registers_nothing_new(
     tests/test_train_s3.py and, after a killed worker, below."""
     from mlflow import MlflowClient
 
-    from pipelines import pair_store
+    from pipelines.pairs import store as pair_store
     from pipelines.train import train
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

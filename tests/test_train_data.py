@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.fs
 import pytest
 
-from pipelines import pair_store
+from pipelines.pairs import store as pair_store
 from pipelines.train import Cadence
 from pipelines.train.data import BatchStream, buffer_order, epoch_plan, make_units
 from pipelines.train.driver import DEFAULT_CHECKPOINT_MINUTES, DEFAULT_CHECKPOINT_STEPS, train_files
@@ -91,7 +91,7 @@ def test_checkpoint_cadence_defaults_and_flags() -> None:
 
 
 def test_promotion_directions() -> None:
-    from pipelines.promote import at_least_as_good, metric_names
+    from pipelines.train.promote import at_least_as_good, metric_names
 
     assert "lr_psnr" in metric_names() and "detail_ratio" in metric_names()
     assert at_least_as_good("lr_psnr", 30.0, 29.0) and at_least_as_good("lr_psnr", 30.0, 30.0)

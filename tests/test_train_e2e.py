@@ -9,9 +9,9 @@ test stops by that group's id (never `ray stop`, which would stop every Ray on t
 MLflow server runs in its own process group too. Resuming by --run-name through the CLI is covered
 in-process by tests/test_train.py; here the job runs once.
 
-The promotion gate (pipelines.promote) runs against the same MLflow server: versions of a regression
+The promotion gate (pipelines.train.promote) runs against the same MLflow server: versions of a regression
 model that outputs the bicubic upsampling and one that adds +1 to it (a colour shift), compared on
-lr_psnr by `pipelines.evaluate.evaluate` in this process (its sampling on a cluster is
+lr_psnr by `pipelines.eval.run.evaluate` in this process (its sampling on a cluster is
 tests/test_evaluate.py's).
 """
 
@@ -146,8 +146,8 @@ def test_job_submit_trains_registers_and_pyfunc_matches_in_memory_model(
         ray_head: tuple[str, dict[str, str]], mlflow_server: str, tmp_path: Path) -> None:
     import mlflow
 
-    from pipelines.pairs import read_part
-    from pipelines.pyfunc import super_resolve_frame
+    from pipelines.pairs.store import read_part
+    from pipelines.registry.pyfunc import super_resolve_frame
     from sr3model.weights import load_model
 
     address, env = ray_head
@@ -193,8 +193,9 @@ def test_job_submit_trains_registers_and_pyfunc_matches_in_memory_model(
 def test_promotion_gate_moves_the_alias_only_to_a_version_at_least_as_good(mlflow_server: str, tmp_path: Path) -> None:
     import mlflow
 
-    from pipelines import promote, tracking
-    from pipelines.pyfunc import log_model
+    from pipelines import tracking
+from pipelines.train import promote
+    from pipelines.registry.pyfunc import log_model
     from sr3model.model import SR3
     from sr3model.weights import save_model
     from train_support import tiny_config

@@ -24,7 +24,7 @@ from model_support import register_tiny, save_tiny
 from pictures import assert_same_picture, picture_psnr
 from pipelines import storage
 from pipelines.infer import layout, manifest
-from pipelines.models import resolve_model, store_sampling
+from pipelines.registry.models import resolve_model, store_sampling
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Helpers shared by the training tests: a tiny pairs dataset with the build_pairs column contract,
-committed as a version the way build_pairs commits one (pipelines.pair_store), and a tiny config
+committed as a version the way build_pairs commits one (pipelines.pairs.store), and a tiny config
 that trains in seconds on 2 CPU cores."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _png(image: Image.Image) -> bytes:
 def write_pairs(root: Path, n_train: int = 16, n_val: int = 4, seed: int = 0) -> str:
     """HR 64×64 crops of skimage photos (area-resized), LR = Pillow bicubic ÷4; one shard (of one
     row group) per split, committed as a new version of `root`."""
-    from pipelines import pair_store
+    from pipelines.pairs import store as pair_store
 
     rng = np.random.default_rng(seed)
     version = pair_store.new_version()

@@ -5,16 +5,12 @@ object store, and samples through `pipelines.sampling` (one path for every stage
                  A generator: each finished sampling call yields the rows it completed, so an
                  actor holds at most one capped batch of outputs; a failed image comes out as a
                  row with its reason (out_of_memory | sample_failed) and the others go on.
-    PairScorer   work items (method, pairs start:stop, schedule) over the val pairs → per-output
-                 metric values of `pipelines.evaluate.per_image` (+ the outputs when the driver
-                 needs them: report grid, FID/IS/LPIPS); jobs/evaluate.py and search_schedule.py.
-                 `score_item` is the same work in the driver's process.
+
+The evaluation's scoring actor (`PairScorer`) lives with the evaluation (`pipelines.eval.scoring`).
 """
 
 from __future__ import annotations
 
-import pickle
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +18,6 @@ import numpy as np
 
 from pipelines.infer.placement import setup_actor
 from pipelines.sampling import Layout, Sampling, default_max_batch_pixels, image_seed, sample_batches
-from pipelines.infer.scoring import item_sampling
 
 
 class Upscaler:
@@ -102,68 +97,3 @@ class Upscaler:
                                ("batch_pixels", state["pixels"]), ("seconds", state["seconds"])):
                 extra[key].append(value)
         return {**out, **extra}
-
-
-class PairScorer:
-    """Actor of evaluation and schedule search: the models and the val pairs; work items → metric
-    values per output (and the outputs when asked), one pickled payload per item."""
-
-    def __init__(self, models: list, pairs: list, options: dict[str, Any]) -> None:
-        import ray
-
-        from pipelines.evaluate import EvalSet
-        from sr3model.weights import load_model_bytes
-
-        self.device = setup_actor(options["device"], options["threads"])
-        self.models = [load_model_bytes(*ray.get(ref), device=self.device) for ref in models]
-        self.data = EvalSet(*ray.get(pairs[0]))
-        self.options = options
-        self.schedules: dict[tuple, Any] = {}
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        import os
-
-        import ray
-
-        payloads = []
-        for i in range(len(batch["start"])):
-            item = {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
-            model = self.models[int(item["method"])]
-            sampling = item_sampling(item)
-            key = (int(item["method"]), sampling.steps, sampling.beta_start, sampling.beta_end)
-            if key not in self.schedules:
-                self.schedules[key] = sampling.schedule(model)
-            result = score_item(model, self.data, int(item["start"]), int(item["stop"]), sampling=sampling,
-                                schedule=self.schedules[key], samples=self.options["samples"],
-                                seed=self.options["seed"], batch_size=self.options["batch_size"],
-                                keep_images=bool(item["keep"]))
-            result["worker"] = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                                "device": self.device}
-            payloads.append(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
-        return {"index": list(batch["index"]), "payload": payloads}
-
-
-def score_item(model, data, start: int, stop: int, *, sampling: Sampling, schedule, samples: int, seed: int,
-               batch_size: int, keep_images: bool) -> dict[str, Any]:
-    """Sample pairs start..stop-1 of `data` (N = 1 for a regression model) and score them with
-    `pipelines.evaluate.per_image`: {"values": {metric: per-output array}, "images": (b, N, 3, H, W)
-    float32 or None, "seconds"}. A sampling failure raises: an evaluation cannot skip pairs."""
-    import torch
-
-    from pipelines.evaluate import per_image
-
-    started = time.perf_counter()
-    hr, lr = data.batch(start, stop)
-    n = 1 if model.config.objective == "regression" else samples
-    pixels = ((lr + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # the decoded PNGs
-    keys = data.keys[start:stop]
-    images = torch.empty(len(keys), n, 3, *hr.shape[-2:])
-    for sampled in sample_batches(model, list(pixels), keys, sampling=sampling, schedule=schedule, samples=n,
-                                  seed=seed, layout=Layout(batch_size)):
-        if sampled.outputs is None:
-            raise RuntimeError(f"sampling pair {keys[sampled.units[0][0]]} failed: {sampled.detail}")
-        for u, (j, k) in enumerate(sampled.units):
-            images[j, k] = sampled.outputs[u]
-    values = {k: v.detach().cpu().numpy() for k, v in per_image(images, hr, lr).items()}
-    return {"values": values, "images": images.numpy() if keep_images else None,
-            "gamma_K": float(schedule.gammas[-1]), "seconds": time.perf_counter() - started}

@@ -1,7 +1,7 @@
 """The paper's human evaluation (SR3 §4.3, Fig. 6 and 11): a two-alternative forced-choice (2AFC)
 fool-rate study, run as a web app with answers in a real database.
 
-    jobs/study.py create   val pairs ─Ray Data sampling (pipelines.upscale)─> STUDY/images/*.png
+    jobs/study.py create   val pairs ─Ray Data sampling (pipelines.infer.upscale)─> STUDY/images/*.png
                            (opaque names, one encoding) + STUDY/study.json (plan, who made what)
     jobs/study.py serve    FastAPI + uvicorn; raters' answers → SQLAlchemy (SQLite or PostgreSQL)
     jobs/study.py results  fool rate per model with 95% intervals, catch-trial exclusions,

@@ -1,7 +1,7 @@
 """`jobs/study.py create`: val pairs + models → a study folder on any storage URI.
 
     PAIRS/val ─seeded choice of N test + C catch pairs─> STUDY/_staging-*/lr/NNNNN.png (test LR)
-      ─pipelines.upscale.upscale (Ray Data actor pool), once per model / model baseline─>
+      ─pipelines.infer.upscale.upscale (Ray Data actor pool), once per model / model baseline─>
       STUDY/_staging-*/out-mK/NNNNN.png        bicubic baseline: sr3model.resample.upsample
     every image re-encoded (pipelines.study.images) under an opaque name ─> STUDY/images/*.png
     STUDY/study.json (written last: protocol, models, images, plan); the staging folder removed
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import storage
-from pipelines.pairs import read_part
+from pipelines.pairs.store import read_part
 from pipelines.study import images as I
 from pipelines.study.plan import FORMAT_VERSION, QUESTIONS, STUDY_FILE, Protocol, Study, make_plan
 
@@ -68,7 +68,7 @@ def create_study(models: Sequence[str], pairs: str, study: str, protocol: Protoc
                                        "model_version": ""}
             else:
                 out = storage.join(staging, f"out-{model_id}")
-                progress(f"{model_id}: sampling {uri} through pipelines.upscale")
+                progress(f"{model_id}: sampling {uri} through pipelines.infer.upscale")
                 summary = _upscale(uri, test_lr, out, steps=steps, sampler=sampler, schedule=schedule,
                                    seed=protocol.seed, batch_size=batch_size, workers=workers,
                                    tracking_uri=tracking_uri, progress=lambda m: progress(f"{model_id}: {m}"))
@@ -96,14 +96,14 @@ def create_study(models: Sequence[str], pairs: str, study: str, protocol: Protoc
 
 
 def _upscale(*args, **kwargs) -> dict[str, Any]:
-    from pipelines.upscale import upscale
+    from pipelines.infer.upscale import upscale
 
     return upscale(*args, **kwargs)
 
 
 def _bicubic(lr: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
-    """The bicubic baseline: the conditioning image x itself (pipelines.evaluate.bicubic)."""
-    from pipelines.evaluate import bicubic
+    """The bicubic baseline: the conditioning image x itself (pipelines.eval.bicubic)."""
+    from pipelines.eval.data import bicubic
     from sr3model.imageio import to_tensor_batch, to_uint8_batch
 
     return list(to_uint8_batch(bicubic(to_tensor_batch(lr), tuple(size))[:, 0]))

@@ -36,7 +36,7 @@ def results(study_uri: str, db_url: str, *, report_uri: str | None = None, log_m
             tracking_uri: str | None = None, max_catch_misses: int = 0, top: int = 5,
             say: Say = print) -> dict[str, Any]:
     """Compute and write the results (module docstring); returns the results.json document."""
-    from pipelines import report
+    from pipelines.eval import report
 
     study = Study.load(study_uri)
     db = StudyDB(db_url, study)

@@ -7,7 +7,7 @@
 | `data.py`    | each worker's batches: per-epoch seeded order over row-group units, shuffle buffer, exact resume |
 | `publish.py` | the final checkpoint as a pyfunc, one registered version per (run, step), the promotion gate |
 
-`pipelines.promote` holds the gate itself (it only needs the registry and `pipelines.evaluate`).
+`pipelines.train.promote` holds the gate itself (it only needs the registry and `pipelines.eval`).
 """
 
 from pipelines.train.driver import (  # noqa: F401

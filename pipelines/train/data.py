@@ -13,7 +13,7 @@ The order is a pure function of (files and their row groups, seed, epoch, world 
 computed from metadata alone (`epoch_plan`), so a run resumed at (epoch, position) — what the
 checkpoint records — continues with exactly the batches an uninterrupted run would have seen, and
 no rank replays the start of the epoch. Every rank reads only its own units: no worker reads
-another's data. Together with the build's hashed shard and row order (`pipelines.pair_transforms`)
+another's data. Together with the build's hashed shard and row order (`pipelines.pairs.transforms`)
 each batch mixes photos from all over the dataset.
 
 Why not Ray Data's streaming split here: its coordinator hands blocks to whichever worker asks
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-UNIT_ROWS = 64  # rows per unit (= pipelines.pairs.ROW_GROUP_ROWS for datasets built by this project)
+UNIT_ROWS = 64  # rows per unit (= pipelines.pairs.build.ROW_GROUP_ROWS for datasets built by this project)
 MIN_UNITS_PER_RANK = 4  # small datasets are cut into smaller units so that every rank gets some
 PREFETCH_BATCHES = 4  # batches read and decoded ahead of the one being trained on
 READ_ATTEMPTS = 4

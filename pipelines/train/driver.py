@@ -12,7 +12,7 @@
         the dataset's identity (`data.*` params, `sr3.data.*` tags); rank 0 logs metrics and
         validation; at the end the driver logs the pyfunc model from the final checkpoint and, with
         `register`, registers it (once per run and step) and runs the promotion gate
-        (pipelines.promote) that decides whether `alias` moves to it.
+        (pipelines.train.promote) that decides whether `alias` moves to it.
 
 A run that already reached `steps` (tags `sr3.final_step`, `sr3.final_checkpoint`) starts no workers:
 it only finishes what is missing (model, version, gate decision).
@@ -27,14 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines import pair_store, storage, tracking
+from pipelines import storage, tracking
+from pipelines.pairs import store as pair_store
 from pipelines.cli import UserError
 from pipelines.train.data import decode_pairs  # noqa: F401  (public here, as before)
 
 if TYPE_CHECKING:  # keep torch (via sr3model) out of modules that only need the driver's names
     from sr3model.config import SR3Config
 
-    from pipelines.promote import Decision, GateConfig
+    from pipelines.train.promote import Decision, GateConfig
 
 DEFAULT_STORAGE = str(Path.home() / "ray_results")
 DEFAULT_CHECKPOINT_STEPS = 5000  # without --checkpoint-every: every 5000 steps ...
@@ -84,7 +85,7 @@ class Cadence:
 def check_pairs(pairs: str, config: SR3Config, summary: dict[str, Any] | None = None, split: str = "train") -> int:
     """Number of `split` rows of the committed dataset; a clear error when it is not committed, holds
     no such pairs, or its sizes disagree with the config."""
-    from pipelines.pairs import read_part
+    from pipelines.pairs.store import read_part
 
     summary = summary if summary is not None else pair_store.read_summary(pairs)
     if {"version", split, "hr_size", "scale"} <= set(summary):  # a versioned build says it: no reading

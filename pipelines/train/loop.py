@@ -239,7 +239,7 @@ def train_batches(lc: LoopConfig, seed: int, rank: int, world: int, local_world:
 def load_val(lc: LoopConfig, device: torch.device) -> dict[str, torch.Tensor] | None:
     """The first `val_images` val pairs (by key) of the pinned version as tensors in [-1, 1];
     None if there are none."""
-    from pipelines.pairs import read_part
+    from pipelines.pairs.store import read_part
 
     table = read_part(lc.pairs, "val", columns=["key", "hr", "lr"], version=lc.pairs_version)
     table = table.sort_by("key").slice(0, lc.val_images)

@@ -1,10 +1,10 @@
 """After training: the final checkpoint as an MLflow pyfunc, one registered version per (run, step),
 and the promotion gate that decides whether the alias moves to it.
 
-    final checkpoint (any storage URI) ──pipelines.pyfunc.log_model──> the run's model
+    final checkpoint (any storage URI) ──pipelines.registry.pyfunc.log_model──> the run's model
         with `register`: registered without the alias, tagged sr3.step; a version of this run at
         this step already there (a rerun of a finished run) is reused, not registered again
-    ──pipelines.promote.gate──> alias moved or kept, with the reason on the version and the run
+    ──pipelines.train.promote.gate──> alias moved or kept, with the reason on the version and the run
        (a decision already recorded on the version is reported, not taken again, unless forced)
 """
 
@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipelines import promote, storage
+from pipelines import storage
+from pipelines.train import promote
 
 
 @contextmanager
@@ -41,7 +42,7 @@ def publish(checkpoint: str, tracking_uri: str, run_id: str, step: int, *, regis
     """(model URI, registered version, gate decision) for the run's final checkpoint."""
     from mlflow import MlflowClient
 
-    from pipelines.pyfunc import log_model
+    from pipelines.registry.pyfunc import log_model
 
     if not register:
         if logged:

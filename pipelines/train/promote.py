@@ -1,14 +1,14 @@
 """The promotion gate: a newly registered version takes the alias only if it is at least as good.
 
     new version v of NAME, the alias holder h (models:/NAME@ALIAS)
-      ──pipelines.evaluate.evaluate: the same val pairs (the first `limit` by key), seed, sampler,
+      ──pipelines.eval.evaluate: the same val pairs (the first `limit` by key), seed, sampler,
         steps; sampled on the cluster's sampling actors as jobs/evaluate.py does──>  metric(v), metric(h)
       ──v at least as good as h──> alias → v      otherwise v stays registered without the alias
     the decision, its reason and both scores: tags on the version and on the training run;
     the evaluation (the holder as the new version's baseline): an MLflow run in experiment
     `sr3-promotion` and a report under `report_root`.
 
-Better means: lower for `pipelines.evaluate.LOWER_IS_BETTER`, |log ratio| closer to 0 for
+Better means: lower for `pipelines.eval.LOWER_IS_BETTER`, |log ratio| closer to 0 for
 `detail_ratio`, higher for every other metric. The default metric `lr_psnr` compares the output,
 downsampled, with the LR input: a model whose colours drift or that ignores its input loses it.
 No holder: the alias moves without an evaluation. `force=True` moves it without one, too.
@@ -56,14 +56,14 @@ class Decision:
 
 
 def metric_names() -> tuple[str, ...]:
-    from pipelines.evaluate import BASE_METRICS, EXTRA_METRICS
+    from pipelines.eval.measures import BASE_METRICS, EXTRA_METRICS
 
     return (*BASE_METRICS, *EXTRA_METRICS)
 
 
 def badness(metric: str, value: float) -> float:
     """The metric turned into "lower is better"."""
-    from pipelines.evaluate import LOWER_IS_BETTER
+    from pipelines.eval.measures import LOWER_IS_BETTER
 
     if metric == "detail_ratio":
         return abs(math.log(value)) if value > 0 else math.inf
@@ -160,8 +160,8 @@ def score_models(tracking_uri: str, models: list[str], pairs: str, config: GateC
     sampled on the Ray cluster this process is connected to, else here."""
     import time
 
-    from pipelines.evaluate import evaluate
-    from pipelines.models import resolve_model
+    from pipelines.eval.run import evaluate
+    from pipelines.registry.models import resolve_model
 
     first = resolve_model(models[0], tracking_uri).config()
     label = "-vs-".join(m.split("models:/", 1)[-1].replace("/", "-v") for m in models)

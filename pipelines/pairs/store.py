@@ -4,12 +4,12 @@
     OUTPUT/versions/<version>/_SUMMARY.json       the same document, kept with its version (for rollback)
     OUTPUT/versions/<version>/{train,val,rejects}/part-<task>.parquet
 
-- Writers (`pipelines.pairs.build_pairs`): write every part file under `versions/<version>/`,
+- Writers (`pipelines.pairs.build.build_pairs`): write every part file under `versions/<version>/`,
   then `commit`: the version's own summary, then `OUTPUT/_SUMMARY.json` in one PUT (a rename on
   local disks). A build that dies before that last write leaves the previous summary, so readers
   keep reading the previous version unchanged; the orphaned version folder is removed by the next
   commit (`prune`). One build per OUTPUT at a time: `prune` does not know about a build in flight.
-- Readers (`pipelines.pairs.read_part`, training, evaluation, schedule search) read only the files
+- Readers (`pipelines.pairs.store.read_part`, training, evaluation, schedule search) read only the files
   the committed summary lists (`part_files`); a URI without a committed summary is a `UserError`.
 - `keep` versions stay: the current one and the previous ones named in its `history`. Rolling back
   is copying `versions/<previous>/_SUMMARY.json` over `OUTPUT/_SUMMARY.json`.
@@ -26,11 +26,16 @@ import json
 import posixpath
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipelines import storage
 from pipelines.cli import UserError
+from pipelines.pairs.transforms import PAIR_COLUMNS, REJECT_COLUMNS, ROW_SCHEMA
 
 SUMMARY_NAME = "_SUMMARY.json"
 VERSIONS_DIR = "versions"
@@ -134,3 +139,17 @@ def prune(output: str, summary: dict[str, Any]) -> list[str]:
 def discard(output: str, version: str) -> None:
     """Remove an uncommitted version (a failed or refused build)."""
     storage.remove(version_uri(output, version))
+
+
+def read_part(output: str, part: str, columns: Sequence[str] | None = None, *,
+              version: str | None = None) -> pa.Table:
+    """One part ("train", "val", "rejects") of the committed dataset at `output` (or of one of its
+    kept versions) as a pyarrow Table: only the files its summary lists; empty if it lists none.
+    A URI without a committed summary raises `pipelines.cli.UserError`."""
+    names = list(REJECT_COLUMNS if part == "rejects" else PAIR_COLUMNS) if columns is None else list(columns)
+    files = part_files(output, part, version=version)
+    if not files:  # a run without rejects (or without val rows) writes no files there
+        return pa.schema([ROW_SCHEMA.field(name) for name in names]).empty_table()
+    fs, _ = storage.resolve(files[0].uri)
+    paths = [storage.resolve(f.uri)[1] for f in files]
+    return pq.ParquetDataset(paths, filesystem=storage.to_pyarrow(fs)).read(columns=names)

@@ -16,7 +16,7 @@ actor, outputs are sampled in batches grouped by size and capped by output pixel
 (`max_batch_pixels`), and each finished batch's rows leave the actor at once; only status rows
 come back to the driver.
 
-Sampling: `pipelines.models.sampling_for` (flags, else the schedule stored by the search job for
+Sampling: `pipelines.registry.models.sampling_for` (flags, else the schedule stored by the search job for
 these steps, else the model config) through `pipelines.sampling` — the path the pyfunc and
 the evaluation share. A failed image (out of memory, a sampling error) is rejected with its
 reason and retried on the next run; the summary counts it under `failed`.
@@ -37,7 +37,7 @@ from pipelines.infer.actors import Upscaler
 from pipelines.infer.layout import FORMATS, SUMMARY_NAME
 from pipelines.infer.placement import WRITE_CPUS, WRITE_TASKS, Placement, input_blocks, sampling_placement
 from pipelines.sampling import Layout, Sampling
-from pipelines.models import ModelRef, parse_schedule, resolve_model, sampling_for
+from pipelines.registry.models import ModelRef, parse_schedule, resolve_model, sampling_for
 
 DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
 

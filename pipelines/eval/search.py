@@ -30,7 +30,7 @@ trial logs all the cheap ones anyway.
 
 Trials are comparable: the same pairs (the first `--limit` of val/ by key), and for each pair the
 same noise seeds in every trial (`pipelines.sampling.image_seed(seed, key, 0)`). Every
-(trial, batch of pairs) is one work item for the sampling actors (`pipelines.infer.scoring`, GPU
+(trial, batch of pairs) is one work item for the sampling actors (`pipelines.eval.scoring`, GPU
 actors when the cluster has or can scale to GPUs); the driver aggregates each trial's values in
 order, then logs it.
 
@@ -39,8 +39,8 @@ the search, metrics `best_<metric>`, `best_beta_start`, `best_beta_end` stepped 
 artifacts `search.json` + `metric_vs_steps.png`; one nested child run per trial
 (`mlflow.parentRunId`) with params steps, beta_start, beta_end, sampler and all its metrics
 (plus `gamma_K`, the signal left at the chain's start). `--apply` stores the best schedule per K
-with the model version (`pipelines.models.store_sampling`); `jobs/upscale.py` then uses it by
-default for those steps (`pipelines.models.sampling_for`).
+with the model version (`pipelines.registry.models.store_sampling`); `jobs/upscale.py` then uses it by
+default for those steps (`pipelines.registry.models.sampling_for`).
 """
 
 from __future__ import annotations
@@ -57,31 +57,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import report, tracking
-from pipelines.evaluate import (
-    BASE_METRICS,
-    EXTRA_METRICS,
-    FID_ENV,
-    LOWER_IS_BETTER,
-    Perceptual,
-    Running,
-    Say,
-    _device,
-    check_model,
-    default_report_dir,
-    label_of,
-    load_val,
-)
-from pipelines.infer import scoring
+from pipelines import tracking
+from pipelines.eval import report, scoring
+from pipelines.eval.data import check_model, load_val
+from pipelines.eval.measures import BASE_METRICS, FID_ENV, LOWER_IS_BETTER, METRICS, Perceptual, Running, device_for
+from pipelines.eval.report import metric_prefix
+from pipelines.eval.run import Say, default_report_dir, label_of
+from pipelines.registry.models import resolve_model, store_sampling
 from pipelines.sampling import Sampling
-from pipelines.models import resolve_model, store_sampling
-from pipelines.report import metric_prefix
 
 START_RANGE = (1e-6, 1e-2)
 GAMMA_K_SPAN = 100.0  # default γ_K range: [γ_T / 100, γ_T]
 DEFAULT_METRIC = "ssim"
 DEFAULT_EXPERIMENT = "sr3-schedule-search"
-METRICS = BASE_METRICS + EXTRA_METRICS
 
 
 def _axis(low: float, high: float, n: int, name: str = "β") -> list[float]:
@@ -154,7 +142,7 @@ def choose_metric(metric: str | None, *, fid_weights: str | None = None, lpips_w
         if perceptual.available:
             return "fid", perceptual, []
         return DEFAULT_METRIC, None, [*perceptual.notes, f"scoring with {DEFAULT_METRIC}, the default "
-                                      "without Inception weights (see pipelines/schedule_search.py)"]
+                                      "without Inception weights (see pipelines/eval/search.py)"]
     perceptual = Perceptual([metric], fid_weights=fid_weights, lpips_weights=lpips_weights, device=device,
                             batch_size=batch_size)
     if metric not in perceptual.available:
@@ -173,7 +161,7 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
     """Grid-search valid (β_1, β_K) for each K in `steps`; log every trial; optionally store the best.
     `gamma_range` (first levels γ_K) defaults to `gamma_k_range` of the model's training schedule.
 
-    Trials are sampled on the Ray cluster's sampling actors, as in `pipelines.evaluate.evaluate`
+    Trials are sampled on the Ray cluster's sampling actors, as in `pipelines.eval.run.evaluate`
     (`on_cluster`, `device`, `workers`, `num_gpus_per_worker`); the driver scores and logs."""
     from mlflow import MlflowClient
 
@@ -181,7 +169,7 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
         raise ValueError("--steps needs one or more positive step counts")
     uri = tracking.tracking_uri(tracking_uri)
     metric, perceptual, notes = choose_metric(metric, fid_weights=fid_weights, lpips_weights=lpips_weights,
-                                              device=_device(None), batch_size=batch_size)
+                                              device=device_for(None), batch_size=batch_size)
     for note in notes:
         say(note)
     ref = resolve_model(model_uri, uri)

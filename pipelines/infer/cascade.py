@@ -31,7 +31,7 @@ from pipelines.infer import bucket, manifest
 from pipelines.infer.layout import EXTENSIONS, SUMMARY_NAME
 from pipelines.infer.placement import WRITE_CPUS, WRITE_TASKS, setup_actor, input_blocks, sampling_placement
 from pipelines.sampling import Sampling, image_seed
-from pipelines.models import resolve_model, sampling_for
+from pipelines.registry.models import resolve_model, sampling_for
 
 SAMPLE_NAME = "sample_{:06d}"
 

@@ -7,14 +7,21 @@ values back, in item order.
 
 A work item is (method, pairs start:stop, sampler, K, β_1, β_K, keep): pairs are sampled with the
 noise of `image_seed(seed, pair key, k)`, so results do not depend on which actor took the item.
-`on_cluster=False` runs the same `score_item` in this process (no Ray).
+`PairScorer` is the actor; `on_cluster=False` runs the same `score_item` in this process (no Ray).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+import numpy as np
+
+from pipelines.infer.placement import setup_actor
+from pipelines.sampling import Layout, Sampling, sample_batches
 
 ITEM_FIELDS = ("method", "trial", "start", "stop", "sampler", "steps", "beta_start", "beta_end", "keep")
 
@@ -31,8 +38,6 @@ def work_item(method: int, trial: int, start: int, stop: int, sampling, keep: bo
 def item_sampling(item: dict[str, Any]):
     """The `Sampling` of a work item (the inverse of `work_item`'s columns)."""
     import math
-
-    from pipelines.sampling import Sampling
 
     start, end = float(item["beta_start"]), float(item["beta_end"])
     explicit = not (math.isnan(start) or math.isnan(end))
@@ -61,7 +66,6 @@ def score(refs: Sequence, data, items: list[dict[str, Any]], *, samples: int, se
     import ray
     import ray.data
 
-    from pipelines.infer.actors import PairScorer
     from pipelines.infer.placement import sampling_placement
 
     placement = sampling_placement(num_gpus_per_worker, workers, device=device,
@@ -79,11 +83,7 @@ def score(refs: Sequence, data, items: list[dict[str, Any]], *, samples: int, se
 
 
 def _here(refs, data, items, options: dict[str, Any], device: str) -> Iterator[tuple[dict, dict]]:
-    import os
-
     import torch
-
-    from pipelines.infer.actors import score_item
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
     models: dict[int, Any] = {}
@@ -99,3 +99,66 @@ def _here(refs, data, items, options: dict[str, Any], device: str) -> Iterator[t
                             batch_size=options["batch_size"], keep_images=item["keep"])
         result["worker"] = {"pid": os.getpid(), "node": "driver", "device": device}
         yield item, result
+
+
+class PairScorer:
+    """Actor of evaluation and schedule search: the models and the val pairs; work items → metric
+    values per output (and the outputs when asked), one pickled payload per item."""
+
+    def __init__(self, models: list, pairs: list, options: dict[str, Any]) -> None:
+        import ray
+
+        from pipelines.eval.data import EvalSet
+        from sr3model.weights import load_model_bytes
+
+        self.device = setup_actor(options["device"], options["threads"])
+        self.models = [load_model_bytes(*ray.get(ref), device=self.device) for ref in models]
+        self.data = EvalSet(*ray.get(pairs[0]))
+        self.options = options
+        self.schedules: dict[tuple, Any] = {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import ray
+
+        payloads = []
+        for i in range(len(batch["start"])):
+            item = {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
+            model = self.models[int(item["method"])]
+            sampling = item_sampling(item)
+            key = (int(item["method"]), sampling.steps, sampling.beta_start, sampling.beta_end)
+            if key not in self.schedules:
+                self.schedules[key] = sampling.schedule(model)
+            result = score_item(model, self.data, int(item["start"]), int(item["stop"]), sampling=sampling,
+                                schedule=self.schedules[key], samples=self.options["samples"],
+                                seed=self.options["seed"], batch_size=self.options["batch_size"],
+                                keep_images=bool(item["keep"]))
+            result["worker"] = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                                "device": self.device}
+            payloads.append(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        return {"index": list(batch["index"]), "payload": payloads}
+
+
+def score_item(model, data, start: int, stop: int, *, sampling: Sampling, schedule, samples: int, seed: int,
+               batch_size: int, keep_images: bool) -> dict[str, Any]:
+    """Sample pairs start..stop-1 of `data` (N = 1 for a regression model) and score them with
+    `sr3model.metrics.per_image`: {"values": {metric: per-output array}, "images": (b, N, 3, H, W)
+    float32 or None, "seconds"}. A sampling failure raises: an evaluation cannot skip pairs."""
+    import torch
+
+    from sr3model.metrics import per_image
+
+    started = time.perf_counter()
+    hr, lr = data.batch(start, stop)
+    n = 1 if model.config.objective == "regression" else samples
+    pixels = ((lr + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # the decoded PNGs
+    keys = data.keys[start:stop]
+    images = torch.empty(len(keys), n, 3, *hr.shape[-2:])
+    for sampled in sample_batches(model, list(pixels), keys, sampling=sampling, schedule=schedule, samples=n,
+                                  seed=seed, layout=Layout(batch_size)):
+        if sampled.outputs is None:
+            raise RuntimeError(f"sampling pair {keys[sampled.units[0][0]]} failed: {sampled.detail}")
+        for u, (j, k) in enumerate(sampled.units):
+            images[j, k] = sampled.outputs[u]
+    values = {k: v.detach().cpu().numpy() for k, v in per_image(images, hr, lr).items()}
+    return {"values": values, "images": images.numpy() if keep_images else None,
+            "gamma_K": float(schedule.gammas[-1]), "seconds": time.perf_counter() - started}

@@ -19,7 +19,7 @@ a JSON mapping {steps K: {"sampler", "beta_start", "beta_end", "metric", "value"
 model version tag `sr3.sampling` (registry models) or as `sampling.json` in a model directory.
 `sampling_for` picks, per setting, the flag if given, else the stored schedule for the chosen
 (steps, sampler), else the model config's `diffusion.sample_*` values; the registered pyfunc
-reads the same tag (`pipelines.pyfunc`) and picks the same way.
+reads the same tag (`pipelines.registry.pyfunc`) and picks the same way.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from pipelines import storage, tracking
 from sr3model.imageio import to_uint8_batch
 
 if TYPE_CHECKING:
-    from pipelines.models import ModelRef
+    from pipelines.registry.models import ModelRef
 
 DIRECTION = {"psnr": "↑", "ssim": "↑", "consistency": "↓", "lr_psnr": "↑", "colour_error": "↓",
              "detail_ratio": "→1", "diversity": "", "fid": "↓", "is": "↑", "lpips": "↓"}

@@ -7,7 +7,7 @@
                                        train/, val/, rejects/ of a new version
       → pair_store.commit  (driver): OUTPUT/_SUMMARY.json names the version and lists its files
 
-Layout (`pipelines.pair_store`): `OUTPUT/versions/<version>/{train,val,rejects}/part-<task>.parquet`
+Layout (`pipelines.pairs.store`): `OUTPUT/versions/<version>/{train,val,rejects}/part-<task>.parquet`
 (PAIR_COLUMNS / REJECT_COLUMNS; row groups of ROW_GROUP_ROWS rows, the unit training reads and
 shuffles) and `OUTPUT/_SUMMARY.json`, written last: the commit. A custom datasink writes the three
 parts in the same pass, each with its own columns (one `write_parquet` would need one schema, or a
@@ -17,7 +17,7 @@ Reruns: a run writes a new version next to the current one and commits it only w
 succeeded and the build made pairs: when no file gave a pair, or more than `max_read_errors` of
 the files could not be read (a storage outage), nothing is committed, the new version is deleted,
 and the previous dataset stays as it was. Readers (`read_part`) read what the summary lists only.
-Keys, splits, order and patch seeds are documented in `pipelines.pair_transforms`.
+Keys, splits, order and patch seeds are documented in `pipelines.pairs.transforms`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
-from pipelines import pair_store, storage
+from pipelines import storage
+from pipelines.pairs import store as pair_store
 from pipelines.cli import UserError
-from pipelines.pair_transforms import (
+from pipelines.pairs.transforms import (
     PAIR_COLUMNS,
     REJECT_COLUMNS,
     ROW_SCHEMA,
@@ -145,20 +146,6 @@ def plan_tasks(num_files: int, spec: PairSpec, cpus: int, files_per_task: int | 
     pixels = spec.pairs_per_source * spec.hr_size**2 * (1 + 1 / spec.scale**2)
     per_task = max(1, min(MAX_FILES_PER_TASK, int(TARGET_SHARD_BYTES // (pixels * PNG_BYTES_PER_PIXEL))))
     return max(math.ceil(num_files / per_task), min(num_files, TASKS_PER_CPU * cpus))
-
-
-def read_part(output: str, part: str, columns: Sequence[str] | None = None, *,
-              version: str | None = None) -> pa.Table:
-    """One part ("train", "val", "rejects") of the committed dataset at `output` (or of one of its
-    kept versions) as a pyarrow Table: only the files its summary lists; empty if it lists none.
-    A URI without a committed summary raises `pipelines.cli.UserError`."""
-    names = list(REJECT_COLUMNS if part == "rejects" else PAIR_COLUMNS) if columns is None else list(columns)
-    files = pair_store.part_files(output, part, version=version)
-    if not files:  # a run without rejects (or without val rows) writes no files there
-        return pa.schema([ROW_SCHEMA.field(name) for name in names]).empty_table()
-    fs, _ = storage.resolve(files[0].uri)
-    paths = [storage.resolve(f.uri)[1] for f in files]
-    return pq.ParquetDataset(paths, filesystem=storage.to_pyarrow(fs)).read(columns=names)
 
 
 def build_pairs(
