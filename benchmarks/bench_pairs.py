@@ -121,7 +121,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.pairs import build_pairs
+    from pipelines.pairs.build import build_pairs
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -257,7 +257,7 @@ def loader_rate(pairs: str, batch: int, batches: int) -> float:
     """Images/s of the training data path alone (pipelines.train.data: seeded unit order, shuffle
     buffer, read and decode threads), one worker's view, after 2 warm-up batches."""
     from pipelines import storage
-from pipelines.pairs import store as pair_store
+    from pipelines.pairs import store as pair_store
     from pipelines.train.data import BatchStream
     from pipelines.train.driver import train_files
 
@@ -330,7 +330,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.pairs import build_pairs
+    from pipelines.pairs.build import build_pairs
     from pipelines.quickstart import TRAIN_PHOTOS, export_photos
 
     with tempfile.TemporaryDirectory(prefix="sr3-bench-train-") as directory:

@@ -73,7 +73,7 @@ def make_steps(model: SR3, batch: int, device: torch.device, optimised: bool):
     if optimised and ARGS.compile:
         forward = torch.compile(model)
         net = torch.compile(model.net)
-        denoise = lambda x, y, g: net(model._inputs(x, y), g)  # noqa: E731
+        denoise = lambda x, y, g: net(model.network_input(x, y), g)  # noqa: E731
     x = model.condition(lr) if cfg.conditional else None
     y_t = torch.randn_like(hr)
     sched = model.inference_schedule(steps=100)

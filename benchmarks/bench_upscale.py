@@ -118,7 +118,7 @@ def planning(root: Path, rows: int, per_part: int, rounds: int) -> tuple[int, fl
             assert plan.counts["skipped_done"] == rows and not plan.todo, plan.counts
         return best
 
-    parts = len(manifest._files(output, manifest.MANIFEST_DIR))
+    parts = len(manifest.parquet_files(output, manifest.MANIFEST_DIR))
     before = timed()
     files = manifest.compact(output)[manifest.MANIFEST_DIR]
     return parts, before, files, timed()

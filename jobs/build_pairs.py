@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 
 MAX_REJECT_LINES = 20
 
@@ -50,41 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pipelines.pairs.transforms import PairSpec
-
-    # check the flags before starting Ray
-    PairSpec(args.recipe, args.hr_size, args.scale, args.val_fraction, args.patches_per_image, args.seed)
-    if args.keep_versions < 1 or not 0 <= args.max_read_errors <= 1:
-        raise ValueError("--keep-versions must be at least 1 and --max-read-errors in [0, 1]")
-    from pipelines import storage
-
-    for uri in args.input:
-        if not storage.exists(uri):
-            raise FileNotFoundError(f"--input {uri}: nothing there")
-    import ray
-
     from pipelines.pairs.build import build_pairs
     from pipelines.pairs.store import read_part
 
-    env = storage.worker_env()
-    ray.init(
-        address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local",
-        runtime_env={"env_vars": env} if env else None,
-    )
-    summary = build_pairs(
-        args.input,
-        args.output,
-        args.recipe,
-        args.hr_size,
-        args.scale,
-        val_fraction=args.val_fraction,
-        patches_per_image=args.patches_per_image,
-        seed=args.seed,
-        limit=args.limit,
-        max_read_errors=args.max_read_errors,
-        keep_versions=args.keep_versions,
-    )
+    summary = build_pairs(args.input, args.output, args.recipe, args.hr_size, args.scale,
+                          val_fraction=args.val_fraction, patches_per_image=args.patches_per_image, seed=args.seed,
+                          limit=args.limit, max_read_errors=args.max_read_errors, keep_versions=args.keep_versions,
+                          ray_address=args.ray_address)
     rejects = read_part(args.output, "rejects").to_pylist()
     for row in rejects[:MAX_REJECT_LINES]:
         print(f"rejected {row['source']}: {row['reason']} ({row['detail']})")

@@ -52,12 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from pipelines.infer.cascade import cascade
-    from pipelines.runtime import init_ray
 
-    init_ray(args.ray_address)
     summary = cascade(args.base, args.stage, args.num_samples, args.output, steps=args.steps, seed=args.seed,
                       batch_size=args.batch_size, fmt=args.format, keep_intermediate=args.keep_intermediate,
-                      workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker, device=args.device)
+                      workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker, device=args.device,
+                      ray_address=args.ray_address)
     print(f"cascade: {summary['done']} samples generated, {summary['skipped']} already done "
           f"({summary['images_written']} images written) in {summary['elapsed_s']:.1f}s; output: {args.output}")
     return 0

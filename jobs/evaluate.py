@@ -22,8 +22,6 @@ import argparse  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
-EXTRA_METRICS = ("fid", "is", "lpips")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate an SR model on the val split of a pairs dataset.")
@@ -40,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="evaluate only the first N val pairs (by key)")
     parser.add_argument("--report", help="report folder or URI (default: reports/eval-<timestamp>)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--metrics", nargs="+", choices=EXTRA_METRICS,
+    parser.add_argument("--metrics", nargs="+", choices=("fid", "is", "lpips"),
                         help="perceptual metrics besides PSNR/SSIM/consistency/LR-PSNR/diversity "
                              "(default: those whose weights are given)")
     parser.add_argument("--fid-weights", help="local Inception weights for FID/IS (or SR3_FID_WEIGHTS)")
@@ -63,20 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    from pipelines.eval.run import evaluate
-    from pipelines.runtime import init_ray_if_named
+    from pipelines.cli import from_args
+    from pipelines.eval.run import EvalOptions, evaluate
 
     def say(message: str) -> None:
         print(f"evaluate: {message}", flush=True)
 
-    init_ray_if_named(args.ray_address)
-    result = evaluate(
-        args.model, args.pairs, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
-        samples=args.samples, baselines=args.baseline, limit=args.limit, report_uri=args.report,
-        seed=args.seed, metrics=args.metrics, fid_weights=args.fid_weights,
-        lpips_weights=args.lpips_weights, experiment=args.experiment, run_name=args.run_name,
-        device=args.device, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
-        batch_size=args.batch_size, grid_rows=args.grid_rows, say=say)
+    options = from_args(EvalOptions, args, baselines=tuple(args.baseline), report_uri=args.report,
+                        metrics=tuple(args.metrics) if args.metrics else None)
+    result = evaluate(args.model, args.pairs, options, say=say)
     say(f"report: {result.report}/index.html (metrics.json beside it)")
     say(f"mlflow: {result.tracking_uri} experiment {args.experiment} run {result.run_id}")
     return 0

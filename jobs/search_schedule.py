@@ -63,19 +63,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    from pipelines.eval.search import search
-    from pipelines.runtime import init_ray_if_named
+    from pipelines.cli import from_args
+    from pipelines.eval.search import SearchOptions, search
 
     def say(message: str) -> None:
         print(f"search_schedule: {message}", flush=True)
 
-    init_ray_if_named(args.ray_address)
-    result = search(
-        args.model, args.pairs, args.steps, metric=args.metric, grid_n=args.grid, limit=args.limit,
-        sampler=args.sampler, seed=args.seed, apply=args.apply, start_range=args.start_range,
-        gamma_range=args.gamma_k_range, fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
-        experiment=args.experiment, run_name=args.run_name, device=args.device,
-        batch_size=args.batch_size, report_uri=args.report, say=say)
+    options = from_args(SearchOptions, args, steps=None, grid_n=args.grid, start_range=tuple(args.start_range),
+                        gamma_range=tuple(args.gamma_k_range) if args.gamma_k_range else None, report_uri=args.report)
+    result = search(args.model, args.pairs, args.steps, options, say=say)
     for k, best in sorted(result.best.items()):
         say(f"K={k}: best {result.metric} {best['value']:.4g} with β {best['beta_start']:g}→{best['beta_end']:.6g}")
     if args.apply:

@@ -27,8 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import os  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,41 +94,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from sr3model.config import override, preset
+    from pipelines.cli import from_args
+    from pipelines.train import TrainOptions, build_config, train
+    from pipelines.train.promote import GateConfig
 
-    config = override(preset(args.preset, args.objective), args.overrides)
-    if args.batch_size:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=args.batch_size))
-    from pipelines.cli import UserError
-    from pipelines.train.promote import GateConfig, metric_names
-
-    if args.promote_metric not in metric_names():
-        raise UserError(f"--promote-metric {args.promote_metric!r}: choose from {', '.join(metric_names())}")
-
-    from pipelines import storage
-    from pipelines.train import check_pairs, train
-
-    check_pairs(args.pairs, config)  # a missing or uncommitted dataset fails here, before Ray starts
-    if args.val_pairs:
-        check_pairs(args.val_pairs, config, split="val")
-    import ray
-
-    env = storage.worker_env()
-    if not ray.is_initialized():  # a caller (a test, a notebook) may have connected already
-        ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local",
-                 runtime_env={"env_vars": env} if env else None, logging_level="WARNING")
+    config = build_config(args.preset, args.objective, args.overrides, args.batch_size)
     gate = GateConfig(metric=args.promote_metric, limit=args.promote_limit, steps=args.promote_steps,
                       force=args.force_alias)
-    result = train(
-        args.pairs, config, steps=args.steps, num_workers=args.num_workers, use_gpu=args.use_gpu,
-        storage_uri=args.storage, run_name=args.run_name, experiment=args.experiment,
-        checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
-        keep_checkpoints=args.keep_checkpoints, register=args.register, alias=args.alias, gate=gate,
-        cpus_per_worker=args.cpus_per_worker, val_every=args.val_every, val_images=args.val_images,
-        val_steps=args.val_steps, log_every=args.log_every, max_failures=args.max_failures,
-        shuffle_buffer=args.shuffle_buffer, resume_from=args.resume_from, val_pairs=args.val_pairs,
-        micro_batch=args.micro_batch, compile=args.compile, channels_last=args.channels_last)
+    result = train(args.pairs, config, from_args(TrainOptions, args, storage_uri=args.storage, gate=gate))
     print(f"run {result.run_name}: {result.steps} steps in {result.seconds:.0f} s"
           f"{' (resumed)' if result.resumed else ''}")
     print(f"checkpoint: {result.checkpoint}")

@@ -54,22 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from pipelines.runtime import init_ray
-    from pipelines.infer.upscale import DEFAULT_MAX_OUTPUT_PIXELS, upscale
+    from pipelines.cli import run_job
 
-    init_ray(args.ray_address)
-    try:
-        summary = upscale(
-            args.model, args.input, args.output, steps=args.steps, sampler=args.sampler,
-            schedule=args.schedule, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
-            tile=args.tile, overlap=args.overlap, fmt=args.format,
-            num_gpus_per_worker=args.num_gpus_per_worker, workers=args.workers,
-            max_output_pixels=args.max_output_pixels or DEFAULT_MAX_OUTPUT_PIXELS, device=args.device,
-            max_batch_pixels=args.max_batch_pixels, redo_stale=args.redo_stale)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"upscale: error: {error}", file=sys.stderr)
-        return 2
+    return run_job("upscale", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    from pipelines.cli import from_args
+    from pipelines.infer.upscale import UpscaleOptions, upscale
+
+    summary = upscale(args.model, args.input, args.output, from_args(UpscaleOptions, args, fmt=args.format))
     reasons = ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items())
     failures = ", ".join(f"{r} {n}" for r, n in summary["failed_by_reason"].items())
     print(f"upscale: {summary['listed']} listed, {summary['done']} done, {summary['skipped']} skipped "

@@ -1,4 +1,10 @@
-"""How every job reports a bad input: one `JOB: error: message` line on stderr, exit status 2.
+"""What every job shares: flags → a stage's options dataclass, and one way to report a bad input.
+
+    def _main(argv) -> int:
+        args = parse_args(argv)
+        result = stage_function(..., from_args(StageOptions, args))   # flags named as the fields
+
+How every job reports a bad input: one `JOB: error: message` line on stderr, exit status 2.
 
     def main(argv=None) -> int:
         return run_job("train", _main, argv)     # _main raises UserError for what the user got wrong
@@ -12,8 +18,13 @@ propagates with its traceback: a real bug must stay visible.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from argparse import Namespace
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError)
 
@@ -42,3 +53,11 @@ def run_job(job: str, main: Callable[[Sequence[str] | None], int], argv: Sequenc
         return main(argv)
     except (UserError, *input_errors) as error:
         return fail(job, error)
+
+
+def from_args(cls: type[T], args: Namespace, **fields: Any) -> T:
+    """An options dataclass from parsed flags: every field named like a flag's `dest` takes its value
+    (unless it is None, so the dataclass default holds), then `fields` override."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return cls(**{**given, **fields})

@@ -1,11 +1,15 @@
-"""Connecting a job to Ray: the cluster named by --ray-address or RAY_ADDRESS (as under
+"""Connecting a stage to Ray: the cluster named by --ray-address or RAY_ADDRESS (as under
 `ray job submit`), else a local Ray started for the run; storage endpoints travel to workers.
-Also the command-line flags every sampling job shares (where its sampling actors run:
-`pipelines.infer.placement`)."""
+Stages call `init_ray` (or `init_ray_if_named`) themselves once their flags are checked; jobs never do.
+
+Also what every sampling job shares: its flags (`add_sampling_worker_flags`) and the options they
+fill (`SamplingOptions`, the base of the upscale, evaluation and study options).
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from pipelines import storage
 
@@ -32,6 +36,22 @@ def init_ray_if_named(address: str | None = None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         init_ray(address)
     return ray.is_initialized()
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How and where a job samples; fields are the sampling flags' names. None: the model's own
+    (stored sampling, else its config) for `steps`/`sampler`/`schedule`; placement by the cluster."""
+
+    steps: int | None = None  # refinement steps K
+    sampler: str | None = None
+    schedule: str | None = None  # "START,END": a linear β schedule
+    batch_size: int = 8  # outputs (or tiles) per network call
+    device: str = "auto"  # auto | cpu | cuda: where sampling actors run
+    workers: int | None = None  # sampling actors
+    num_gpus_per_worker: float | None = None
+    ray_address: str | None = None  # default: RAY_ADDRESS, else a local Ray
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
 
 
 def add_sampling_worker_flags(parser, *, output_format: bool = True) -> None:

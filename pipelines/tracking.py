@@ -1,4 +1,4 @@
-"""The one MLflow adapter of training: find-or-create a run by name, params, metrics, images.
+"""The one MLflow adapter of the stages: find-or-create a run by name, params, metrics, images.
 
 Everything here goes through an explicit `MlflowClient(tracking_uri)` and a run id, never the
 global "active run": Ray workers do not inherit the driver's MLflow settings, so the driver resolves
@@ -16,9 +16,9 @@ both to the rank-0 worker (`RunLogger`) through the train loop config.
 - Datasets: every run that reads a pairs dataset records its identity (`pipelines.pairs.store`):
   params `data.id`, `data.fingerprint`, `data.pairs`, `data.train`, `data.val`, `data.recipe`,
   `data.hr_size`, `data.scale` and tags `sr3.data.id`, `sr3.data.fingerprint`, `sr3.data.uri`
-  (`log_dataset`). Training calls it; any run whose params name a `pairs` URI (evaluation,
-  schedule search) gets it from `log_params`, so a model version says what it was trained and
-  evaluated on.
+  (`log_dataset`). Training calls it, and evaluation and the schedule search
+  (`pipelines.eval.report.log_params_and_dataset`), so a model version says what it was trained
+  and evaluated on.
 """
 
 from __future__ import annotations
@@ -89,25 +89,16 @@ def start_or_resume(uri: str, experiment: str, run_name: str,
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """Log params the run lacks; return {key: (logged, new)} for those whose value differs.
-    A `pairs` param (a pairs dataset URI) also logs that dataset's identity (`log_dataset`)."""
+    """Log params the run lacks; return {key: (logged, new)} for those whose value differs."""
     from mlflow.entities import Param
 
-    conflicts: dict[str, tuple[str, str]] = {}
-    if isinstance(params.get("pairs"), str) and params["pairs"]:
-        from pipelines.pairs import store as pair_store
-
-        try:
-            conflicts = log_dataset(uri, run_id, pair_store.identity(params["pairs"]))
-        except ValueError:  # not a committed dataset: its readers already said so
-            pass
     client = _client(uri)
     existing = client.get_run(run_id).data.params
     values = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
     new = [Param(k, v) for k, v in sorted(values.items()) if k not in existing]
     for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=new[i:i + MAX_PARAMS_PER_BATCH])
-    return conflicts | {k: (existing[k], v) for k, v in values.items() if k in existing and existing[k] != v}
+    return {k: (existing[k], v) for k, v in values.items() if k in existing and existing[k] != v}
 
 
 def log_dataset(uri: str, run_id: str, identity: Mapping[str, Any]) -> dict[str, tuple[str, str]]:

@@ -5,10 +5,11 @@
     diffusion   forward process, p(γ), ε-loss, ŷ0, posterior, Algorithm 2's mean
     layers/unet the paper's U-Net (BigGAN residual blocks, attention, FiLM on γ)
     model       `SR3`: objectives sr3 | residual | regression | unconditional
-    samplers    `ddpm` (Algorithm 2), `ddim`; one signature, a registry
+    samplers    `ddpm` (Algorithm 2), `ddim`, `dpmpp-2m`; one signature, a registry; ŷ0 clipping
     tiling      any image size: joint denoising of overlapping tiles, blended ε̂
     training    Algorithm 1's step: Adam + warm-up, clipping, EMA, augmentation
-    ema, weights, metrics, resample, imageio
+    ema, weights, resample, imageio
+    metrics     PSNR, SSIM, consistency, colour, detail; `per_image`: the one table every stage reports
 
 The torch-backed names are imported on first use (PEP 562), so `sr3model.config` and
 `sr3model.imageio` load without torch: Ray Data decode workers start without its ~3 s import.

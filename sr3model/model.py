@@ -62,7 +62,8 @@ class SR3(nn.Module):
             raise ValueError(f"a {self.config.objective!r} model needs an LR image")
         return upsample(lr, tuple(s * self.config.scale for s in lr.shape[-2:]))
 
-    def _inputs(self, x: torch.Tensor | None, y_t: torch.Tensor | None) -> torch.Tensor:
+    def network_input(self, x: torch.Tensor | None, y_t: torch.Tensor | None) -> torch.Tensor:
+        """What the U-Net sees: concat(x, y_t) on channels, or whichever of them is given."""
         parts = [t for t in (x, y_t) if t is not None]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -78,7 +79,7 @@ class SR3(nn.Module):
         prediction = self.config.diffusion.prediction
 
         def eps_hat(x: torch.Tensor | None, y_t: torch.Tensor | None, gamma: torch.Tensor) -> torch.Tensor:
-            inputs = self._inputs(x, y_t)
+            inputs = self.network_input(x, y_t)
             with autocast(inputs.device, precision):
                 out = self.net(inputs, gamma)
             out = out.float() if out.dtype == torch.bfloat16 else out
@@ -117,7 +118,7 @@ class SR3(nn.Module):
             drawn = self.draw_noise(y0, generator=generator)
             gamma, eps = drawn["gamma"], drawn["eps"]
         y_t = q_sample(y0, gamma, eps)
-        out = self.net(self._inputs(x, y_t), gamma)  # (B, 3, H, W): ε, v or y0
+        out = self.net(self.network_input(x, y_t), gamma)  # (B, 3, H, W): ε, v or y0
         return lp_loss(out, target(self.config.diffusion.prediction, y0, gamma, eps), p)
 
     def _distill_loss(self, hr: torch.Tensor, x: torch.Tensor, teacher: torch.Tensor | None,

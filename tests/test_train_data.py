@@ -13,7 +13,8 @@ import pytest
 from pipelines.pairs import store as pair_store
 from pipelines.train import Cadence
 from pipelines.train.data import BatchStream, buffer_order, epoch_plan, make_units
-from pipelines.train.driver import DEFAULT_CHECKPOINT_MINUTES, DEFAULT_CHECKPOINT_STEPS, train_files
+from pipelines.train.driver import train_files
+from pipelines.train.options import DEFAULT_CHECKPOINT_MINUTES, DEFAULT_CHECKPOINT_STEPS
 from train_support import HR, SCALE, write_pairs
 
 

@@ -194,7 +194,7 @@ def test_promotion_gate_moves_the_alias_only_to_a_version_at_least_as_good(mlflo
     import mlflow
 
     from pipelines import tracking
-from pipelines.train import promote
+    from pipelines.train import promote
     from pipelines.registry.pyfunc import log_model
     from sr3model.model import SR3
     from sr3model.weights import save_model

@@ -37,8 +37,8 @@ def test_speed_flags_parse_and_reach_the_pipeline(monkeypatch, tmp_path: Path) -
     class Stop(Exception):
         pass
 
-    def record(pairs, config, **kwargs):
-        seen.update(kwargs, batch_size=config.train.batch_size)
+    def record(pairs, config, options):  # the job hands the stage one TrainOptions
+        seen.update(vars(options), batch_size=config.train.batch_size)
         raise Stop
 
     monkeypatch.setattr(pipelines.train, "check_pairs", lambda *a, **k: 16)

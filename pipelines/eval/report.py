@@ -156,6 +156,19 @@ def metric_prefix(label: str) -> str:
     return re.sub(r"[^\w.\- ]", "_", label).strip() or "model"
 
 
+def log_params_and_dataset(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    """`tracking.log_params`, and the identity of the pairs dataset named by the `pairs` param
+    (`tracking.log_dataset`), so an evaluation says which dataset version it scored."""
+    from pipelines.pairs import store as pair_store
+
+    if isinstance(params.get("pairs"), str) and params["pairs"]:
+        try:
+            tracking.log_dataset(uri, run_id, pair_store.identity(params["pairs"]))
+        except ValueError:  # not a committed dataset: its readers already said so
+            pass
+    tracking.log_params(uri, run_id, params)
+
+
 def log_run(uri: str, experiment: str, run_name: str, ref: ModelRef, report_uri: str, meta: Mapping[str, Any],
             results: Mapping[str, Mapping[str, float | None]], *, notes: Sequence[str], folder: Path) -> str:
     """One MLflow run: tags naming the model version, params, `<method>/<metric>`, the report folder."""
@@ -170,7 +183,7 @@ def log_run(uri: str, experiment: str, run_name: str, ref: ModelRef, report_uri:
                                    "n_images", "pairs", "model_uri")}
     params["baselines"] = ",".join(m.get("model_uri", "") for k, m in meta["methods"].items()
                                    if k not in ("bicubic", meta["model"]))
-    tracking.log_params(uri, run_id, params)
+    log_params_and_dataset(uri, run_id, params)
     logger = tracking.RunLogger(uri, run_id)
     logger.log_metrics({f"{metric_prefix(method)}/{name}": value for method, values in results.items()
                         for name, value in values.items() if value is not None}, step=0)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from pipelines.eval.data import EvalSet, bicubic, check_model, load_val
 from pipelines.eval.measures import LOWER_IS_BETTER, Perceptual, Running, device_for
 from pipelines.eval.report import metric_prefix
 from pipelines.registry.models import ModelRef, parse_schedule, resolve_model, sampling_for
+from pipelines.runtime import SamplingOptions, init_ray_if_named
 
 DEFAULT_EXPERIMENT = "sr3-eval"
 Say = Callable[[str], None]
@@ -71,11 +72,6 @@ def default_report_dir(kind: str = "eval") -> str:
     return f"reports/{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _device(device: str | None) -> str:
-    """The driver's device for the perceptual metrics (sampling runs where `--device` says)."""
-    return device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _method(label: str, produce: Callable, data: EvalSet, perceptual: Perceptual, batch_size: int,
             keep: int, say: Say | None) -> tuple[dict[str, float | None], torch.Tensor]:
     """Run one method over every batch: (its metrics, its outputs for the first `keep` pairs)."""
@@ -98,47 +94,53 @@ def sampled_methods(refs: Sequence[ModelRef], samplings: Sequence, labels: Seque
     whole = perceptual is not None and bool(perceptual.available)  # FID/IS/LPIPS need every output
     items = [scoring.work_item(m, m, start, min(start + batch_size, len(data)), how, whole or start < keep)
              for m, how in enumerate(samplings) for start in range(0, len(data), batch_size)]
-    running, kept, workers, method = None, [], set(), -1
-    for item, result in scoring.score(refs, data, items, samples=samples, seed=seed, batch_size=batch_size,
-                                      **where):
-        if item["method"] != method:
-            if running is not None:
-                yield labels[method], running.result(), torch.cat(kept), sorted(workers)
-            method, running, kept, workers = item["method"], Running(perceptual), [], set()
-        images = torch.from_numpy(result["images"]) if result["images"] is not None else None
-        hr = data.batch(item["start"], item["stop"])[0] if whole else None
-        running.add_values({k: torch.from_numpy(v) for k, v in result["values"].items()}, images, hr)
-        if item["start"] < keep:
-            kept.append(images[:keep - item["start"]])
-        workers.add(tuple(sorted(result["worker"].items())))
-        if say:
-            say(f"{labels[method]}: {item['stop']}/{len(data)} pairs")
-    if running is not None:
-        yield labels[method], running.result(), torch.cat(kept), sorted(workers)
+    stream = scoring.score(refs, data, items, samples=samples, seed=seed, batch_size=batch_size, **where)
+    progress = (lambda item: say(f"{labels[item['method']]}: {item['stop']}/{len(data)} pairs")) if say else None
+    for group in scoring.grouped(stream, "method", data, perceptual, keep=keep, on_item=progress):
+        yield labels[group.id], group.running.result(), group.outputs, sorted(group.workers)
 
 
-def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: str | None = None,
-             schedule: str | None = None, samples: int = 1, baselines: Sequence[str] = (),
-             limit: int | None = None, report_uri: str | None = None, seed: int = 0,
-             metrics: Sequence[str] | None = None, fid_weights: str | None = None,
-             lpips_weights: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-             run_name: str | None = None, tracking_uri: str | None = None, device: str | None = None,
-             batch_size: int = 16, grid_rows: int = 8, log_mlflow: bool = True, on_cluster: bool | None = None,
-             workers: int | None = None, num_gpus_per_worker: float | None = None,
-             say: Say = print) -> EvalResult:
+@dataclass(frozen=True)
+class EvalOptions(SamplingOptions):
+    """What `jobs/evaluate.py` lets a user choose (field names are its flags)."""
+
+    batch_size: int = 16  # pairs per network call
+    samples: int = 1  # samples per pair (N > 1 adds diversity σ)
+    baselines: tuple[str, ...] = ()  # baseline model URIs (e.g. a regression model)
+    limit: int | None = None  # the first N val pairs by key
+    report_uri: str | None = None  # default: reports/eval-<timestamp>
+    seed: int = 0
+    metrics: tuple[str, ...] | None = None  # perceptual metrics wanted (default: those with weights)
+    fid_weights: str | None = None
+    lpips_weights: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    run_name: str | None = None
+    grid_rows: int = 8  # pairs shown in the report's grid
+    log_mlflow: bool = True
+    on_cluster: bool | None = None  # sample on Ray actors (None: when connected or a cluster is named)
+
+
+def evaluate(model_uri: str, pairs: str, options: EvalOptions | None = None, *, say: Say = print,
+             **fields: Any) -> EvalResult:
     """Evaluate `model_uri` (and `baselines`) on the val pairs; write the report; log the run.
 
-    Sampling runs on the Ray cluster's sampling actors (`device` auto|cpu|cuda, `workers`,
-    `num_gpus_per_worker` as for upscaling) when this process is connected to one, or
-    `on_cluster=True` connects; `on_cluster=False` samples in this process. Either way the
+    `fields` override `options` (e.g. `evaluate(m, p, steps=2, limit=4)`). Sampling runs on the Ray
+    cluster's sampling actors (`device` auto|cpu|cuda, `workers`, `num_gpus_per_worker` as for
+    upscaling) when a cluster is named (`ray_address`, RAY_ADDRESS) or this process is connected to
+    one, or `on_cluster=True` connects; `on_cluster=False` samples in this process. Either way the
     metrics are aggregated here, from the same per-output values."""
+    o = replace(options or EvalOptions(), **fields)
+    steps, sampler, schedule, samples, baselines, limit = o.steps, o.sampler, o.schedule, o.samples, o.baselines, o.limit
+    seed, batch_size, grid_rows = o.seed, o.batch_size, o.grid_rows
     if samples < 1:
         raise ValueError("--samples must be at least 1")
-    uri = tracking.tracking_uri(tracking_uri)
-    report_uri = report_uri or default_report_dir("eval")
+    if o.on_cluster is not False:
+        init_ray_if_named(o.ray_address)
+    uri = tracking.tracking_uri(o.tracking_uri)
+    report_uri = o.report_uri or default_report_dir("eval")
     data = load_val(pairs, limit)
     say(f"{len(data)} val pairs from {pairs} ({data.shapes[1][-1]}→{data.shapes[0][-1]} px)")
-    perceptual = Perceptual(metrics, fid_weights=fid_weights, lpips_weights=lpips_weights,
+    perceptual = Perceptual(o.metrics, fid_weights=o.fid_weights, lpips_weights=o.lpips_weights,
                             device=device_for(None), batch_size=batch_size)
     for note in perceptual.notes:
         say(note)
@@ -165,8 +167,8 @@ def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: s
     model_label, sampled_by = labels[0], []
     for label, values, images, workers_seen in sampled_methods(
             [r for r, _ in models], [h for _, h in models], labels, data, perceptual, samples=samples, seed=seed,
-            batch_size=batch_size, keep=rows, say=say, on_cluster=on_cluster, device=device or "auto",
-            workers=workers, num_gpus_per_worker=num_gpus_per_worker):
+            batch_size=batch_size, keep=rows, say=say, on_cluster=o.on_cluster, device=o.device or "auto",
+            workers=o.workers, num_gpus_per_worker=o.num_gpus_per_worker):
         results[label], shown[label] = values, images
         sampled_by.extend(dict(w) for w in workers_seen)
     for label, values in results.items():
@@ -189,8 +191,8 @@ def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: s
     with report.staged(report_uri) as folder:
         report.write_report(folder, title=f"SR3 evaluation: {model_label}", results=results, meta=meta,
                             notes=perceptual.notes, columns=columns, keys=data.keys[:rows])
-        if log_mlflow:
-            name = run_name or f"eval-{metric_prefix(model_label)}-{time.strftime('%Y%m%d-%H%M%S')}"
-            result.run_id = report.log_run(uri, experiment, name, ref, report_uri, meta, results,
+        if o.log_mlflow:
+            name = o.run_name or f"eval-{metric_prefix(model_label)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            result.run_id = report.log_run(uri, o.experiment, name, ref, report_uri, meta, results,
                                            notes=perceptual.notes, folder=folder)
     return result

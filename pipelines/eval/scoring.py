@@ -3,7 +3,8 @@ values back, in item order.
 
     driver: val pairs (PNG bytes) and every model's weights → object store once
     from_items(work items) ─map_batches(PairScorer, actor pool, one item per call)─> payloads
-    driver: iterates the payloads in item order (preserve_order) and only aggregates
+    driver: iterates the payloads in item order (preserve_order) and only aggregates: `grouped`
+            folds each method's (or trial's) consecutive items into one `Running`
 
 A work item is (method, pairs start:stop, sampler, K, β_1, β_K, keep): pairs are sampled with the
 noise of `image_seed(seed, pair key, k)`, so results do not depend on which actor took the item.
@@ -16,10 +17,12 @@ import os
 import pickle
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from pipelines.eval.measures import Running
 from pipelines.infer.placement import setup_actor
 from pipelines.sampling import Layout, Sampling, sample_batches
 
@@ -42,6 +45,51 @@ def item_sampling(item: dict[str, Any]):
     start, end = float(item["beta_start"]), float(item["beta_end"])
     explicit = not (math.isnan(start) or math.isnan(end))
     return Sampling(str(item["sampler"]), int(item["steps"]), start if explicit else None, end if explicit else None, "")
+
+
+@dataclass
+class Group:
+    """One method's (or schedule trial's) results, folded from its consecutive work items."""
+
+    id: int  # the items' `key` value (method or trial index)
+    running: Running
+    kept: list = field(default_factory=list)  # outputs (b, N, 3, H, W) of the first `keep` pairs
+    workers: set = field(default_factory=set)  # the processes that sampled it
+    gamma_k: float = 0.0  # the first (noisiest) level of its schedule
+
+    @property
+    def outputs(self):
+        import torch
+
+        return torch.cat(self.kept) if self.kept else None
+
+
+def grouped(stream: Iterator[tuple[dict[str, Any], dict[str, Any]]], key: str, data, perceptual, *,
+            keep: int = 0, on_item=None) -> Iterator[Group]:
+    """Fold an ordered stream of (item, result) — `score`'s — into one `Group` per run of equal
+    `item[key]`: the per-output values into a `Running` (with the outputs and their HR for the
+    perceptual metrics when `perceptual` has any), the outputs of the first `keep` pairs kept.
+    `on_item(item)` is called after each item (progress)."""
+    import torch
+
+    whole = perceptual is not None and bool(perceptual.available)  # FID/IS/LPIPS need every output
+    group = None
+    for item, result in stream:
+        if group is None or item[key] != group.id:
+            if group is not None:
+                yield group
+            group = Group(item[key], Running(perceptual))
+        images = torch.from_numpy(result["images"]) if result["images"] is not None else None
+        hr = data.batch(item["start"], item["stop"])[0] if whole else None
+        group.running.add_values({k: torch.from_numpy(v) for k, v in result["values"].items()}, images, hr)
+        if item["start"] < keep:
+            group.kept.append(images[:keep - item["start"]])
+        group.workers.add(tuple(sorted(result["worker"].items())))
+        group.gamma_k = float(result.get("gamma_K", 0.0))
+        if on_item is not None:
+            on_item(item)
+    if group is not None:
+        yield group
 
 
 def ray_connected() -> bool:

@@ -45,13 +45,12 @@ default for those steps (`pipelines.registry.models.sampling_for`).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -60,10 +59,11 @@ import torch
 from pipelines import tracking
 from pipelines.eval import report, scoring
 from pipelines.eval.data import check_model, load_val
-from pipelines.eval.measures import BASE_METRICS, FID_ENV, LOWER_IS_BETTER, METRICS, Perceptual, Running, device_for
+from pipelines.eval.measures import BASE_METRICS, FID_ENV, LOWER_IS_BETTER, METRICS, Perceptual, device_for
 from pipelines.eval.report import metric_prefix
 from pipelines.eval.run import Say, default_report_dir, label_of
 from pipelines.registry.models import resolve_model, store_sampling
+from pipelines.runtime import SamplingOptions, init_ray_if_named
 from pipelines.sampling import Sampling
 
 START_RANGE = (1e-6, 1e-2)
@@ -150,25 +150,45 @@ def choose_metric(metric: str | None, *, fid_weights: str | None = None, lpips_w
     return metric, perceptual, []
 
 
-def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | None = None, grid_n: int = 5,
-           limit: int | None = 32, sampler: str | None = None, seed: int = 0, apply: bool = False,
-           start_range: Sequence[float] = START_RANGE, gamma_range: Sequence[float] | None = None,
-           fid_weights: str | None = None, lpips_weights: str | None = None,
-           experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
-           tracking_uri: str | None = None, device: str | None = None, batch_size: int = 16,
-           report_uri: str | None = None, on_cluster: bool | None = None, workers: int | None = None,
-           num_gpus_per_worker: float | None = None, say: Say = print) -> SearchResult:
+@dataclass(frozen=True)
+class SearchOptions(SamplingOptions):
+    """What `jobs/search_schedule.py` lets a user choose (field names are its flags)."""
+
+    metric: str | None = None  # default: fid with Inception weights, else ssim
+    grid_n: int = 5  # values per axis (N×N schedules per K)
+    limit: int | None = 32  # val pairs (the first N by key)
+    seed: int = 0  # the same noise for every trial
+    apply: bool = False  # store the best schedule per K with the model version
+    start_range: tuple[float, float] = START_RANGE
+    gamma_range: tuple[float, float] | None = None  # default: `gamma_k_range` of the training schedule
+    fid_weights: str | None = None
+    lpips_weights: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    run_name: str | None = None
+    batch_size: int = 16
+    report_uri: str | None = None
+    on_cluster: bool | None = None
+
+
+def search(model_uri: str, pairs: str, steps: Sequence[int], options: SearchOptions | None = None, *,
+           say: Say = print, **fields: Any) -> SearchResult:
     """Grid-search valid (β_1, β_K) for each K in `steps`; log every trial; optionally store the best.
-    `gamma_range` (first levels γ_K) defaults to `gamma_k_range` of the model's training schedule.
+    `fields` override `options`; `gamma_range` (first levels γ_K) defaults to `gamma_k_range` of the
+    model's training schedule.
 
     Trials are sampled on the Ray cluster's sampling actors, as in `pipelines.eval.run.evaluate`
     (`on_cluster`, `device`, `workers`, `num_gpus_per_worker`); the driver scores and logs."""
+    o = replace(options or SearchOptions(), **fields)
+    metric, grid_n, limit, sampler, seed, apply = o.metric, o.grid_n, o.limit, o.sampler, o.seed, o.apply
+    start_range, gamma_range, batch_size, experiment = o.start_range, o.gamma_range, o.batch_size, o.experiment
     from mlflow import MlflowClient
 
     if not steps or any(k < 1 for k in steps):
         raise ValueError("--steps needs one or more positive step counts")
-    uri = tracking.tracking_uri(tracking_uri)
-    metric, perceptual, notes = choose_metric(metric, fid_weights=fid_weights, lpips_weights=lpips_weights,
+    if o.on_cluster is not False:
+        init_ray_if_named(o.ray_address)
+    uri = tracking.tracking_uri(o.tracking_uri)
+    metric, perceptual, notes = choose_metric(metric, fid_weights=o.fid_weights, lpips_weights=o.lpips_weights,
                                               device=device_for(None), batch_size=batch_size)
     for note in notes:
         say(note)
@@ -199,7 +219,7 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
                                whole) for t, (k, b1, bk) in enumerate(trials_at)
              for start in range(0, len(data), batch_size)]
 
-    run_id = _start_parent(uri, experiment, run_name, ref, {
+    run_id = _start_parent(uri, experiment, o.run_name, ref, {
         "metric": metric, "sampler": sampler, "steps": " ".join(map(str, steps)), "grid": grid_n,
         "start_range": f"{start_range[0]:g},{start_range[1]:g}",
         "gamma_k_range": f"{gamma_range[0]:.4g},{gamma_range[1]:.4g}",
@@ -209,36 +229,24 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
     client = MlflowClient(uri)
     experiment_id = client.get_run(run_id).info.experiment_id
     try:
-        running, current, gamma_k = None, -1, 0.0
         stream = scoring.score([ref], data, items, samples=1, seed=seed, batch_size=batch_size,
-                               on_cluster=on_cluster, device=device or "auto", workers=workers,
-                               num_gpus_per_worker=num_gpus_per_worker)
-        for item, result in itertools.chain(stream, [({"trial": len(trials_at)}, None)]):  # closes the last trial
-            if item["trial"] != current and running is not None:
-                k, b1, bk = trials_at[current]
-                scores = running.result()
-                value = scores.get(metric)
-                value = value if value is not None and math.isfinite(value) else None
-                trial = Trial(k, b1, bk, gamma_k, scores, value)
-                trial.run_id = _log_trial(client, experiment_id, run_id, sampler, metric, trial)
-                trials.append(trial)
-                if value is not None and (k not in best or better(metric, value, best[k]["value"])):
-                    best[k] = {"sampler": sampler, "beta_start": b1, "beta_end": bk, "metric": metric,
-                               "value": value}
-                shown = "no score" if value is None else f"{value:.4g}"
-                leader = f" (best {best[k]['value']:.4g})" if k in best else ""
-                say(f"K={k} [{len([t for t in trials if t.steps == k])}/{len(candidates[k])}] β {b1:g}→{bk:.6g} "
-                    f"(γ_K {gamma_k:.3g}): {metric} {shown}{leader}")
-                running = None
-            if result is None:
-                break
-            if running is None:
-                running, current = Running(perceptual), item["trial"]
-            gamma_k = result["gamma_K"]
-            images = torch.from_numpy(result["images"]) if result["images"] is not None else None
-            hr = data.batch(item["start"], item["stop"])[0] if whole else None
-            running.add_values({k: torch.from_numpy(v) for k, v in result["values"].items()}, images, hr)
-        result = SearchResult(metric, sampler, trials, best, report_uri or default_report_dir("search"),
+                               on_cluster=o.on_cluster, device=o.device or "auto", workers=o.workers,
+                               num_gpus_per_worker=o.num_gpus_per_worker)
+        for group in scoring.grouped(stream, "trial", data, perceptual):
+            k, b1, bk = trials_at[group.id]
+            scores = group.running.result()
+            value = scores.get(metric)
+            value = value if value is not None and math.isfinite(value) else None
+            trial = Trial(k, b1, bk, group.gamma_k, scores, value)
+            trial.run_id = _log_trial(client, experiment_id, run_id, sampler, metric, trial)
+            trials.append(trial)
+            if value is not None and (k not in best or better(metric, value, best[k]["value"])):
+                best[k] = {"sampler": sampler, "beta_start": b1, "beta_end": bk, "metric": metric, "value": value}
+            shown = "no score" if value is None else f"{value:.4g}"
+            leader = f" (best {best[k]['value']:.4g})" if k in best else ""
+            say(f"K={k} [{len([t for t in trials if t.steps == k])}/{len(candidates[k])}] β {b1:g}→{bk:.6g} "
+                f"(γ_K {group.gamma_k:.3g}): {metric} {shown}{leader}")
+        result = SearchResult(metric, sampler, trials, best, o.report_uri or default_report_dir("search"),
                               run_id, notes=notes)
         if apply and best:
             result.stored = store_sampling(ref, best, uri)
@@ -255,7 +263,7 @@ def _start_parent(uri: str, experiment: str, run_name: str | None, ref, params: 
             "sr3.model_uri": ref.pinned, "sr3.job": "search_schedule"}
     name = run_name or f"search-{metric_prefix(label_of(ref))}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id, _ = tracking.start_or_resume(uri, experiment, name, tags)
-    tracking.log_params(uri, run_id, params)
+    report.log_params_and_dataset(uri, run_id, params)
     return run_id
 
 

@@ -1,16 +1,16 @@
-"""Inference at cluster scale: the code that upscaling, the cascade, evaluation, the schedule search
-and the MLflow pyfunc share. The stages' entry points stay at the top of `pipelines/`
-(`upscale`, `cascade`, `evaluate`, `schedule_search`, `pyfunc`); they import from here.
+"""Inference at cluster scale: batch upscaling of buckets and the cascade, on Ray Data actor pools.
 
-| module       | what                                                                         | Ray? |
-| ------------ | ---------------------------------------------------------------------------- | ---- |
-| (`pipelines.sampling`, one floor down: the one sampling path, shared with the pyfunc and evaluation) | | |
-| `placement`  | where the sampling actors run (GPU/CPU, autoscaling min/max pool sizes)      | yes  |
-| `actors`     | the Ray Data actors: `Upscaler` (buckets), `PairScorer` (evaluation/search)  | yes  |
-| `scoring`    | driver side of evaluation and search: work items out, values back in order   | yes  |
-| `layout`     | output names under OUTPUT, names that cannot escape it                       | no   |
-| `manifest`   | manifest and rejects: rerun rules (stale, changed, retried), compaction      | no   |
-| `bucket`     | Ray Data task functions: fetch + decode, encode + write                      | no   |
+| module      | what                                                                           | Ray? |
+| ----------- | ------------------------------------------------------------------------------ | ---- |
+| `upscale`   | `upscale()`: list → plan (manifest) → decode → sample → encode + write (jobs/upscale.py) | yes |
+| `cascade`   | `cascade()`: unconditional base → SR stages → bucket (jobs/cascade.py)          | yes  |
+| `actors`    | `Upscaler`, the sampling actor: its model loaded once, rows in, sampled rows out | yes  |
+| `placement` | where sampling actors run (GPU/CPU, autoscaling min/max pool sizes); `setup_actor` | yes |
+| `bucket`    | Ray Data task functions: fetch + decode before the actors, encode + write after | no   |
+| `manifest`  | manifest and rejects: rerun rules (stale, changed, retried), compaction         | no   |
+| `layout`    | output names under OUTPUT, names that cannot escape it                          | no   |
 
-Modules marked "no" import neither Ray nor MLflow (`sampling` not even fsspec: the pyfunc ships it).
+The sampling itself is `pipelines.sampling` (shared with evaluation and the pyfunc); evaluation's
+scoring actors (`pipelines.eval.scoring`) use this stage's placement. Modules marked "no" import
+neither Ray nor MLflow.
 """

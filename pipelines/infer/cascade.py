@@ -32,6 +32,7 @@ from pipelines.infer.layout import EXTENSIONS, SUMMARY_NAME
 from pipelines.infer.placement import WRITE_CPUS, WRITE_TASKS, setup_actor, input_blocks, sampling_placement
 from pipelines.sampling import Sampling, image_seed
 from pipelines.registry.models import resolve_model, sampling_for
+from pipelines.runtime import init_ray
 
 SAMPLE_NAME = "sample_{:06d}"
 
@@ -101,8 +102,10 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
             steps: list[int] | None = None, seed: int = 0, batch_size: int = 4, fmt: str = "png",
             keep_intermediate: bool = False, workers: int | None = None,
             num_gpus_per_worker: float | None = None, tracking_uri: str | None = None,
-            progress: Callable[[str], None] = print, device: str = "auto") -> dict[str, Any]:
-    """Generate `num_samples` images through the cascade into `output_uri`; returns the summary."""
+            progress: Callable[[str], None] = print, device: str = "auto",
+            ray_address: str | None = None) -> dict[str, Any]:
+    """Generate `num_samples` images through the cascade into `output_uri`; returns the summary.
+    Connects to Ray (`pipelines.runtime.init_ray`) once the models are resolved and checked."""
     import ray
     import ray.data
 
@@ -125,6 +128,7 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
         progress(f"stage {k}: {ref.label} → {size}px, {sampling.sampler} {sampling.steps} steps "
                  f"({sampling.source} schedule {sampling.schedule_text})")
 
+    init_ray(ray_address)
     final = [f"{SAMPLE_NAME.format(i)}.{EXTENSIONS[fmt]}" for i in range(num_samples)]
     done = set(manifest.read_table(output_uri, manifest.MANIFEST_DIR, ["output"]).column("output").to_pylist())
     todo = [{"index": i} for i, name in enumerate(final) if name not in done]

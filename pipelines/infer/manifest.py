@@ -110,7 +110,8 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _files(output: str, folder: str) -> list[str]:
+def parquet_files(output: str, folder: str) -> list[str]:
+    """The Parquet files under OUTPUT/`folder` (`_manifest` or `_rejects`), sorted."""
     fs, path = storage.resolve(storage.join(output, folder))
     return sorted(name for name in (fs.find(path) if fs.exists(path) else []) if name.endswith(".parquet"))
 
@@ -136,7 +137,7 @@ def _read(output: str, names: Sequence[str], schema: pa.Schema, columns: Sequenc
 def read_table(output: str, folder: str, columns: Sequence[str] | None = None) -> pa.Table:
     """Every row of `_manifest` or `_rejects` (duplicates included; empty table when none)."""
     schema = MANIFEST_SCHEMA if folder == MANIFEST_DIR else REJECT_SCHEMA
-    return _read(output, _files(output, folder), schema, columns or schema.names)
+    return _read(output, parquet_files(output, folder), schema, columns or schema.names)
 
 
 def latest(table: pa.Table, key: str) -> pa.Table:
@@ -306,14 +307,14 @@ def compact(output: str, max_files: int = MAX_FILES) -> dict[str, int]:
     number of files per folder afterwards."""
     left = {}
     for folder, schema, key in ((MANIFEST_DIR, MANIFEST_SCHEMA, "output"), (REJECTS_DIR, REJECT_SCHEMA, "source")):
-        names = _files(output, folder)
+        names = parquet_files(output, folder)
         parts = [n for n in names if posixpath.basename(n).startswith("part-")]
         if len(parts) > 1 or (parts and len(names) > max_files):
             _merge(output, folder, parts, schema, "run", None)
-            names = _files(output, folder)
+            names = parquet_files(output, folder)
         if len(names) > max_files:
             _merge(output, folder, names, schema, "compact", key)
-        left[folder] = len(_files(output, folder))
+        left[folder] = len(parquet_files(output, folder))
     return left
 
 

@@ -28,7 +28,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from pipelines import storage
@@ -38,27 +38,39 @@ from pipelines.infer.layout import FORMATS, SUMMARY_NAME
 from pipelines.infer.placement import WRITE_CPUS, WRITE_TASKS, Placement, input_blocks, sampling_placement
 from pipelines.sampling import Layout, Sampling
 from pipelines.registry.models import ModelRef, parse_schedule, resolve_model, sampling_for
+from pipelines.runtime import SamplingOptions, init_ray
 
 DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
 
 
-def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | None = None,
-            sampler: str | None = None, schedule: str | None = None, batch_size: int = 8, samples: int = 1,
-            seed: int = 0, tile: int | None = None, overlap: int | None = None, fmt: str = "png",
-            num_gpus_per_worker: float | None = None, workers: int | None = None,
-            max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS, tracking_uri: str | None = None,
-            progress: Callable[[str], None] = print, device: str = "auto", max_batch_pixels: int | None = None,
-            redo_stale: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class UpscaleOptions(SamplingOptions):
+    """What `jobs/upscale.py` lets a user choose (field names are its flags; `fmt` is --format)."""
+
+    samples: int = 1  # samples per image
+    seed: int = 0
+    tile: int | None = None  # LR tile size for other sizes (default: the model's LR size)
+    overlap: int | None = None  # LR pixels shared by neighbouring tiles (default: tile / 4)
+    fmt: str = "png"
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS  # larger outputs are rejected (too_large)
+    max_batch_pixels: int | None = None  # output pixels sampled together (default: from the device's memory)
+    redo_stale: bool = False  # redo outputs of another model version or other settings
+
+
+def upscale(model_uri: str, input_uri: str, output_uri: str, options: UpscaleOptions | None = None, *,
+            progress: Callable[[str], None] = print, **fields: Any) -> dict[str, Any]:
     """Super-resolve every new (or changed, or with `redo_stale` stale) image under `input_uri`
-    into `output_uri`; returns the summary (also OUTPUT/_SUMMARY.json)."""
+    into `output_uri`; returns the summary (also OUTPUT/_SUMMARY.json). `fields` override `options`
+    (e.g. `upscale(m, i, o, steps=2)`). Connects to Ray (`ray_address`) once the flags are checked."""
     started = time.perf_counter()
-    _check(fmt, samples, batch_size, tile, max_batch_pixels)
-    ref = resolve_model(model_uri, tracking_uri)
+    o = replace(options or UpscaleOptions(), **fields)
+    _check(o)
+    ref = resolve_model(model_uri, o.tracking_uri)
     config = ref.config()
     if not config.conditional:
         raise ValueError(f"{model_uri} is an unconditional model: use jobs/cascade.py --base")
-    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule))
-    layout = Layout(batch_size, max_batch_pixels, tile, overlap)
+    chosen = sampling_for(ref, sampler=o.sampler, steps=o.steps, schedule=parse_schedule(o.schedule))
+    layout = Layout(o.batch_size, o.max_batch_pixels, o.tile, o.overlap)
     tile_px, overlap_px = layout.tiling(config)
     if not 0 <= overlap_px < tile_px:
         raise ValueError(f"--overlap {overlap_px}: must be in [0, tile = {tile_px})")
@@ -69,10 +81,11 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     listed = storage.list_files(input_uri)
     if not listed and not storage.exists(input_uri):
         raise FileNotFoundError(f"--input {input_uri}: no such file, folder or prefix")
-    record = {**ref.record(), **chosen.record(), "run_seed": seed, "tile": tile_px, "overlap": overlap_px}
+    init_ray(o.ray_address)
+    record = {**ref.record(), **chosen.record(), "run_seed": o.seed, "tile": tile_px, "overlap": overlap_px}
     exclude = _listed_style(output_uri) if _inside(output_uri, input_uri) else None
-    plan = manifest.plan(listed, output_uri, fmt, samples, manifest.Current(record, max_output_pixels),
-                         exclude=exclude, redo_stale=redo_stale)
+    plan = manifest.plan(listed, output_uri, o.fmt, o.samples, manifest.Current(record, o.max_output_pixels),
+                         exclude=exclude, redo_stale=o.redo_stale)
     counts = plan.counts
     manifest.write_parts(output_uri, plan.refresh, plan.rejects)
     progress(f"listed {counts['listed']} files under {input_uri}: {len(plan.todo)} to do "
@@ -85,17 +98,16 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     reasons: Counter[str] = Counter(r["reason"] for r in plan.rejects)
     placement = None
     if plan.todo:
-        placement = sampling_placement(num_gpus_per_worker, workers, device=device, model_bytes=len(ref.weights),
-                                       blocks=input_blocks(len(plan.todo), batch_size))
+        placement = sampling_placement(o.num_gpus_per_worker, o.workers, device=o.device,
+                                       model_bytes=len(ref.weights), blocks=input_blocks(len(plan.todo), o.batch_size))
         progress(f"sampling on {placement.device}: {placement.min_actors}–{placement.max_actors} actors")
-        statuses, more = _stream(ref, chosen, layout, samples, seed, plan.todo, output_uri, fmt, placement,
-                                 record, max_output_pixels, progress)
+        statuses, more = _stream(ref, chosen, layout, o, plan.todo, output_uri, placement, record, progress)
         reasons.update(more)
     files = manifest.compact(output_uri)
     failed = {r: n for r, n in reasons.items() if r in bucket.FAILED}
     summary = {
         "model": ref.pinned, "model_name": ref.name, "model_version": ref.version, **chosen.record(),
-        "input": input_uri, "output": output_uri, "format": fmt, "samples": samples, "seed": seed,
+        "input": input_uri, "output": output_uri, "format": o.fmt, "samples": o.samples, "seed": o.seed,
         "tile": tile_px, "overlap": overlap_px, "listed": counts["listed"], "done": statuses["done"],
         "skipped": counts["skipped_done"], "stale": counts["stale"], "redone_stale": counts["redone_stale"],
         "changed": counts["changed"], "touched": counts["touched"], "retried": counts["retried"],
@@ -110,38 +122,38 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     return summary
 
 
-def _check(fmt: str, samples: int, batch_size: int, tile: int | None, max_batch_pixels: int | None) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: choose from {sorted(FORMATS)}")
-    if samples < 1 or batch_size < 1:
+def _check(o: UpscaleOptions) -> None:
+    if o.fmt not in FORMATS:
+        raise ValueError(f"--format {o.fmt!r}: choose from {sorted(FORMATS)}")
+    if o.samples < 1 or o.batch_size < 1:
         raise ValueError("--samples and --batch-size must be ≥ 1")
-    if tile is not None and tile < 1:
-        raise ValueError(f"--tile {tile}: must be ≥ 1")
-    if max_batch_pixels is not None and max_batch_pixels < 1:
-        raise ValueError(f"--max-batch-pixels {max_batch_pixels}: must be ≥ 1")
+    if o.tile is not None and o.tile < 1:
+        raise ValueError(f"--tile {o.tile}: must be ≥ 1")
+    if o.max_batch_pixels is not None and o.max_batch_pixels < 1:
+        raise ValueError(f"--max-batch-pixels {o.max_batch_pixels}: must be ≥ 1")
 
 
-def _stream(ref: ModelRef, chosen: Sampling, layout: Layout, samples: int, seed: int, todo: list[dict[str, Any]],
-            output: str, fmt: str, placement: Placement, record: dict[str, Any], max_output_pixels: int,
+def _stream(ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, todo: list[dict[str, Any]],
+            output: str, placement: Placement, record: dict[str, Any],
             progress: Callable[[str], None]) -> tuple[Counter, Counter]:
     import ray
     import ray.data
 
     model = ray.put((ref.config_json, ref.weights))
     batch = layout.batch_size
-    options = {"samples": samples, "seed": seed, "batch_size": batch, "max_batch_pixels": layout.max_batch_pixels,
+    options = {"samples": o.samples, "seed": o.seed, "batch_size": batch, "max_batch_pixels": layout.max_batch_pixels,
                "tile": layout.tile, "overlap": layout.overlap, "device": placement.device,
                "threads": placement.threads}
     dataset = (
         ray.data.from_items(todo, override_num_blocks=input_blocks(len(todo), batch))
-        .map_batches(bucket.decode_batch, fn_kwargs={"max_output_pixels": max_output_pixels,
+        .map_batches(bucket.decode_batch, fn_kwargs={"max_output_pixels": o.max_output_pixels,
                                                      "scale": ref.config().scale},
                      batch_size=batch, batch_format="numpy", num_cpus=1)
         .map_batches(Upscaler, fn_constructor_kwargs={"model": [model], "sampling": asdict(chosen),
                                                          "options": options},
                      batch_size=batch, batch_format="numpy", **placement.map_kwargs())
-        .map_batches(bucket.write_batch, fn_kwargs={"output": output, "fmt": fmt, "record": record,
-                                                    "max_output_pixels": max_output_pixels},
+        .map_batches(bucket.write_batch, fn_kwargs={"output": output, "fmt": o.fmt, "record": record,
+                                                    "max_output_pixels": o.max_output_pixels},
                      batch_size=None, batch_format="numpy", num_cpus=WRITE_CPUS,
                      compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS))
     )

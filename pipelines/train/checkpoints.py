@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -26,9 +26,7 @@ from ray.train import Checkpoint, CheckpointUploadMode
 from sr3model.ema import EMA
 from sr3model.model import SR3
 from sr3model.weights import EMA_FILE, MODEL_FILE, save_model
-
-if TYPE_CHECKING:
-    from pipelines.train.loop import LoopConfig
+from pipelines.train.options import LoopConfig
 
 STATE_FILE = "trainer_state.pt"
 

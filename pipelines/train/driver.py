@@ -2,6 +2,9 @@
 
     PAIRS/_SUMMARY.json ──pin the version──> its train files + row groups, its val files
         └─ LoopConfig → every worker reads its own batches (pipelines.train.data)
+    TrainOptions (the job's flags) ──`preflight`──> Plan: every check that needs no Ray (dataset committed
+        and of the config's sizes, batch split, cadence, the inference schedules validation and the
+        gate will sample with) ──`loop_config`──> LoopConfig for the workers
     TorchTrainer(loop.train_loop, ScalingConfig(K workers, fractional CPU), RunConfig(storage, name))
         └─ global batch B: B / K images per worker and step, in micro-batches of `micro_batch`
            (gradient accumulation; default one micro-batch)
@@ -28,19 +31,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines import storage, tracking
-from pipelines.pairs import store as pair_store
 from pipelines.cli import UserError
+from pipelines.pairs import store as pair_store
+from pipelines.runtime import init_ray
 from pipelines.train.data import decode_pairs  # noqa: F401  (public here, as before)
+from pipelines.train.options import Cadence, LoopConfig, TrainOptions
 
 if TYPE_CHECKING:  # keep torch (via sr3model) out of modules that only need the driver's names
     from sr3model.config import SR3Config
 
-    from pipelines.train.promote import Decision, GateConfig
+    from pipelines.train.promote import Decision
 
 DEFAULT_STORAGE = str(Path.home() / "ray_results")
-DEFAULT_CHECKPOINT_STEPS = 5000  # without --checkpoint-every: every 5000 steps ...
-DEFAULT_CHECKPOINT_MINUTES = 30.0  # ... or every 30 minutes, whichever comes first
-DEFAULT_KEEP_CHECKPOINTS = 3
 FAILURE_MARKER = "_injected_failure"
 FINAL_STEP_TAG, FINAL_CHECKPOINT_TAG, MODEL_TAG = "sr3.final_step", "sr3.final_checkpoint", "sr3.model_uri"
 
@@ -65,21 +67,17 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class Cadence:
-    """When checkpoints are written: every `steps` steps or `minutes` minutes (0: off) + the last."""
+class Plan:
+    """What the pre-flight checks found (no Ray, no MLflow): the pinned dataset and the run's shape."""
 
-    steps: int
-    minutes: float
-    keep: int | None
-
-    @classmethod
-    def of(cls, every: int | None, minutes: float | None, keep: int | None) -> Cadence:
-        """`every` given: by steps only (unless `minutes` too); else the defaults, by both."""
-        if every is not None and every < 1 or minutes is not None and minutes < 0 or keep is not None and keep < 1:
-            raise UserError("--checkpoint-every and --keep-checkpoints must be positive, --checkpoint-minutes ≥ 0")
-        if every is not None:
-            return cls(every, minutes or 0.0, keep)
-        return cls(DEFAULT_CHECKPOINT_STEPS, DEFAULT_CHECKPOINT_MINUTES if minutes is None else minutes, keep)
+    summary: dict[str, Any]  # the committed `_SUMMARY.json` of the train pairs
+    rows: int  # train pairs
+    per_worker: int  # images per worker and step
+    micro_batch: int
+    cadence: Cadence
+    val_source: str  # the pairs whose val/ split validation and the gate use
+    val_version: str | None
+    storage_uri: str
 
 
 def check_pairs(pairs: str, config: SR3Config, summary: dict[str, Any] | None = None, split: str = "train") -> int:
@@ -100,6 +98,59 @@ def check_pairs(pairs: str, config: SR3Config, summary: dict[str, Any] | None = 
         raise UserError(f"{pairs}: pairs have (hr_size, scale) {sorted(sizes)} but the config wants "
                         f"({config.hr_size}, {config.scale}); pick another preset or --set hr_size/lr_size")
     return rows
+
+
+def check_schedules(config: SR3Config, options: TrainOptions) -> None:
+    """Every inference schedule the run will sample with — validation (`--val-steps`), the config's
+    default (`diffusion.sample_steps`), the gate's (`--promote-steps`) — can be made; else one error
+    naming the flag (a schedule that fails at the end of a run would fail its last validation)."""
+    from sr3model.schedules import inference_schedule
+
+    wanted = [("--val-steps", options.val_steps), ("diffusion.sample_steps", config.diffusion.sample_steps)]
+    if options.register and not options.gate.force:
+        wanted.append(("--promote-steps", options.gate.steps or config.diffusion.sample_steps))
+    for flag, steps in wanted:
+        if steps is None or steps < 1:
+            raise UserError(f"{flag} {steps}: must be at least 1")
+        if config.objective == "regression":
+            continue
+        try:
+            inference_schedule(config.diffusion, steps)
+        except ValueError as error:
+            raise UserError(f"{flag} {steps}: {error}") from None
+
+
+def preflight(pairs: str, config: SR3Config, options: TrainOptions) -> Plan:
+    """Every check of a run that needs neither Ray nor MLflow; a `UserError` names what to fix."""
+    from pipelines.train.promote import metric_names
+
+    o = options
+    if o.num_workers < 1:
+        raise UserError(f"--num-workers {o.num_workers}: must be at least 1")
+    if config.train.batch_size % o.num_workers:
+        raise UserError(f"batch size {config.train.batch_size} is not divisible by {o.num_workers} workers")
+    per_worker = config.train.batch_size // o.num_workers
+    if o.micro_batch is not None and not 1 <= o.micro_batch <= per_worker:
+        raise UserError(f"--micro-batch {o.micro_batch}: must be between 1 and the per-worker batch {per_worker} "
+                        f"(batch size {config.train.batch_size} / {o.num_workers} workers)")
+    if o.gate.metric is not None and o.gate.metric not in metric_names():
+        raise UserError(f"--promote-metric {o.gate.metric!r}: choose from {', '.join(metric_names())}")
+    cadence = Cadence.of(o.checkpoint_every, o.checkpoint_minutes, o.keep_checkpoints)
+    summary = pair_store.read_summary(pairs)
+    rows = check_pairs(pairs, config, summary)
+    if rows < config.train.batch_size:
+        raise UserError(f"{pairs}: {rows} train pairs, fewer than one batch of {config.train.batch_size}")
+    val_source = o.val_pairs or pairs
+    if o.val_pairs:
+        check_pairs(o.val_pairs, config, split="val")
+        val_version = pair_store.read_summary(o.val_pairs).get("version")
+    else:
+        val_version = summary.get("version")
+    check_schedules(config, o)
+    if o.resume_from and not storage.exists(storage.join(o.resume_from, "trainer_state.pt")):
+        raise UserError(f"--resume-from {o.resume_from}: no checkpoint there (no trainer_state.pt)")
+    return Plan(summary, rows, per_worker, o.micro_batch or per_worker, cadence, val_source, val_version,
+                o.storage_uri or DEFAULT_STORAGE)
 
 
 def train_files(pairs: str, summary: dict[str, Any]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
@@ -131,133 +182,112 @@ def default_run_name(config: SR3Config) -> str:
     return f"sr3-{config.name}-{config.objective}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(pairs: str, config: SR3Config, *, steps: int, num_workers: int = 2, use_gpu: bool = False,
-          storage_uri: str | None = None, run_name: str | None = None,
-          experiment: str = tracking.DEFAULT_EXPERIMENT, checkpoint_every: int | None = None,
-          checkpoint_minutes: float | None = None, register: str | None = None, alias: str = "champion",
-          gate: GateConfig | None = None, cpus_per_worker: float | None = None,
-          val_every: int = 0, val_images: int = 4, val_steps: int = 10, log_every: int = 1,
-          max_failures: int = 3, keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS,
-          shuffle_buffer: int = 0, resume_from: str | None = None, val_pairs: str | None = None,
-          tracking_uri: str | None = None, fail_once_at: tuple[int, int] | None = None, log_pyfunc: bool = True,
-          micro_batch: int | None = None, compile: bool = False, channels_last: bool = False,
-          say=print) -> TrainResult:
-    """Train (or resume) a run on the current Ray cluster; see the module docstring.
+def cpus_per_worker(options: TrainOptions) -> float:
+    return options.cpus_per_worker if options.cpus_per_worker is not None else (1.0 if options.use_gpu else 0.5)
 
-    `config.train.batch_size` is the global batch, split evenly over `num_workers`. Checkpoints:
-    `Cadence.of(checkpoint_every, checkpoint_minutes, keep_checkpoints)`. `gate`: how the promotion
-    gate compares (default `GateConfig()`: lr_psnr). `fail_once_at=(rank, step)` is a test hook:
-    that rank's process is killed after that step, once per run. `resume_from`: a checkpoint URI of
-    another run that this run starts from (weights, EMA, optimizer, step, RNG, data position) when
-    it has no checkpoint of its own. `val_pairs`: another committed pairs dataset whose val/ split
-    validation and the promotion gate use instead of `pairs`' own (e.g. held-out photos).
-    `micro_batch`: images per micro-batch on each worker (gradient accumulation: the update is the
-    whole batch's; default the whole per-worker batch). `compile`, `channels_last`: CUDA speed-ups
-    (torch.compile of the U-Net, channels_last memory), a note and no-op on CPU.
-    """
+
+def loop_config(pairs: str, config: SR3Config, options: TrainOptions, plan: Plan, data: dict[str, Any], *,
+                run_name: str, run_id: str, tracking_uri: str) -> LoopConfig:
+    """The workers' `LoopConfig`, derived from the run's options and its pre-flight plan."""
+    o = options
+    files, groups = train_files(pairs, plan.summary)
+    fail_rank, fail_step = o.fail_once_at or (-1, -1)
+    return LoopConfig(
+        config=config.to_json(), threads=max(1, int(cpus_per_worker(o))), steps=o.steps,
+        batch_per_worker=plan.per_worker, checkpoint_every=plan.cadence.steps,
+        checkpoint_minutes=plan.cadence.minutes, train_files=files, train_row_groups=groups,
+        shuffle_buffer=o.shuffle_buffer, resume_from=o.resume_from or "", pairs=plan.val_source,
+        data_id=f"{data['id']}/{o.num_workers}x{plan.per_worker}/{o.shuffle_buffer or 'auto'}",
+        pairs_version=plan.val_version, val_every=o.val_every, val_images=o.val_images, val_steps=o.val_steps,
+        log_every=o.log_every, tracking_uri=tracking_uri, run_id=run_id, micro_batch=plan.micro_batch,
+        compile=o.compile, channels_last=o.channels_last, fail_rank=fail_rank, fail_step=fail_step,
+        fail_marker=storage.join(plan.storage_uri, run_name, FAILURE_MARKER) if o.fail_once_at else "")
+
+
+def run_params(pairs: str, options: TrainOptions, plan: Plan) -> dict[str, Any]:
+    """The run's own choices as MLflow params (`run.*`; the config's are logged beside them)."""
+    o = options
+    return {"run.steps": o.steps, "run.num_workers": o.num_workers, "run.use_gpu": o.use_gpu,
+            "run.batch_per_worker": plan.per_worker, "run.micro_batch": plan.micro_batch,
+            "run.accumulation_steps": -(-plan.per_worker // plan.micro_batch),
+            "run.compile": o.compile, "run.channels_last": o.channels_last,
+            "run.checkpoint_every": plan.cadence.steps, "run.checkpoint_minutes": plan.cadence.minutes,
+            "run.pairs": pairs, "run.val_pairs": plan.val_source, "run.train_rows": plan.rows,
+            **({"run.resume_from": o.resume_from} if o.resume_from else {})}
+
+
+def train(pairs: str, config: SR3Config, options: TrainOptions | None = None, *, say=print,
+          **fields: Any) -> TrainResult:
+    """Train (or resume) a run on the Ray cluster (`options.ray_address`, else RAY_ADDRESS, else a
+    local one; a process already connected keeps its connection); see the module docstring.
+
+    `options` (keyword `fields` override it, e.g. `train(pairs, config, steps=6)`): `TrainOptions`.
+    `config.train.batch_size` is the global batch, split evenly over the workers. A run that already
+    has checkpoints under `storage_uri/run_name` resumes from the latest one."""
     tick = time.time()
-    if config.train.batch_size % num_workers:
-        raise UserError(f"batch size {config.train.batch_size} is not divisible by {num_workers} workers")
-    per_worker = config.train.batch_size // num_workers
-    if micro_batch is not None and not 1 <= micro_batch <= per_worker:
-        raise UserError(f"--micro-batch {micro_batch}: must be between 1 and the per-worker batch {per_worker} "
-                        f"(batch size {config.train.batch_size} / {num_workers} workers)")
-    micro_batch = micro_batch or per_worker
-    cadence = Cadence.of(checkpoint_every, checkpoint_minutes, keep_checkpoints)
-    summary = pair_store.read_summary(pairs)
-    rows = check_pairs(pairs, config, summary)
-    if rows < config.train.batch_size:
-        raise UserError(f"{pairs}: {rows} train pairs, fewer than one batch of {config.train.batch_size}")
-    data = pair_store.identity(pairs, summary)
-    val_source = val_pairs or pairs
-    val_version = summary.get("version") if val_source == pairs else pair_store.read_summary(val_source).get("version")
-    run_name = run_name or default_run_name(config)
-    storage_uri = storage_uri or DEFAULT_STORAGE
-    uri = tracking.tracking_uri(tracking_uri)
-    run_id, resumed = tracking.start_or_resume(uri, experiment, run_name,
-                                               tags={"sr3.storage": storage.join(storage_uri, run_name)})
-    if resume_from and not storage.exists(storage.join(resume_from, "trainer_state.pt")):
-        raise UserError(f"--resume-from {resume_from}: no checkpoint there (no trainer_state.pt)")
-    run_params = {"run.steps": steps, "run.num_workers": num_workers, "run.use_gpu": use_gpu,
-                  "run.batch_per_worker": per_worker, "run.micro_batch": micro_batch,
-                  "run.accumulation_steps": -(-per_worker // micro_batch),
-                  "run.compile": compile, "run.channels_last": channels_last,
-                  "run.checkpoint_every": cadence.steps, "run.checkpoint_minutes": cadence.minutes,
-                  "run.pairs": pairs, "run.val_pairs": val_source, "run.train_rows": rows, **({"run.resume_from": resume_from} if resume_from else {})}
-    conflicts = tracking.log_params(uri, run_id, {**config.flat(), **run_params})
+    o = (options or TrainOptions()).with_(**fields)
+    plan = preflight(pairs, config, o)
+    init_ray(o.ray_address)
+    data = pair_store.identity(pairs, plan.summary)
+    run_name = o.run_name or default_run_name(config)
+    uri = tracking.tracking_uri(o.tracking_uri)
+    run_id, resumed = tracking.start_or_resume(uri, o.experiment, run_name,
+                                               tags={"sr3.storage": storage.join(plan.storage_uri, run_name)})
+    conflicts = tracking.log_params(uri, run_id, {**config.flat(), **run_params(pairs, o, plan)})
     conflicts |= tracking.log_dataset(uri, run_id, data)
     for key, (old, new) in sorted(conflicts.items()):
         say(f"note: param {key} was {old} in this run and is now {new} (MLflow keeps {old})")
 
     tags = tracking.run_tags(uri, run_id) if resumed else {}
-    done_before = int(tags.get(FINAL_STEP_TAG, -1)) >= steps and storage.exists(tags.get(FINAL_CHECKPOINT_TAG, ""))
+    done_before = int(tags.get(FINAL_STEP_TAG, -1)) >= o.steps and storage.exists(tags.get(FINAL_CHECKPOINT_TAG, ""))
     if done_before:
-        say(f"run {run_name} already reached step {tags[FINAL_STEP_TAG]} (≥ --steps {steps}): nothing to train")
+        say(f"run {run_name} already reached step {tags[FINAL_STEP_TAG]} (≥ --steps {o.steps}): nothing to train")
         checkpoint, metrics = tags[FINAL_CHECKPOINT_TAG], tracking.run_latest_metrics(uri, run_id)
         final_step = int(tags[FINAL_STEP_TAG])
     else:
-        checkpoint, metrics = _fit(pairs, config, summary, data, steps=steps, num_workers=num_workers,
-                                   use_gpu=use_gpu, storage_uri=storage_uri, run_name=run_name, cadence=cadence,
-                                   cpus_per_worker=cpus_per_worker, val_every=val_every, val_images=val_images,
-                                   val_steps=val_steps, log_every=log_every, max_failures=max_failures,
-                                   shuffle_buffer=shuffle_buffer, resume_from=resume_from or "", uri=uri,
-                                   val=(val_source, val_version), run_id=run_id, fail_once_at=fail_once_at,
-                                   speed=(micro_batch, compile, channels_last))
-        final_step = int(metrics.get("step", steps))
+        lc = loop_config(pairs, config, o, plan, data, run_name=run_name, run_id=run_id, tracking_uri=uri)
+        checkpoint, metrics = _fit(lc, o, plan, run_name=run_name, uri=uri, run_id=run_id)
+        final_step = int(metrics.get("step", o.steps))
         tracking.set_tags(uri, run_id, {FINAL_STEP_TAG: final_step, FINAL_CHECKPOINT_TAG: checkpoint})
 
     model_uri = version = decision = None
-    if log_pyfunc or register:
+    if o.log_pyfunc or o.register:
         from pipelines.train.publish import publish
 
         model_uri, version, decision = publish(
-            checkpoint, uri, run_id, final_step, register=register, alias=alias, pairs=val_source,
-            gate=gate, report_root=storage.join(storage_uri, run_name, "promotion"),
+            checkpoint, uri, run_id, final_step, register=o.register, alias=o.alias, pairs=plan.val_source,
+            gate=o.gate, report_root=storage.join(plan.storage_uri, run_name, "promotion"),
             logged=tags.get(MODEL_TAG) if done_before else None, say=say)
-        if model_uri and not register:
+        if model_uri and not o.register:
             tracking.set_tags(uri, run_id, {MODEL_TAG: model_uri})
     tracking.end_run(uri, run_id)
     return TrainResult(
-        run_name=run_name, run_id=run_id, tracking_uri=uri, experiment=experiment, resumed=resumed,
+        run_name=run_name, run_id=run_id, tracking_uri=uri, experiment=o.experiment, resumed=resumed,
         steps=final_step, checkpoint=checkpoint, metrics=metrics, model_uri=model_uri,
         registered_version=version, seconds=time.time() - tick, promotion=decision, finished_before=done_before)
 
 
-def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str, Any], *, steps: int,
-         num_workers: int, use_gpu: bool, storage_uri: str, run_name: str, cadence: Cadence,
-         cpus_per_worker: float | None, val_every: int, val_images: int, val_steps: int, log_every: int,
-         max_failures: int, shuffle_buffer: int, resume_from: str, uri: str, run_id: str,
-         fail_once_at: tuple[int, int] | None, val: tuple[str, str | None],
-         speed: tuple[int, bool, bool]) -> tuple[str, dict[str, Any]]:
-    """Run the TorchTrainer to `steps`; (final checkpoint URI, its reported metrics)."""
+def _fit(lc: LoopConfig, options: TrainOptions, plan: Plan, *, run_name: str, uri: str,
+         run_id: str) -> tuple[str, dict[str, Any]]:
+    """Run the TorchTrainer to `lc.steps`; (final checkpoint URI, its reported metrics)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.train.loop import LoopConfig, train_loop
+    from pipelines.train.loop import train_loop
 
-    files, groups = train_files(pairs, summary)
-    fail_rank, fail_step = fail_once_at or (-1, -1)
-    cpus = cpus_per_worker if cpus_per_worker is not None else (1.0 if use_gpu else 0.5)
-    loop = LoopConfig(
-        config=config.to_json(), threads=max(1, int(cpus)), steps=steps, batch_per_worker=config.train.batch_size // num_workers,
-        checkpoint_every=cadence.steps, checkpoint_minutes=cadence.minutes, train_files=files,
-        train_row_groups=groups, shuffle_buffer=shuffle_buffer, resume_from=resume_from, pairs=val[0],
-        data_id=f"{data['id']}/{num_workers}x{config.train.batch_size // num_workers}/{shuffle_buffer or 'auto'}",
-        pairs_version=val[1], val_every=val_every, val_images=val_images,
-        val_steps=val_steps, log_every=log_every, tracking_uri=uri, run_id=run_id,
-        micro_batch=speed[0], compile=speed[1], channels_last=speed[2], fail_rank=fail_rank, fail_step=fail_step,
-        fail_marker=storage.join(storage_uri, run_name, FAILURE_MARKER) if fail_once_at else "")
-    storage_path, storage_fs = _storage(storage_uri)
+    o = options
+    storage_path, storage_fs = _storage(plan.storage_uri)
     env = {**storage.worker_env(), tracking.TRACKING_ENV: uri}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=dataclasses.asdict(loop),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+        train_loop_config=dataclasses.asdict(lc),
+        scaling_config=ScalingConfig(num_workers=o.num_workers, use_gpu=o.use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker(o),
+                                                           **({"GPU": 1} if o.use_gpu else {})}),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cadence.keep),
+            failure_config=FailureConfig(max_failures=o.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=plan.cadence.keep),
             worker_runtime_env={"env_vars": env}),
     )
     try:
@@ -268,7 +298,7 @@ def _fit(pairs: str, config: SR3Config, summary: dict[str, Any], data: dict[str,
     if result.checkpoint is None:
         tracking.end_run(uri, run_id, status="FAILED")
         raise RuntimeError(f"run {run_name} ended without a checkpoint")
-    return _checkpoint_uri(storage_uri, result.checkpoint.path), dict(result.metrics or {})
+    return _checkpoint_uri(plan.storage_uri, result.checkpoint.path), dict(result.metrics or {})
 
 
 def _checkpoint_uri(storage_uri: str, path: str) -> str:

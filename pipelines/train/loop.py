@@ -17,13 +17,9 @@ The host never waits for the device between log steps: `train_step` returns devi
 loop adds them up on the device (`Meter`) and reads them with one all-reduce when it logs (which
 also carries the checkpoint clock's vote). `micro_batch` splits each worker's batch (the global
 batch / workers) into chunks whose gradients accumulate: the same update, less activation memory.
-Checkpoints: every rank writes its files to a local directory (the save) and reports it with
-`CheckpointUploadMode.ASYNC`: Ray uploads it in a background thread and deletes the local copy,
-so the ranks wait for each other only as long as the slowest save (rank 0's weights), not for
-the upload (one at a time; checkpoints less than a minute apart upload synchronously, so that
-training never runs ahead of what Ray has registered: see `Uploads`). A restart
-deletes the checkpoint directories a dead worker's uploads left that Ray never registered
-(`drop_unregistered`). On CUDA, `compile` (torch.compile of the U-Net) and `channels_last` are optional.
+Checkpoints (what they hold, their asynchronous upload and the clean-up after a restart) are
+`pipelines.train.checkpoints`. On CUDA, `compile` (torch.compile of the U-Net) and
+`channels_last` are optional.
 
 A run starts from its own latest checkpoint (a rerun or a restart after a failure), else from
 `resume_from` (another run's checkpoint: a fork that continues exactly where that run was), else
@@ -31,8 +27,8 @@ from scratch. A checkpoint (its layout, upload and restore: `pipelines.train.che
 the weights, EMA, optimizer, step, the data position (epoch, batches of it done, dataset id) and
 every rank's sampling generator and torch RNG. Resuming restores all of it, so the
 resumed run sees the batches, noise and dropout an uninterrupted run would have (validation runs
-on forked RNG streams and changes nothing). `loop_config` keys are documented in `LoopConfig`;
-the driver (`pipelines.train`) builds it.
+on forked RNG streams and changes nothing). The loop's keys are `LoopConfig`'s
+(`pipelines.train.options`), which the driver derives from the run's `TrainOptions`.
 """
 
 from __future__ import annotations
@@ -42,7 +38,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,45 +51,13 @@ import ray.train.torch
 from sr3model import metrics as sr_metrics
 from pipelines.train.checkpoints import drop_unregistered, from_uri, restore, save_and_report
 from pipelines.train.data import BatchStream
+from pipelines.train.options import LoopConfig
 from sr3model.config import SR3Config
 from sr3model.ema import EMA
 from sr3model.imageio import decode_png, from_uint8, to_tensor, to_uint8_batch
 from sr3model.model import SR3
 from sr3model.resample import upsample
 from sr3model.training import make_optimizer, train_step
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """What the driver passes to every worker (as a dict: `LoopConfig(**loop_config)`)."""
-
-    config: str  # SR3Config JSON
-    steps: int  # total optimiser steps of the run (a resumed run continues up to this)
-    batch_per_worker: int
-    checkpoint_every: int  # steps; 0: not by steps
-    train_files: tuple[str, ...] = ()  # URIs of the committed train files of the pinned version
-    train_row_groups: tuple[tuple[int, ...], ...] = ()  # rows per row group of each train file
-    data_id: str = ""  # dataset id / workers x batch / buffer: a checkpoint's data position is kept
-    # only for the same data order (the same dataset version, world size, batch and buffer)
-    shuffle_buffer: int = 0  # rows; 0: pipelines.train.data.shuffle_buffer_rows(batch)
-    checkpoint_minutes: float = 0.0  # 0: not by time
-    resume_from: str = ""  # a checkpoint URI of another run to start from when this run has none
-    pairs: str = ""  # the pairs URI whose val/ split feeds validation (the train pairs or --val-pairs)
-    pairs_version: str | None = None  # its committed version read (None: an unversioned dataset)
-    val_every: int = 0  # 0: validate only at the end
-    val_images: int = 4
-    val_steps: int = 10  # DDIM steps of the validation sampler
-    val_sampler: str = "ddim"
-    log_every: int = 1
-    micro_batch: int = 0  # images per micro-batch (gradient accumulation); 0: the whole batch_per_worker
-    compile: bool = False  # torch.compile the U-Net (CUDA only; a note and no-op on CPU)
-    channels_last: bool = False  # channels_last weights and batches (CUDA only; a note and no-op on CPU)
-    threads: int = 0  # torch threads of a worker: its CPUs (at least 1); 0: leave torch's default
-    tracking_uri: str | None = None  # None: no MLflow
-    run_id: str | None = None
-    fail_rank: int = -1  # failure injection for tests: rank `fail_rank` raises after step
-    fail_step: int = -1  # `fail_step` once, while the marker file `fail_marker` is absent
-    fail_marker: str = ""
-
 
 def unwrap(model: torch.nn.Module) -> SR3:
     return getattr(model, "module", model)
