@@ -9,7 +9,9 @@ Only torch, numpy and sr3model are imported here — no Ray, MLflow or fsspec �
 ship this file and a GPU machine without Ray can run it.
 
 - Settings: `Sampling` (sampler, K, β_1, β_K) is chosen once per run by `choose_sampling`: flags,
-  else the schedule stored with the model version for (K, sampler), else the model config's.
+  else the schedule stored with the model version for (K, sampler), else the model config's. A
+  distilled K-step student (`sr3model.distill`) samples only as it was trained: `distilled` at its
+  K levels; other settings are refused with one line, and `distilled` is refused for other models.
 - Noise: output k of the image named `name` draws from its own generator seeded by
   `image_seed(seed, name, k)`, so an output is the same whatever its batch, worker or run.
 - Size: an image of the model's LR size goes straight through the network (tiling it would only
@@ -53,6 +55,7 @@ class Sampling:
     beta_start: float | None
     beta_end: float | None
     source: str  # "flags", "search" or "config": where the schedule came from
+    levels: str = "log-snr"  # the config's default schedule when β_1, β_K are None ("student": its K levels)
 
     def schedule(self, model):
         """The K-step schedule; an explicit linear one that starts above the training schedule's
@@ -61,7 +64,7 @@ class Sampling:
 
     @property
     def schedule_text(self) -> str:
-        return "log-snr" if self.beta_start is None else f"{self.beta_start:g},{self.beta_end:g}"
+        return self.levels if self.beta_start is None else f"{self.beta_start:g},{self.beta_end:g}"
 
     def record(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "steps": self.steps, "schedule": self.schedule_text,
@@ -69,12 +72,24 @@ class Sampling:
 
 
 def choose_sampling(config, stored: dict[int, dict[str, Any]], *, sampler: str | None = None,
-                    steps: int | None = None, schedule: tuple[float, float] | None = None) -> Sampling:
+                    steps: int | None = None, schedule: tuple[float, float] | None = None,
+                    lenient: bool = False) -> Sampling:
     """Flags win; else the schedule stored for (steps, sampler) by the search; else the config's.
-    An explicit schedule is checked here, so a bad one is an input error before any work starts."""
+    An explicit schedule is checked here, so a bad one is an input error before any work starts.
+
+    A distilled student samples only with `distilled` at its K levels, and only a student with
+    `distilled`: other flags are a ValueError — unless `lenient` (flags given for other models of
+    the same run, e.g. an evaluation's baselines), where a student keeps its own way and another
+    model asked for `distilled` its config's sampler."""
     from sr3model.schedules import check_start, linear_schedule
 
     diffusion = config.diffusion
+    if config.distill.student_steps:
+        return _student_sampling(config, *((None, None, None) if lenient else (sampler, steps, schedule)))
+    if sampler == "distilled":
+        if not lenient:
+            _student_sampling(config, sampler, steps, schedule)  # raises: not a student
+        sampler = None
     sampler = sampler or diffusion.sample_sampler
     steps = steps or diffusion.sample_steps
     if schedule is not None:
@@ -88,6 +103,26 @@ def choose_sampling(config, stored: dict[int, dict[str, Any]], *, sampler: str |
     if diffusion.sample_schedule == "linear":
         return Sampling(sampler, steps, diffusion.sample_beta_start, diffusion.sample_beta_end, "config")
     return Sampling(sampler, steps, None, None, "config")
+
+
+def _student_sampling(config, sampler: str | None, steps: int | None,
+                      schedule: tuple[float, float] | None) -> Sampling:
+    """A distilled student's one way to sample, or ValueError naming what does not fit."""
+    k = config.distill.student_steps
+    if not k:
+        raise ValueError(f"sampler 'distilled' runs distilled students (jobs/distill.py); this "
+                         f"{config.objective} model is not one: choose ddpm, ddim or dpmpp-2m")
+    wrong = []
+    if sampler not in (None, "distilled"):
+        wrong.append(f"--sampler {sampler}")
+    if steps not in (None, k):
+        wrong.append(f"--steps {steps}")
+    if schedule is not None:
+        wrong.append("--schedule")
+    if wrong:
+        raise ValueError(f"a {k}-step distilled student samples with 'distilled' at its own {k} levels only "
+                         f"(its teacher: {config.distill.teacher or '?'}); drop {', '.join(wrong)}")
+    return Sampling("distilled", k, None, None, "config", config.diffusion.sample_schedule)
 
 
 @dataclass(frozen=True)

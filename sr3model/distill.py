@@ -81,7 +81,7 @@ def distill_loss(model, x: torch.Tensor, teacher_y0: torch.Tensor, hr_y0: torch.
     levels = len(schedule)
     for t in reversed(range(levels)):
         gamma = schedule.gammas[t].to(torch.float32)
-        out = model.net(model._inputs(x, y), gamma.expand(y.shape[0]).to(y.device))
+        out = model.net(model.network_input(x, y), gamma.expand(y.shape[0]).to(y.device))
         y0, y = student_step(out, cfg.diffusion.prediction, y, schedule.gammas[t], schedule.gammas_prev[t],
                              low, high)
         y = y.detach()

@@ -146,7 +146,7 @@ def evaluate(model_uri: str, pairs: str, options: EvalOptions | None = None, *, 
         say(note)
     ref = resolve_model(model_uri, uri)
     chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule))
-    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps))
+    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps, lenient=True))
                                 for b in (resolve_model(u, uri) for u in baselines)]
     rows = max(1, min(grid_rows, len(data)))  # pairs shown in the report's grid
 

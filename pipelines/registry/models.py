@@ -189,10 +189,12 @@ def _parse(text: str | None) -> dict[int, dict[str, Any]]:
 
 
 def sampling_for(ref: ModelRef, *, sampler: str | None = None, steps: int | None = None,
-                 schedule: tuple[float, float] | None = None) -> Sampling:
+                 schedule: tuple[float, float] | None = None, lenient: bool = False) -> Sampling:
     """Flags win; else the schedule stored for (steps, sampler) by the search; else the config's
-    (`pipelines.sampling.choose_sampling`, which the pyfunc shares)."""
-    return choose_sampling(ref.config(), ref.sampling, sampler=sampler, steps=steps, schedule=schedule)
+    (`pipelines.sampling.choose_sampling`, which the pyfunc shares; `lenient` for flags meant for
+    other models: a distilled student then keeps its own sampling)."""
+    return choose_sampling(ref.config(), ref.sampling, sampler=sampler, steps=steps, schedule=schedule,
+                           lenient=lenient)
 
 
 def parse_schedule(text: str | None) -> tuple[float, float] | None:
