@@ -162,7 +162,7 @@ def teacher_outputs(args, teacher: SR3, train_lr: torch.Tensor) -> dict[str, tor
 
 
 def student(args, teacher: SR3, steps: int, train_hr, train_lr, outputs) -> tuple[SR3, float]:
-    folder = args.out / f"student-{steps}"
+    folder = args.out / f"student-{steps}{args.tag}"
     stamp = f"{args.student_steps}|{args.student_lr}|{args.student_batch}|{args.hr_weight}|{args.loss}|{outputs['tag']}"
     if (folder / "config.json").exists() and not args.fresh and (folder / "stamp").read_text() == stamp:
         say(f"reusing the {steps}-step student in {folder}")
@@ -216,7 +216,7 @@ def quality(args, results: dict) -> dict[int, Path]:
         rows.append((f"student, distilled {k}", k, scores(images, hr, lr), time.perf_counter() - tick))
         outputs_of[("student", k)] = images
         shown[f"student-{k}"] = images[:, 0]
-        folders[k] = args.out / f"student-{k}"
+        folders[k] = args.out / f"student-{k}{args.tag}"
         results[f"student-{k}"] = {"train_s": train_s}
 
     def to_teacher(images: torch.Tensor) -> float:
@@ -231,7 +231,7 @@ def quality(args, results: dict) -> dict[int, Path]:
         results[name] = {**metrics, "passes": passes, "psnr_vs_teacher": distance}
     print("\n" + "\n".join(lines) + "\n", flush=True)
     check_targets(results)
-    grid_png(args.out / "grid.png", lr, hr, [shown[c] for c in ("teacher", "student-1", "student-4") if c in shown])
+    grid_png(args.out / f"grid{args.tag}.png", lr, hr, [shown[c] for c in ("teacher", "student-1", "student-4") if c in shown])
     return folders
 
 
@@ -344,6 +344,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="retrain everything cached under --out")
+    parser.add_argument("--tag", default="", help="suffix of the student folders (variants sharing a teacher)")
     parser.add_argument("--out", type=Path, default=Path("reports/bench-distill"))
     args = parser.parse_args()
     if args.threads:
@@ -353,7 +354,7 @@ def main() -> None:
     folders = quality(args, results)
     if not args.skip_throughput and folders:
         throughput(args, folders, results)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+    (args.out / f"results{args.tag}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        **results}, indent=2, default=float))
     say(f"{time.perf_counter() - start:.0f} s in all; grid (LR | teacher dpmpp-2m 20 | student-1 | student-4 | HR): "
         f"{args.out / 'grid.png'}; results.json beside it")
