@@ -207,6 +207,14 @@ def quality(args, results: dict) -> dict[int, Path]:
         rows.append((f"teacher, {sampler} {steps}", steps, scores(images, hr, lr), time.perf_counter() - tick))
     reference = outputs_of[REFERENCE]
     shown["teacher"] = reference[:, 0]
+    for k in args.students:  # what distillation starts from: the teacher's weights at the student's K levels
+        untrained = SR3(student_config(teacher.config, k)).to(args.device).eval()
+        untrained.net.load_state_dict(teacher.net.state_dict())
+        tick = time.perf_counter()
+        images = sample(untrained, lr, keys, sampler=None, steps=None, **common)
+        rows.append((f"untrained student {k} (teacher's weights, distilled {k})", k, scores(images, hr, lr),
+                     time.perf_counter() - tick))
+        outputs_of[("untrained", k)] = images
     outputs = teacher_outputs(args, teacher, train_lr)
     folders = {}
     for k in args.students:
