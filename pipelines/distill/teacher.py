@@ -1,7 +1,8 @@
 """The teacher's outputs on the train pairs, as a committed dataset version (what a student learns).
 
-    PAIRS (committed; its train files pinned) ──read_parquet──> pair rows
-      ─map_batches(lr_rows)────────────── CPU tasks: LR PNG → uint8 pixels, the row named by its key
+    PAIRS (committed; its train files pinned) ──one item per Parquet row group (≤ 64 pairs)──>
+      ─map_batches(read_pairs)─────────── CPU tasks: the row group's pairs, LR PNG → uint8 pixels,
+                                           each row named by its key
       ─map_batches(actors.Upscaler)────── the upscale job's sampling actors (pipelines.infer.actors:
                                            the model loaded once per actor, pipelines.sampling;
                                            GPU actors when the cluster has or can scale to GPUs)
@@ -71,13 +72,39 @@ class TeacherSpec:
     noise_device: str  # cpu | cuda
 
 
-def lr_rows(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Pair rows → the sampling actors' input: the LR image as uint8 pixels, named by its key."""
+PAIR_COLUMNS = [c for c in TEACHER_COLUMNS if c not in ("sample", "seed", "teacher")]
+
+
+def row_group_items(files: tuple[str, ...], groups: tuple[tuple[int, ...], ...],
+                    limit: int | None = None) -> list[dict[str, Any]]:
+    """One work item per row group of the train files ({file, group, rows}), the first `limit`
+    pairs only when given (the last item cut short)."""
+    items, left = [], limit if limit else None
+    for uri, sizes in zip(files, groups):
+        for group, rows in enumerate(sizes):
+            take = rows if left is None else min(rows, left)
+            if take <= 0:
+                return items
+            items.append({"file": uri, "group": group, "rows": take})
+            left = None if left is None else left - take
+    return items
+
+
+def read_pairs(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Work items → the pairs of their row groups, as the sampling actors take them: the LR image
+    as uint8 pixels, each row named by its key (`image_seed`'s name)."""
     from sr3model.imageio import decode_png
 
-    images = [np.ascontiguousarray(np.asarray(decode_png(bytes(b)), dtype=np.uint8)) for b in batch["lr"]]
+    tables = []
+    for uri, group, rows in zip(batch["file"], batch["group"], batch["rows"]):
+        fs, path = storage.resolve(str(uri))
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.ParquetFile(handle).read_row_group(int(group), columns=PAIR_COLUMNS).slice(0, int(rows)))
+    table = pa.concat_tables(tables)
+    out: dict[str, Any] = {name: table.column(name).to_pylist() for name in PAIR_COLUMNS}
+    images = [np.ascontiguousarray(np.asarray(decode_png(bytes(b)), dtype=np.uint8)) for b in out["lr"]]
     n = len(images)
-    return {**batch, "relpath": batch["key"], "pixels": [a.tobytes() for a in images],
+    return {**out, "relpath": out["key"], "pixels": [a.tobytes() for a in images],
             "height": [a.shape[0] for a in images], "width": [a.shape[1] for a in images],
             "reason": [""] * n, "detail": [""] * n}
 
@@ -161,6 +188,7 @@ def teacher_outputs(ref: ModelRef, sampling: Sampling, pairs: str, output: str, 
     from pipelines.infer.actors import Upscaler
     from pipelines.infer.placement import input_blocks, sampling_placement
     from pipelines.runtime import init_ray
+    from pipelines.train.driver import train_files
 
     init_ray()
     source = pair_store.read_summary(pairs)
@@ -180,21 +208,16 @@ def teacher_outputs(ref: ModelRef, sampling: Sampling, pairs: str, output: str, 
         return found, True
 
     started = time.perf_counter()
-    files = [f.uri for f in pair_store.part_files(pairs, "train", summary=source)]
-    fs, _ = storage.resolve(files[0])
+    items = row_group_items(*train_files(pairs, source), limit=limit)
     version = pair_store.new_version()
     say(f"sampling the teacher's outputs: {rows_total} train pairs × {samples} of {spec.teacher}, "
         f"{spec.sampler} {spec.steps} steps, on {placement.device} ({placement.max_actors} actor(s)) → {output} "
         f"version {version}")
-    dataset = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=storage.to_pyarrow(fs),
-                                    columns=[c for c in TEACHER_COLUMNS if c not in ("sample", "seed", "teacher")])
-    if limit:
-        dataset = dataset.limit(limit)
     model = ray.put((ref.config_json, ref.weights))
     options = {"samples": samples, "seed": seed, "batch_size": batch_size, "max_batch_pixels": None, "tile": None,
                "overlap": None, "device": placement.device, "threads": placement.threads}
-    dataset = (dataset.repartition(input_blocks(rows_total, batch_size))
-               .map_batches(lr_rows, batch_size=batch_size, batch_format="numpy", num_cpus=1)
+    dataset = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+               .map_batches(read_pairs, batch_size=1, batch_format="numpy", num_cpus=1)
                .map_batches(Upscaler, fn_constructor_kwargs={"model": [model], "sampling": asdict(sampling),
                                                              "options": options},
                             batch_size=batch_size, batch_format="numpy", **placement.map_kwargs()))
