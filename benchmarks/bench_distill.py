@@ -200,14 +200,14 @@ def quality(args, results: dict) -> dict[int, Path]:
     teacher = teacher_model(args, train_hr, train_lr)
     common = dict(samples=args.eval_samples, seed=args.seed, device=args.device)
     rows, shown, outputs_of = [], {}, {}
-    for sampler, steps in TEACHER_ROWS:
+    for sampler, steps in (TEACHER_ROWS if not args.quick else (REFERENCE,)):
         tick = time.perf_counter()
         images = sample(teacher, lr, keys, sampler=sampler, steps=steps, **common)
         outputs_of[(sampler, steps)] = images
         rows.append((f"teacher, {sampler} {steps}", steps, scores(images, hr, lr), time.perf_counter() - tick))
     reference = outputs_of[REFERENCE]
     shown["teacher"] = reference[:, 0]
-    for k in args.students:  # what distillation starts from: the teacher's weights at the student's K levels
+    for k in args.students if not args.quick else ():  # what distillation starts from: the teacher's weights
         untrained = SR3(student_config(teacher.config, k)).to(args.device).eval()
         untrained.net.load_state_dict(teacher.net.state_dict())
         tick = time.perf_counter()
@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--students", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4])
     parser.add_argument("--student-steps", type=int, default=600, help="training steps of each student")
     parser.add_argument("--student-batch", type=int, default=8)
-    parser.add_argument("--student-lr", type=float, default=5e-4)
+    parser.add_argument("--student-lr", type=float, default=1e-3)
     parser.add_argument("--student-warmup", type=int, default=50)
     parser.add_argument("--hr-weight", type=float, default=None, help="default: sr3model.config.DistillConfig's")
     parser.add_argument("--loss", type=int, default=None, choices=[1, 2], help="default: DistillConfig's")
@@ -347,11 +347,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--throughput-images", type=int, default=12)
-    parser.add_argument("--throughput-size", type=int, default=32, help="LR side of the upscaled images")
+    parser.add_argument("--throughput-images", type=int, default=96)
+    parser.add_argument("--throughput-size", type=int, default=64, help="LR side of the upscaled images")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="retrain everything cached under --out")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the teacher's reference row (dpmpp-2m 20) and the students: for trying settings")
     parser.add_argument("--tag", default="", help="suffix of the student folders (variants sharing a teacher)")
     parser.add_argument("--out", type=Path, default=Path("reports/bench-distill"))
     args = parser.parse_args()

@@ -29,6 +29,7 @@ from typing import Any
 from pipelines import storage, tracking
 from pipelines.cli import UserError
 from pipelines.distill.teacher import EXTRA_COLUMNS, teacher_outputs
+from pipelines.pairs import store as pair_store
 from pipelines.registry.models import ModelRef, resolve_model, sampling_for
 from pipelines.train import TrainOptions, TrainResult, train
 from pipelines.train.driver import DEFAULT_STORAGE, preflight
@@ -59,7 +60,7 @@ class DistillOptions:
     limit: int | None = None  # only the first N train pairs (trials)
 
 
-DEFAULT_LR, DEFAULT_WARMUP = 5e-4, 50  # benchmarks/bench_distill.py (README "Distil a fast student")
+DEFAULT_LR, DEFAULT_WARMUP = 1e-3, 50  # benchmarks/bench_distill.py (README "Distil a fast student")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ def distill(teacher_uri: str, pairs: str, options: DistillOptions, training: Tra
     ref = resolve_model(teacher_uri, training.tracking_uri)
     check_teacher(ref, teacher_uri)
     sampling = sampling_for(ref, sampler=o.teacher_sampler, steps=o.teacher_steps)
+    if not training.val_pairs and not int(pair_store.read_summary(pairs).get("val", 1) or 0):
+        raise UserError(f"{pairs} has no val split: pass --val-pairs URI (validation and the promotion gate score "
+                        "the student on its val pairs; the teacher's outputs have none)")
     storage_uri = training.storage_uri or DEFAULT_STORAGE
     run_name = training.run_name or f"{training.register}-student{o.student_steps}-of-{ref.name or 'model'}-v{ref.version or ref.digest}"
     training = training.with_(storage_uri=storage_uri, run_name=run_name, val_pairs=training.val_pairs or pairs,
