@@ -361,11 +361,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     start, results = time.perf_counter(), {}
+
+    def save() -> None:
+        (args.out / f"results{args.tag}.json").write_text(json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2, default=float))
+
     folders = quality(args, results)
+    save()
     if not args.skip_throughput and folders:
         throughput(args, folders, results)
-    (args.out / f"results{args.tag}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       **results}, indent=2, default=float))
+        save()
     say(f"{time.perf_counter() - start:.0f} s in all; grid (LR | teacher dpmpp-2m 20 | student-1 | student-4 | HR): "
         f"{args.out / 'grid.png'}; results.json beside it")
 
