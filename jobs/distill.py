@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-outputs", help="URI of the teacher-output dataset (default: under --storage)")
     parser.add_argument("--outputs-per-pair", type=int, default=2, help="teacher outputs (start noises) per pair")
     parser.add_argument("--seed", type=int, default=0, help="seed of the teacher outputs' start noise")
-    parser.add_argument("--hr-weight", type=float, help="weight of the HR term (default 0.1)")
+    parser.add_argument("--hr-weight", type=float, help="weight of the HR term (default 0: pure distillation)")
     parser.add_argument("--lr", type=float, help="the student's learning rate (default 1e-3)")
     parser.add_argument("--warmup-steps", type=int, help="learning-rate warm-up steps (default 50)")
     parser.add_argument("--batch-size", type=int, help="global batch (default: the teacher's)")

@@ -130,7 +130,8 @@ class DistillConfig:
     ordinary SR3 model. K > 0: the network is run at K fixed levels (`diffusion.sample_schedule =
     "student"`, sampler `distilled`) and `SR3.forward` returns the distillation loss: each level's
     ŷ0 regressed (L_`loss`) onto the teacher's output for the same LR image and start noise, plus
-    `hr_weight` × the same error against the HR image. `noise_device` is the device type whose
+    `hr_weight` × the same error against the HR image (off by default: at the quickstart's scale it
+    cost the 1-step student a third of the teacher's detail, benchmarks/bench_distill.py). `noise_device` is the device type whose
     generators drew the teacher's start noise from the stored seeds (torch's CPU and CUDA
     generators draw different numbers from one seed). `teacher`, `teacher_sampler`,
     `teacher_steps` record the lineage: the teacher's pinned `models:/NAME/VERSION` and how its
@@ -140,7 +141,7 @@ class DistillConfig:
     teacher: str = ""  # models:/NAME/VERSION of the teacher
     teacher_sampler: str = ""  # the teacher's deterministic sampler (ddim or dpmpp-2m)
     teacher_steps: int = 0
-    hr_weight: float = 0.1  # weight of the ground-truth term
+    hr_weight: float = 0.0  # weight of the ground-truth term (0: pure distillation; README "Distil")
     loss: int = 2  # p of the L_p distillation loss
     noise_device: str = "cpu"  # cpu | cuda: where the stored seeds' start noise is drawn
 

@@ -13,15 +13,16 @@ which is the registered sampler `distilled` (`sr3model.samplers`), with the clip
 sampler applies. Training (`distill_loss`, what `SR3.forward` returns for a student) rolls the
 student out on the states it visits itself, from the very z the teacher started from (regenerated
 from the stored per-output seed, `teacher_noise`), and regresses every level's ŷ0 onto the teacher's
-output F(x, z), plus a small weight on the HR image:
+output F(x, z), optionally plus a weight on the HR image y0 (`distill.hr_weight`, default 0):
 
     L = 1/K Σ_k  ‖ŷ0_k − F(x, z)‖_p^p + w_HR · ‖ŷ0_k − y0‖_p^p          (the states y_k detached)
 
 This is SinSR's recipe (Wang et al. 2024: regression onto a deterministic teacher's outputs for
-the same noise, with a ground-truth term) generalised from one step to K steps trained on their
-own trajectories, as rollout-based distillation does (the student learns to correct the states it
-actually reaches, not the teacher's). Why this rather than progressive distillation or
-consistency distillation: see the README ("Distil a fast student").
+the same noise, with an optional ground-truth term) generalised from one step to K steps trained on
+their own trajectories, as rollout-based distillation does (the student learns to correct the
+states it actually reaches, not the teacher's). Why this rather than progressive distillation or
+consistency distillation, and why the HR term is off by default: see the README ("Distil a fast
+student").
 """
 
 from __future__ import annotations
