@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
-from sr3model.config import SAMPLER_NAMES  # noqa: E402
+from sr3model.config import EXTRA_METRICS, SAMPLER_NAMES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="evaluate only the first N val pairs (by key)")
     parser.add_argument("--report", help="report folder or URI (default: reports/eval-<timestamp>)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--metrics", nargs="+", choices=("fid", "is", "lpips"),
+    parser.add_argument("--metrics", nargs="+", choices=EXTRA_METRICS,
                         help="perceptual metrics besides PSNR/SSIM/consistency/LR-PSNR/diversity "
                              "(default: those whose weights are given)")
     parser.add_argument("--fid-weights", help="local Inception weights for FID/IS (or SR3_FID_WEIGHTS)")

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
-from sr3model.config import SAMPLER_NAMES  # noqa: E402
+from sr3model.config import BASE_METRICS, EXTRA_METRICS, SAMPLER_NAMES  # noqa: E402
 
-METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "fid", "is", "lpips")
+METRICS = (*BASE_METRICS, *EXTRA_METRICS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -30,6 +30,10 @@ OBJECTIVES = ("sr3", "regression", "residual", "unconditional")
 PREDICTIONS = ("eps", "v", "x0")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")  # `sr3model.samplers.SAMPLERS`, named here without torch
 SAMPLE_SCHEDULES = ("log-snr", "linear")
+# The metric table's columns (`sr3model.metrics.per_image`) and the perceptual metrics that need
+# local weights, named here too so that jobs offer them without importing torch.
+BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio")
+EXTRA_METRICS = ("fid", "is", "lpips")
 
 
 @dataclass(frozen=True)

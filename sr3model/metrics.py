@@ -25,12 +25,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from .config import BASE_METRICS
 from .resample import downsample, upsample
 
 
@@ -92,11 +94,22 @@ def diversity(samples: torch.Tensor) -> torch.Tensor:
 
 
 # -- the per-image table ---------------------------------------------------------------------------
-BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio")
 LOWER_IS_BETTER = frozenset({"consistency", "colour_error", "fid", "lpips"})
 # Per-output energies whose set-level ratio is `detail_ratio` (a mean of per-image ratios would be
 # dominated by the flattest patches): summed by `summarise`, never reported on their own.
 DETAIL_SR, DETAIL_HR = "_detail_sr", "_detail_hr"
+
+
+def badness(metric: str, value: float) -> float:
+    """A set-level metric turned into "lower is better": the value for error-like metrics
+    (`LOWER_IS_BETTER`), |log ratio| for ratios whose ideal is the photo's own 1 (`detail_ratio`),
+    log of the ratio above 1 for grain (`flat_noise_ratio`: smoother than the photo is no fault),
+    minus the value otherwise (PSNR-like)."""
+    if metric == "detail_ratio":
+        return abs(math.log(value)) if value > 0 else math.inf
+    if metric == "flat_noise_ratio":
+        return max(0.0, math.log(value)) if value > 0 else 0.0
+    return value if metric in LOWER_IS_BETTER else -value
 
 
 def per_image(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:

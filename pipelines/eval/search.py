@@ -65,6 +65,7 @@ from pipelines.eval.run import Say, default_report_dir, label_of
 from pipelines.registry.models import resolve_model, store_sampling
 from pipelines.runtime import SamplingOptions, init_ray_if_named
 from pipelines.sampling import Sampling
+from sr3model.metrics import badness
 
 START_RANGE = (1e-6, 1e-2)
 GAMMA_K_SPAN = 100.0  # default γ_K range: [γ_T / 100, γ_T]
@@ -100,8 +101,8 @@ def grid(n: int, steps: int, gamma_range: Sequence[float], start_range: Sequence
 
 
 def better(metric: str, a: float, b: float) -> bool:
-    """Whether score `a` beats `b` for this metric."""
-    return a < b if metric in LOWER_IS_BETTER else a > b
+    """Whether score `a` beats `b` for this metric (`sr3model.metrics.badness`)."""
+    return badness(metric, a) < badness(metric, b)
 
 
 @dataclass

@@ -146,9 +146,11 @@ def _requirements() -> list[str]:
 
 
 def log_model(model_dir: str | Path, run_id: str, tracking_uri: str, *, register: str | None = None,
-              alias: str | None = "champion") -> tuple[str, str | None]:
-    """Log the pyfunc into `run_id`; with `register`, register it and point `alias` at it (with
-    `alias=None` the version is registered without one: the training job's promotion gate decides).
+              alias: str | None = "champion", version_tags: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """Log the pyfunc into `run_id`; with `register`, register it — `version_tags` set in the same
+    registry call that creates the version, so a version is never seen without them — and point
+    `alias` at it (with `alias=None` the version is registered without one: the training job's
+    promotion gate decides).
 
     Returns (model URI, registered version or None). `model_dir` is a checkpoint or a model
     directory; only the weight files are copied into the model."""
@@ -167,10 +169,10 @@ def log_model(model_dir: str | Path, run_id: str, tracking_uri: str, *, register
                 name=MODEL_NAME, python_model=SR3PyFunc(), artifacts={ARTIFACT_KEY: str(weights)},
                 code_paths=[str(Path(sr3model.__file__).parent), str(Path(pipelines.__file__).parent)],
                 signature=_signature(),
-                pip_requirements=_requirements(), registered_model_name=register)
+                pip_requirements=_requirements())
     version = None
     if register:
-        version = str(info.registered_model_version)
+        version = str(mlflow.register_model(info.model_uri, register, tags=version_tags or None).version)
         if alias is None:
             return f"models:/{register}/{version}", version
         mlflow.MlflowClient(tracking_uri).set_registered_model_alias(register, alias, version)

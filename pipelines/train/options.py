@@ -59,6 +59,7 @@ class TrainOptions:
     ray_address: str | None = None  # default: RAY_ADDRESS, else a local Ray
     log_pyfunc: bool = True
     fail_once_at: tuple[int, int] | None = None  # test hook: (rank, step) whose process is killed once
+    fail_validation: bool = False  # test hook: every validation raises
 
     def with_(self, **fields: Any) -> TrainOptions:
         return dataclasses.replace(self, **fields)
@@ -114,6 +115,7 @@ class LoopConfig:
     fail_rank: int = -1  # failure injection for tests: rank `fail_rank` raises after step
     fail_step: int = -1  # `fail_step` once, while the marker file `fail_marker` is absent
     fail_marker: str = ""
+    fail_validation: bool = False  # test hook: validation raises (it must not cost the run)
 
 
 def build_config(preset_name: str, objective: str | None = None, overrides: list[str] | tuple[str, ...] = (),
