@@ -210,9 +210,9 @@ def test_copies_tie_and_the_holder_keeps_the_alias_a_better_one_takes_it(
     assert all(c["delta"] == 0 for c in tie.comparisons.values())
     assert MlflowClient(mlflow_server).get_model_version_by_alias(name, "champion").version == holder
 
-    name = "sr3-gate-better"  # the colour-shifted one holds; the good one is better on colour, no worse elsewhere
-    shifted = _register(mlflow_server, name, folders["colour"])
-    assert _gate(mlflow_server, name, shifted, pairs, root).moved
+    name = "sr3-gate-better"  # the grainy one holds; the good one is better on grain, colour and detail
+    grainy = _register(mlflow_server, name, folders["grain"])
+    assert _gate(mlflow_server, name, grainy, pairs, root).moved
     good = _register(mlflow_server, name, folders["good"])
     better = _gate(mlflow_server, name, good, pairs, root)
     assert better.moved, better.reason
