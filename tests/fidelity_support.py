@@ -23,6 +23,20 @@ from pipelines.infer import colour
 ADOBE_COLORANTS = ((0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087), (0.14919, 0.06322, 0.74457))
 PATCHES = ((200, 60, 40), (40, 160, 90), (70, 80, 200), (180, 180, 60))  # sRGB, inside Adobe RGB's gamut
 SIZE = (20, 16)  # (w, h) of most inputs: not the tiny model's 16×16, so they are sampled over tiles
+# input → output (bands, bits) in png, tiff, jpeg, webp (with --fallback convert where a format cannot hold it)
+TABLE = {  # = README's table (Upscale a bucket)
+    "rgba.png": ("RGBA", 8, "RGBA", 8, "RGB", 8, "RGBA", 8),
+    "opaque.png": ("RGBA", 8, "RGBA", 8, "RGB", 8, "RGB", 8),
+    "la.png": ("LA", 8, "LA", 8, "L", 8, "RGBA", 8),
+    "rgb16.png": ("RGB", 16, "RGB", 16, "RGB", 8, "RGB", 8),
+    "rgb16.tif": ("RGB", 16, "RGB", 16, "RGB", 8, "RGB", 8),
+    "grey16.png": ("L", 16, "L", 16, "L", 8, "RGB", 8),
+    "adobe.png": ("RGB", 8, "RGB", 8, "RGB", 8, "RGB", 8),
+    "adobe16.tif": ("RGB", 16, "RGB", 16, "RGB", 8, "RGB", 8),
+    "camera.jpg": ("RGB", 8, "RGB", 8, "RGB", 8, "RGB", 8),
+    "palette.png": ("RGBA", 8, "RGBA", 8, "RGB", 8, "RGBA", 8),
+    "cmyk.jpg": ("RGB", 8, "RGB", 8, "RGB", 8, "RGB", 8),
+}
 
 
 def adobe_like() -> bytes:
@@ -91,8 +105,9 @@ def patches(height: int = 32, width: int = 32) -> np.ndarray:
 
 def to_adobe8(srgb: np.ndarray) -> np.ndarray:
     """sRGB 8-bit → the Adobe-like profile through LittleCMS (relative colorimetric)."""
-    transform = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(io.BytesIO(adobe_like())),
-                                        "RGB", "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC)
+    adobe = ImageCms.ImageCmsProfile(io.BytesIO(adobe_like()))
+    transform = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), adobe, "RGB", "RGB",
+                                        ImageCms.Intent.RELATIVE_COLORIMETRIC)
     return np.asarray(ImageCms.applyTransform(Image.fromarray(srgb), transform))
 
 

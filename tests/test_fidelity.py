@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from fidelity_support import (SIZE, XMP, adobe_like, corpus, file_kind, patches, png16, psnr, ramp16, soft_alpha,
-                              tiff16, tiff_pixels, to_adobe8, zero_model)
+from fidelity_support import (SIZE, TABLE, XMP, adobe_like, corpus, file_kind, patches, png16, psnr, ramp16,
+                              soft_alpha, tiff16, tiff_pixels, to_adobe8, zero_model)
 from pipelines.infer import codecs, colour, fidelity
 from pipelines.registry.pyfunc import super_resolve_frame
 from pipelines.sampling import lr_tensor, quantise
@@ -28,20 +28,6 @@ from sr3model.imageio import ImageRejected
 SCALE = 4
 FORMATS = ("png", "tiff", "jpeg", "webp")
 ADOBE = "Adobe RGB (1998)-like (test)"
-# input → output (bands, bits) per format, where a format cannot hold it with --fallback convert
-TABLE = {
-    "rgba.png": ("RGBA", 8, "RGBA", 8, "RGB", 8, "RGBA", 8),
-    "opaque.png": ("RGBA", 8, "RGBA", 8, "RGB", 8, "RGB", 8),
-    "la.png": ("LA", 8, "LA", 8, "L", 8, "RGBA", 8),
-    "rgb16.png": ("RGB", 16, "RGB", 16, "RGB", 8, "RGB", 8),
-    "rgb16.tif": ("RGB", 16, "RGB", 16, "RGB", 8, "RGB", 8),
-    "grey16.png": ("L", 16, "L", 16, "L", 8, "RGB", 8),
-    "adobe.png": ("RGB", 8, "RGB", 8, "RGB", 8, "RGB", 8),
-    "adobe16.tif": ("RGB", 16, "RGB", 16, "RGB", 8, "RGB", 8),
-    "camera.jpg": ("RGB", 8, "RGB", 8, "RGB", 8, "RGB", 8),
-    "palette.png": ("RGBA", 8, "RGBA", 8, "RGB", 8, "RGBA", 8),
-    "cmyk.jpg": ("RGB", 8, "RGB", 8, "RGB", 8, "RGB", 8),
-}
 
 
 @pytest.fixture(scope="module")

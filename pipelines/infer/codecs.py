@@ -58,6 +58,7 @@ class Decoded:
     xmp: bytes | None = None  # tiff:Orientation 1
     dpi: tuple[float, float] | None = None
     orientation: int = 1  # the input's EXIF orientation (now applied)
+    notes: tuple[str, ...] = ()  # what could not be kept (recorded in the manifest)
 
     @property
     def bits(self) -> int:
@@ -80,9 +81,11 @@ def read(data: bytes) -> Decoded:
         dpi = image.info.get("dpi")
         if image.format == "TIFF" and 282 not in image.tag_v2:
             dpi = None  # Pillow reports (1, 1) for a TIFF without a resolution
-        return Decoded(pixels, bands, mode, image.format or "", icc, _exif(exif, orientation),
+        carried = _exif(exif, orientation)
+        lost = ("EXIF that Pillow cannot write back: dropped",) if carried is False else ()
+        return Decoded(pixels, bands, mode, image.format or "", icc, carried or None,
                        _xmp(image.info.get("xmp") or getattr(image, "tag_v2", {}).get(700), orientation),
-                       (float(dpi[0]), float(dpi[1])) if dpi and all(dpi) else None, orientation)
+                       (float(dpi[0]), float(dpi[1])) if dpi and all(dpi) else None, orientation, lost)
 
 
 def _low_rawmode(image: Image.Image) -> str | None:
@@ -153,8 +156,9 @@ def _samples(image: Image.Image, data: bytes, low: str | None) -> tuple[np.ndarr
     return pixels, bands, mode
 
 
-def _exif(exif: Image.Exif, orientation: int) -> bytes | None:
-    """The input's EXIF with orientation 1 and IFD0 reduced to DESCRIPTIVE_TAGS; None if nothing is left."""
+def _exif(exif: Image.Exif, orientation: int) -> bytes | None | bool:
+    """The input's EXIF with orientation 1 and IFD0 reduced to DESCRIPTIVE_TAGS; None if nothing is
+    left, False if Pillow cannot serialise it again."""
     for tag in [t for t in exif if t not in DESCRIPTIVE_TAGS]:
         del exif[tag]
     if ORIENTATION in exif or orientation != 1:
@@ -163,8 +167,8 @@ def _exif(exif: Image.Exif, orientation: int) -> bytes | None:
         return None
     try:
         return exif.tobytes()
-    except Exception:  # noqa: BLE001 — an EXIF block Pillow cannot write back: the camera tags are lost
-        return None
+    except Exception:  # noqa: BLE001 — an EXIF block Pillow cannot write back: recorded as dropped
+        return False
 
 
 def _xmp(xmp: bytes | str | None, orientation: int) -> bytes | None:
@@ -187,8 +191,9 @@ def exif_for(exif: bytes | None, size: tuple[int, int], dpi: tuple[float, float]
     if ExifTags.Base.ExifImageWidth in sub or ExifTags.Base.ExifImageHeight in sub:
         sub[ExifTags.Base.ExifImageWidth], sub[ExifTags.Base.ExifImageHeight] = size
     if dpi:
-        found[ExifTags.Base.XResolution], found[ExifTags.Base.YResolution] = (
-            TiffImagePlugin.IFDRational(round(dpi[0] * 1000), 1000), TiffImagePlugin.IFDRational(round(dpi[1] * 1000), 1000))
+        rational = TiffImagePlugin.IFDRational
+        found[ExifTags.Base.XResolution] = rational(round(dpi[0] * 1000), 1000)
+        found[ExifTags.Base.YResolution] = rational(round(dpi[1] * 1000), 1000)
         found[ExifTags.Base.ResolutionUnit] = 2
     return found
 

@@ -155,6 +155,7 @@ def split(data: bytes, options: Fidelity) -> Split:
     decoded = codecs.read(data)
     pixels, bands, bits = decoded.pixels, decoded.bands, decoded.bits
     notes = [f"orientation {decoded.orientation} → 1"] if decoded.orientation != 1 else []
+    notes += decoded.notes
     if decoded.mode in ("P", "PA", "1"):
         notes.append(f"{'palette' if decoded.mode != '1' else 'bilevel'} → {bands}")
     alpha = pixels[..., -1] if bands in ("LA", "RGBA") else None

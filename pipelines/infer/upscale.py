@@ -3,12 +3,15 @@
     driver: resolve --model (pinned version, weights → object store), list INPUT (with each file's
             fingerprint), plan against OUTPUT/_manifest and _rejects (pipelines.infer.manifest:
             done, stale, changed, retried)
-    from_items(to do) ─map_batches(bucket.decode_batch)──── CPU tasks: fetch (threads) + decode
+    from_items(to do) ─map_batches(bucket.decode_batch)──── CPU tasks: fetch (threads) + decode: the
+                                                            model's sRGB input and what the output
+                                                            keeps (pipelines.infer.fidelity)
       ─map_batches(actors.Upscaler, actor pool)──────────── actors: the model loaded once each; GPU
                                                             actors (min 1 … max the cluster can
                                                             scale to) or single-threaded CPU actors
                                                             (pipelines.infer.placement)
-      ─map_batches(bucket.write_batch)───────────────────── CPU tasks: encode, atomic writes, manifest
+      ─map_batches(bucket.write_batch)───────────────────── CPU tasks: encode (alpha, depth, profile,
+                                                            metadata put back), atomic writes, manifest
     driver: iterates the small status rows (progress), compacts the manifest, writes _SUMMARY.json
 
 Memory stays bounded: Ray Data streams blocks between the stages with backpressure; inside an
@@ -20,6 +23,12 @@ Sampling: `pipelines.registry.models.sampling_for` (flags, else the schedule sto
 these steps, else the model config) through `pipelines.sampling` — the path the pyfunc and
 the evaluation share. A failed image (out of memory, a sampling error) is rejected with its
 reason and retried on the next run; the summary counts it under `failed`.
+
+Fidelity (`pipelines.infer.fidelity.Fidelity`): outputs keep their input's alpha, bit depth, ICC
+profile, EXIF/XMP and greyscale as the options say. An input whose output format cannot hold what
+it has (16 bits in JPEG/WebP, transparency in JPEG) is rejected as `would_lose` unless
+`fallback="convert"`; the summary's `refused` counts those — also the ones an earlier run refused
+under the same format and fallback — and `refused_message` is the job's one error line for them.
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from typing import Any, Callable
 from pipelines import storage
 from pipelines.infer import bucket, manifest
 from pipelines.infer.actors import Upscaler
-from pipelines.infer.layout import FORMATS, SUMMARY_NAME
+from pipelines.infer.fidelity import Fidelity
+from pipelines.infer.layout import SUMMARY_NAME
 from pipelines.infer.placement import WRITE_CPUS, WRITE_TASKS, Placement, input_blocks, sampling_placement
 from pipelines.sampling import Layout, Sampling
 from pipelines.registry.models import ModelRef, parse_schedule, resolve_model, sampling_for
@@ -48,11 +58,14 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
             num_gpus_per_worker: float | None = None, workers: int | None = None,
             max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS, tracking_uri: str | None = None,
             progress: Callable[[str], None] = print, device: str = "auto", max_batch_pixels: int | None = None,
-            redo_stale: bool = False) -> dict[str, Any]:
+            redo_stale: bool = False, alpha: str = "keep", colour: str | None = None,
+            strip_metadata: bool = False, fallback: str = "refuse") -> dict[str, Any]:
     """Super-resolve every new (or changed, or with `redo_stale` stale) image under `input_uri`
-    into `output_uri`; returns the summary (also OUTPUT/_SUMMARY.json)."""
+    into `output_uri`; returns the summary (also OUTPUT/_SUMMARY.json). `alpha`, `colour`,
+    `strip_metadata`, `fallback`: what outputs keep (`Fidelity.resolve`)."""
     started = time.perf_counter()
-    _check(fmt, samples, batch_size, tile, max_batch_pixels)
+    fidelity = Fidelity.resolve(fmt, alpha=alpha, colour=colour, strip_metadata=strip_metadata, fallback=fallback)
+    _check(samples, batch_size, tile, max_batch_pixels)
     ref = resolve_model(model_uri, tracking_uri)
     config = ref.config()
     if not config.conditional:
@@ -69,9 +82,11 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     listed = storage.list_files(input_uri)
     if not listed and not storage.exists(input_uri):
         raise FileNotFoundError(f"--input {input_uri}: no such file, folder or prefix")
-    record = {**ref.record(), **chosen.record(), "run_seed": seed, "tile": tile_px, "overlap": overlap_px}
+    record = {**ref.record(), **chosen.record(), "run_seed": seed, "tile": tile_px, "overlap": overlap_px,
+              **fidelity.record()}
     exclude = _listed_style(output_uri) if _inside(output_uri, input_uri) else None
-    plan = manifest.plan(listed, output_uri, fmt, samples, manifest.Current(record, max_output_pixels),
+    plan = manifest.plan(listed, output_uri, fmt, samples,
+                         manifest.Current(record, max_output_pixels, fidelity.settings),
                          exclude=exclude, redo_stale=redo_stale)
     counts = plan.counts
     manifest.write_parts(output_uri, plan.refresh, plan.rejects)
@@ -83,16 +98,18 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
              f"{len(plan.rejects)} rejected by name")
     statuses: Counter[str] = Counter()
     reasons: Counter[str] = Counter(r["reason"] for r in plan.rejects)
+    examples: dict[str, str] = {}
     placement = None
     if plan.todo:
         placement = sampling_placement(num_gpus_per_worker, workers, device=device, model_bytes=len(ref.weights),
                                        blocks=input_blocks(len(plan.todo), batch_size))
         progress(f"sampling on {placement.device}: {placement.min_actors}–{placement.max_actors} actors")
-        statuses, more = _stream(ref, chosen, layout, samples, seed, plan.todo, output_uri, fmt, placement,
-                                 record, max_output_pixels, progress)
+        statuses, more = _stream(ref, chosen, layout, samples, seed, plan.todo, output_uri, fidelity, placement,
+                                 record, max_output_pixels, progress, examples)
         reasons.update(more)
     files = manifest.compact(output_uri)
     failed = {r: n for r, n in reasons.items() if r in bucket.FAILED}
+    refused = reasons[manifest.REFUSED] + counts["refused_before"]
     summary = {
         "model": ref.pinned, "model_name": ref.name, "model_version": ref.version, **chosen.record(),
         "input": input_uri, "output": output_uri, "format": fmt, "samples": samples, "seed": seed,
@@ -103,6 +120,9 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
         "rejected": sum(reasons.values()) - sum(failed.values()),
         "rejected_by_reason": dict(sorted((r, n) for r, n in reasons.items() if r not in failed)),
         "failed": sum(failed.values()), "failed_by_reason": dict(sorted(failed.items())),
+        **fidelity.record(), "refused": refused,
+        "refused_message": _refused_message(fidelity, reasons[manifest.REFUSED], counts["refused_before"],
+                                            examples.get(manifest.REFUSED)) if refused else "",
         "placement": asdict(placement) if placement else None, "manifest_files": files,
         "elapsed_s": round(time.perf_counter() - started, 3), "finished_at": manifest.now(),
     }
@@ -110,9 +130,7 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     return summary
 
 
-def _check(fmt: str, samples: int, batch_size: int, tile: int | None, max_batch_pixels: int | None) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: choose from {sorted(FORMATS)}")
+def _check(samples: int, batch_size: int, tile: int | None, max_batch_pixels: int | None) -> None:
     if samples < 1 or batch_size < 1:
         raise ValueError("--samples and --batch-size must be ≥ 1")
     if tile is not None and tile < 1:
@@ -121,9 +139,19 @@ def _check(fmt: str, samples: int, batch_size: int, tile: int | None, max_batch_
         raise ValueError(f"--max-batch-pixels {max_batch_pixels}: must be ≥ 1")
 
 
+def _refused_message(fidelity: Fidelity, now: int, before: int, example: str | None) -> str:
+    """The job's one error line for inputs the chosen output cannot hold (would_lose)."""
+    what = f"{now + before} input(s) hold what --format {fidelity.format} cannot"
+    if before:
+        what += f" ({before} refused by an earlier run under the same --format and --fallback)"
+    example = f" (first: {example})" if example else ""
+    return (f"{what}{example}; they were rejected as would_lose (OUTPUT/_rejects), the rest written: "
+            f"--format png or tiff keeps them, --fallback convert writes them converted")
+
+
 def _stream(ref: ModelRef, chosen: Sampling, layout: Layout, samples: int, seed: int, todo: list[dict[str, Any]],
-            output: str, fmt: str, placement: Placement, record: dict[str, Any], max_output_pixels: int,
-            progress: Callable[[str], None]) -> tuple[Counter, Counter]:
+            output: str, fidelity: Fidelity, placement: Placement, record: dict[str, Any], max_output_pixels: int,
+            progress: Callable[[str], None], examples: dict[str, str]) -> tuple[Counter, Counter]:
     import ray
     import ray.data
 
@@ -135,13 +163,13 @@ def _stream(ref: ModelRef, chosen: Sampling, layout: Layout, samples: int, seed:
     dataset = (
         ray.data.from_items(todo, override_num_blocks=input_blocks(len(todo), batch))
         .map_batches(bucket.decode_batch, fn_kwargs={"max_output_pixels": max_output_pixels,
-                                                     "scale": ref.config().scale},
+                                                     "scale": ref.config().scale, "fidelity": fidelity},
                      batch_size=batch, batch_format="numpy", num_cpus=1)
         .map_batches(Upscaler, fn_constructor_kwargs={"model": [model], "sampling": asdict(chosen),
                                                          "options": options},
                      batch_size=batch, batch_format="numpy", **placement.map_kwargs())
-        .map_batches(bucket.write_batch, fn_kwargs={"output": output, "fmt": fmt, "record": record,
-                                                    "max_output_pixels": max_output_pixels},
+        .map_batches(bucket.write_batch, fn_kwargs={"output": output, "fmt": fidelity.format, "record": record,
+                                                    "max_output_pixels": max_output_pixels, "fidelity": fidelity},
                      batch_size=None, batch_format="numpy", num_cpus=WRITE_CPUS,
                      compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS))
     )
@@ -150,11 +178,13 @@ def _stream(ref: ModelRef, chosen: Sampling, layout: Layout, samples: int, seed:
     shown = time.perf_counter()
     for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         statuses.update(str(s) for s in rows["status"])
-        for source, reason in zip(rows["source"], rows["reason"]):
+        for source, reason, detail in zip(rows["source"], rows["reason"], rows["detail"]):
             if reason:
                 reasons[str(reason)] += 1
+                examples.setdefault(str(reason), f"{source}: {detail}")
                 if reasons[str(reason)] <= 3:
-                    progress(f"{'failed' if reason in bucket.FAILED else 'rejected'} {source}: {reason}")
+                    said = f"{reason}: {detail}" if reason == manifest.REFUSED else reason
+                    progress(f"{'failed' if reason in bucket.FAILED else 'rejected'} {source}: {said}")
         if time.perf_counter() - shown > 10:
             progress(f"{sum(statuses.values())}/{len(todo)} processed ({statuses['done']} written, "
                      f"{statuses['failed']} failed)")

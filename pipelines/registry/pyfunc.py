@@ -6,10 +6,10 @@ so `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` and `mlflow models serve` wo
 (`mlflow.pytorch.log_model` is not used: it exports with torch.export, which breaks the sampler loop.)
 
 One sampling path: `predict` samples through `pipelines.sampling`, as jobs/upscale.py does —
-the same decoding and encoding (`pipelines.infer.fidelity.split` and `assemble`), tiling for sizes other than the model's,
-per-image noise seeded by `image_seed(seed, name, 0)` and the same choice of schedule: params, else
-the schedule `jobs/search_schedule.py --apply` stored with the registry version (tag `sr3.sampling`,
-read when the model is loaded), else the config's. So the same version, image, name and seed give
+the same decoding and encoding (`pipelines.infer.fidelity.split` and `assemble`), tiling for sizes
+other than the model's, per-image noise seeded by `image_seed(seed, name, 0)` and the same choice
+of schedule: params, else the schedule `jobs/search_schedule.py --apply` stored with the registry
+version (tag `sr3.sampling`, read when the model is loaded), else the config's. So the same version, image, name and seed give
 the picture `jobs/upscale.py` writes for `name` (its path relative to --input).
 
 Input: a pandas DataFrame with a column `lr` of encoded LR images (PNG/JPEG/WebP/TIFF bytes, any
