@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from fidelity_support import (SIZE, TABLE, XMP, adobe_like, corpus, file_kind, patches, png16, psnr, ramp16,
-                              soft_alpha, tiff16, tiff_pixels, to_adobe8, zero_model)
+from fidelity_support import (SIZE, TABLE, XMP, adobe_like, corpus, encoded, file_kind, patches, png16, psnr,
+                              ramp16, soft_alpha, tiff16, tiff_pixels, to_adobe8, zero_model)
 from pipelines.infer import codecs, colour, fidelity
 from pipelines.registry.pyfunc import super_resolve_frame
 from pipelines.sampling import lr_tensor, quantise
@@ -167,26 +167,29 @@ def test_exif_xmp_and_dpi_are_carried_upright_and_stripped_on_request(model, inp
 
 
 def test_the_manifest_record_says_what_was_kept_and_converted(model, inputs, one_torch_thread) -> None:
-    def record(name: str, **options) -> dict:
-        found = fidelity.split(inputs[name], fidelity.Fidelity.resolve(**options))
+    def record(data: bytes, **options) -> dict:
+        found = fidelity.split(data, fidelity.Fidelity.resolve(**options))
         out = bicubic(model, found.rgb, found.carried.bits)
         return fidelity.assemble(out, found.alpha, found.carried, fidelity.Fidelity.resolve(**options))[1]
 
-    assert record("rgba.png") == {
+    assert record(inputs["rgba.png"]) == {
         "input_mode": "RGBA", "input_bits": 8, "input_profile": None, "output_mode": "RGBA", "output_bits": 8,
         "output_profile": None, "alpha": "kept", "metadata": "", "conversions": ""}
-    assert record("rgb16.png", fmt="webp", fallback="convert")["conversions"] == "16 → 8 bits (webp)"
-    assert record("la.png", fmt="jpeg", fallback="convert")["alpha"] == "composited on white"
-    assert record("opaque.png", fmt="jpeg")["alpha"] == "dropped (opaque; jpeg has no alpha)"
-    assert record("palette.png")["conversions"] == "palette → RGBA"
-    assert record("cmyk.jpg")["conversions"] == "CMYK → sRGB RGB (no profile: Pillow's conversion)"
-    camera = record("camera.jpg", fmt="tiff")
+    assert record(inputs["rgb16.png"], fmt="webp", fallback="convert")["conversions"] == "16 → 8 bits (webp)"
+    assert record(inputs["la.png"], fmt="jpeg", fallback="convert")["alpha"] == "composited on white"
+    assert record(inputs["opaque.png"], fmt="jpeg")["alpha"] == "dropped (opaque; jpeg has no alpha)"
+    assert record(inputs["palette.png"])["conversions"] == "palette → RGBA"
+    assert record(inputs["cmyk.jpg"])["conversions"] == "CMYK → sRGB RGB (no profile: Pillow's conversion)"
+    camera = record(inputs["camera.jpg"], fmt="tiff")
     assert (camera["metadata"], camera["conversions"]) == ("exif,xmp", "orientation 6 → 1")
-    adobe = record("adobe16.tif", colour="srgb")
+    adobe = record(inputs["adobe16.tif"], colour="srgb")
     assert (adobe["input_profile"], adobe["output_profile"], adobe["output_bits"], adobe["metadata"]) == (
         ADOBE, "sRGB built-in", 16, "icc")
-    grey = record("grey16.png", colour="srgb")
+    grey = record(inputs["grey16.png"], colour="srgb")
     assert (grey["input_mode"], grey["output_mode"], grey["output_profile"]) == ("I;16", "L", "sGrey (sRGB tone curve)")
+    mismatch = record(encoded(Image.fromarray(patches()), "PNG", icc_profile=colour.icc_profile("Grey", gamma=2)))
+    assert (mismatch["output_profile"], mismatch["conversions"]) == (  # a grey profile cannot describe RGB pixels
+        None, "ICC profile (Grey) does not fit RGB pixels: dropped, pixels read as sRGB")
 
 
 def test_codecs_read_what_others_wrote_and_write_what_others_read() -> None:

@@ -178,8 +178,9 @@ def split(data: bytes, options: Fidelity) -> Split:
             samples, convert = np.rint(converted * 65535).astype(np.uint16), "float"
     except colour.ProfileError:
         usable = False
-    if icc and not usable:
-        notes.append(f"ICC profile ({colour.describe(icc)}) does not fit {kind} pixels: treated as sRGB, unconverted")
+    if icc and not usable:  # a profile of another colour space, or unreadable: it cannot describe these pixels
+        notes.append(f"ICC profile ({colour.describe(icc)}) does not fit {kind} pixels: dropped, pixels read as sRGB")
+        icc = None
     if kind == "CMYK":
         if not usable:
             samples = np.asarray(Image.fromarray(samples, "CMYK").convert("RGB"))
@@ -257,7 +258,7 @@ def assemble(out: np.ndarray, alpha: np.ndarray | None, carried: Carried, option
             v = np.repeat(v, 3, axis=2)
             notes.append(f"greyscale stored as RGB ({fmt}), in sRGB")
     profile = None
-    if options.colour == "keep" and grey == carried.grey:
+    if options.colour == "keep" and not options.strip_metadata and grey == carried.grey:
         profile = carried.icc  # the numbers go back into it (or were never out of it)
         if carried.convert == "cms8":
             v = colour.from_srgb8(_quantise(v, 8), "L" if grey else "RGB", carried.icc) / 255.0
