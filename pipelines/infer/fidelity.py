@@ -238,7 +238,11 @@ def assemble(out: np.ndarray, alpha: np.ndarray | None, carried: Carried, option
     sRGB, composited on white) and the input's `alpha`; returns (bytes, manifest record)."""
     holds, fmt = HOLDS[options.format], options.format
     height, width = out.shape[:2]
-    v = out.astype(np.float64) / np.iinfo(out.dtype).max
+    v = None  # float values in [0, 1], made only where something is computed (an 8-bit RGB output is `out`)
+
+    def values() -> np.ndarray:
+        return out.astype(np.float64) / np.iinfo(out.dtype).max if v is None else v
+
     notes = list(carried.notes)
     a, alpha_result = None, None
     if alpha is not None and carried.alpha:
@@ -248,12 +252,13 @@ def assemble(out: np.ndarray, alpha: np.ndarray | None, carried: Carried, option
         elif not holds.alpha:
             alpha_result = "composited on white"
         else:
-            a = upscale_alpha(alpha, (width, height))
-            v = np.where(a[..., None] > 0, (v - (1 - a[..., None])) / np.maximum(a[..., None], 1e-12), v).clip(0, 1)
+            a, v = upscale_alpha(alpha, (width, height))[..., None], values()
+            v = np.where(a > 0, (v - (1 - a)) / np.maximum(a, 1e-12), v).clip(0, 1)  # un-composited from white
+            a = a[..., 0]
             alpha_result = "kept"
     grey = carried.grey and holds.grey
     if carried.grey:
-        v = (v @ LUMA)[..., None]
+        v = (values() @ LUMA)[..., None]
         if not grey:
             v = np.repeat(v, 3, axis=2)
             notes.append(f"greyscale stored as RGB ({fmt}), in sRGB")
@@ -261,15 +266,15 @@ def assemble(out: np.ndarray, alpha: np.ndarray | None, carried: Carried, option
     if options.colour == "keep" and not options.strip_metadata and grey == carried.grey:
         profile = carried.icc  # the numbers go back into it (or were never out of it)
         if carried.convert == "cms8":
-            v = colour.from_srgb8(_quantise(v, 8), "L" if grey else "RGB", carried.icc) / 255.0
+            v = colour.from_srgb8(_quantise(values(), 8), "L" if grey else "RGB", carried.icc) / 255.0
         elif carried.convert == "float":
-            v = colour.from_srgb_float(v, colour.shaper(carried.icc))
+            v = colour.from_srgb_float(values(), colour.shaper(carried.icc))
     elif not options.strip_metadata and (options.colour == "srgb" or carried.icc):
         profile = colour.grey_srgb_profile() if grey else colour.srgb_profile()
     bits = carried.bits if carried.bits in holds.depths else 8
     if bits != carried.bits:
         notes.append(f"{carried.bits} → {bits} bits ({fmt})")
-    pixels = _quantise(v, bits)
+    pixels = out if v is None and bits == carried.bits else _quantise(values(), bits)
     if a is not None:
         pixels = np.dstack([pixels, _quantise(a, bits)])
     scale = width / carried.size[0] if carried.size[0] else 1.0
