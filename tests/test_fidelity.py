@@ -100,7 +100,7 @@ def test_alpha_is_upscaled_bicubically_and_the_colour_under_it_kept(model, input
 def test_sixteen_bit_inputs_give_sixteen_bit_outputs_from_the_float_output(model, inputs, one_torch_thread) -> None:
     w, h = SIZE
     ramp = ramp16(h, w)
-    for name, channels in (("rgb16.png", 3), ("rgb16.tif", 3), ("grey16.png", 1)):
+    for name, channels in (("rgb16.png", 3), ("scan16.tif", 3), ("grey16.png", 1)):
         given = ramp[..., :channels] if channels == 3 else ramp16(h, w, 1)
         assert len(np.unique(given[..., 0])) > 256
         expected = bicubic(model, np.repeat(given, 3, axis=2) if channels == 1 else given, 16)[..., :channels]

@@ -377,7 +377,7 @@ def test_a_mixed_folder_keeps_what_each_input_had_and_the_pyfunc_writes_the_same
         assert (rows[name]["output_mode"], rows[name]["output_bits"]) == expected[:2], name
         assert (rows[name]["format"], rows[name]["alpha_mode"], rows[name]["colour_mode"], rows[name]["fallback"]) == (
             "png", "keep", "keep", "refuse")
-    assert (rows["rgba.png"]["alpha"], rows["rgb16.tif"]["input_bits"], rows["grey16.png"]["input_mode"]) == (
+    assert (rows["rgba.png"]["alpha"], rows["scan16.tif"]["input_bits"], rows["grey16.png"]["input_mode"]) == (
         "kept", 16, "I;16")
     assert rows["adobe.png"]["output_profile"] == rows["adobe.png"]["input_profile"] == "Adobe RGB (1998)-like (test)"
     assert (rows["camera.jpg"]["metadata"], rows["camera.jpg"]["conversions"]) == ("exif,xmp", "orientation 6 → 1")
@@ -398,7 +398,7 @@ def test_a_mixed_folder_keeps_what_each_input_had_and_the_pyfunc_writes_the_same
             assert (a.icc, a.exif, a.xmp) == (b.icc, b.exif, b.xmp), (fmt, name)
 
     jpeg = ["--output", str(tmp_path / "jpeg"), "--format", "jpeg"]
-    refused = {"rgba.png", "la.png", "rgb16.png", "rgb16.tif", "grey16.png", "adobe16.tif", "palette.png"}
+    refused = {"rgba.png", "la.png", "rgb16.png", "scan16.tif", "grey16.png", "adobe16.tif", "palette.png"}
     for _ in range(2):  # the rerun with the same flags refuses them again without reading them
         capsys.readouterr()
         assert _upscale(*run, *jpeg) == 2
