@@ -417,3 +417,7 @@ def test_a_mixed_folder_keeps_what_each_input_had_and_the_pyfunc_writes_the_same
 
     assert _upscale(*run, "--output", str(output), "--alpha", "drop") == 0
     assert (_summary(str(output))["stale"], _summary(str(output))["done"]) == (len(inputs), 0)
+    capsys.readouterr()
+    assert _upscale(*run, "--output", str(output), "--strip-metadata", "--colour", "keep") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("upscale: error: --strip-metadata") and "--colour keep" in line
