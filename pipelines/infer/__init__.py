@@ -11,6 +11,9 @@ and the MLflow pyfunc share. The stages' entry points stay at the top of `pipeli
 | `layout`     | output names under OUTPUT, names that cannot escape it                       | no   |
 | `manifest`   | manifest and rejects: rerun rules (stale, changed, retried), compaction      | no   |
 | `bucket`     | Ray Data task functions: fetch + decode, encode + write                      | no   |
+| `fidelity`   | what outputs keep of their inputs: alpha, 16 bits, ICC profile, EXIF/XMP, grey | no |
+| `codecs`     | image files at full depth with their metadata (16-bit PNG/TIFF read + write) | no   |
+| `colour`     | ICC profiles: to sRGB for the model and back (ImageCms; matrix/TRC in float) | no   |
 
 Modules marked "no" import neither Ray nor MLflow (`sampling` not even fsspec: the pyfunc ships it).
 """
