@@ -150,8 +150,22 @@ def plan_batches(sizes: Sequence[tuple[int, int]], samples: int, scale: int, bat
 
 
 def lr_tensor(pixels: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 (h, w, 3) images of one size → float (B, 3, h, w) in [-1, 1]."""
-    return torch.from_numpy(np.stack(list(pixels))).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    """uint8 or uint16 (h, w, 3) images of one size → float (B, 3, h, w) in [-1, 1]: each image
+    by its own depth (0 → -1, its maximum → 1), so a 16-bit input gives the model its float values,
+    not an 8-bit quantisation, and a batch may mix depths."""
+    tensors = [torch.from_numpy(np.asarray(p, np.float32)).div(np.iinfo(p.dtype).max / 2).sub(1) for p in pixels]
+    return torch.stack(tensors).permute(0, 3, 1, 2)
+
+
+def quantise(outputs: torch.Tensor, bits: int) -> np.ndarray:
+    """Model outputs (B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8 (`bits` 8, as
+    `sr3model.imageio.to_uint8_batch`) or uint16 (`bits` 16: 16-bit outputs from the float output)."""
+    from sr3model.imageio import to_uint8_batch
+
+    if bits == 8:
+        return to_uint8_batch(outputs)
+    pixels = ((outputs.detach().to(torch.float32).clamp(-1.0, 1.0) + 1.0) * 32767.5).round()
+    return pixels.to(torch.int32).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint16)
 
 
 def failure_reason(error: BaseException) -> str:
@@ -164,7 +178,7 @@ def failure_reason(error: BaseException) -> str:
 
 def sample_units(model, images: Sequence[np.ndarray], names: Sequence[str], units: Sequence[Unit], *,
                  sampling: Sampling, schedule, seed: int, layout: Layout) -> torch.Tensor:
-    """Outputs (U, 3, H, W) on the CPU for `units` of same-size uint8 LR `images` named `names`."""
+    """Outputs (U, 3, H, W) on the CPU for `units` of same-size uint8/uint16 LR `images` named `names`."""
     from sr3model.tiling import super_resolve_any
 
     cfg = model.config
@@ -182,7 +196,7 @@ def sample_units(model, images: Sequence[np.ndarray], names: Sequence[str], unit
 
 def sample_batches(model, images: Sequence[np.ndarray], names: Sequence[str], *, sampling: Sampling,
                    schedule=None, samples: int = 1, seed: int = 0, layout: Layout = Layout()) -> Iterator[Sampled]:
-    """Sample `samples` outputs of every uint8 (h, w, 3) LR image; yields one `Sampled` per call
+    """Sample `samples` outputs of every uint8 or uint16 (h, w, 3) LR image; yields one `Sampled` per call
     (or per failed unit) as it finishes. Any mix of sizes; failures are isolated (module docstring)."""
     cfg = model.config
     device = str(next(model.parameters()).device)
