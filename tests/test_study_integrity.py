@@ -232,7 +232,8 @@ def test_the_cookie_is_secure_with_the_flag_or_a_trusted_proxys_https(plain, cre
 def test_two_servers_starting_at_once_on_a_fresh_postgresql_database_make_one_schema(postgres, created_study, tmp_path):
     """The test holds the name `study_studies` in an open transaction, so both servers reach schema
     creation and wait there together; when it rolls back, they would race on the catalog's unique
-    names (one fails, as it did before the advisory lock). Both must come up."""
+    names: with neither the advisory lock nor the retry (the previous code) one server exits on a
+    duplicate key. Both must come up, and then share one per-address limit."""
     import psycopg
 
     url = postgres.new_database()

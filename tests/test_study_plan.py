@@ -173,3 +173,16 @@ def test_https_is_believed_only_from_a_trusted_proxy():
     for bad in ({"per_address": 0}, {"trusted_proxies": ("10.0.0.300/8",)}, {"window_s": 0}):
         with pytest.raises(ValueError):
             Access(**bad)
+
+
+def test_serve_refuses_a_bad_proxy_or_limit_in_one_line(capsys, tmp_path):
+    from job_support import load_job
+
+    job = load_job("study")
+    for flags, said in ((["--trusted-proxy", "10.0.0.300/8"], "--trusted-proxy '10.0.0.300/8'"),
+                        (["--open", "--per-address", "0"], "--per-address 0")):
+        assert job.main(["serve", "--study", str(tmp_path / "none"), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("study: error: ") and said in err[0], err
+    with pytest.raises(SystemExit):
+        job.main(["serve", "--study", str(tmp_path), "--open", "--invite-only"])

@@ -31,10 +31,12 @@ page reloads (or whose browser drops a response) goes on to the next trial, losi
 
 Session tokens and invite codes are stored as SHA-256 digests only. Times are Unix seconds (floats).
 
-Schema: `create_schema` creates missing tables and adds missing (nullable) columns of tables an
-older version made, inside one transaction that, on PostgreSQL, first takes a transaction-level
-advisory lock: servers starting at once on one database create the schema one after the other
-(the second finds it made) instead of racing on the catalog's unique names.
+Schema: `create_schema` creates missing tables and adds missing (nullable) columns and indexes of
+tables an older version made, inside one transaction that, on PostgreSQL, first takes a
+transaction-level advisory lock: servers starting at once on one database create the schema one
+after the other (the second finds it made) instead of racing on the catalog's unique names. Where
+there is no such lock (SQLite, other databases) a transaction that loses the race fails, and is
+retried (up to 5 times), when it finds the winner's tables; on PostgreSQL either guard alone holds.
 """
 
 from __future__ import annotations
