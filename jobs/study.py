@@ -4,7 +4,8 @@
         --pairs gs://bkt/pairs/ffhq-16-128 --task 1 --images 100 --per-rater 50 --display-seconds 3 \\
         --study gs://bkt/studies/faces-task1
     python jobs/study.py serve --study gs://bkt/studies/faces-task1 \\
-        --db postgresql://study@db-host/studies --host 0.0.0.0 --port 8000      # SR3_STUDY_ADMIN_TOKEN
+        --db postgresql://study@db-host/studies --host 0.0.0.0 --port 8000 \\
+        --trusted-proxy 10.0.0.0/8 --secure      # invite-only; SR3_STUDY_ADMIN_TOKEN
     python jobs/study.py results --study gs://bkt/studies/faces-task1 --db postgresql://… --mlflow
 
 create samples every model's outputs through Ray Data (pipelines.infer.upscale) and writes images under
@@ -66,7 +67,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--admin-token", help=f"admin token (default: ${ADMIN_ENV}, else a new one, printed)")
-    serve.add_argument("--invite-only", action="store_true", help="sessions need a one-time invite (POST /admin/invites)")
+    who = serve.add_mutually_exclusive_group()
+    who.add_argument("--invite-only", action="store_true",
+                     help="sessions need a one-time invite (POST /admin/invites): the default")
+    who.add_argument("--open", action="store_true",
+                     help="anyone may start a session (invites still work), at most --per-address per address")
+    serve.add_argument("--per-address", type=int, default=3,
+                       help="open sessions one client address may start per --per-address-hours (default 3)")
+    serve.add_argument("--per-address-hours", type=float, default=24.0, help="the limit's window (default 24)")
+    serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                       help="a proxy whose X-Forwarded-For/-Proto are believed (repeatable; default: none)")
+    serve.add_argument("--secure", action="store_true",
+                       help="always mark the session cookie Secure (the study is reached over https through a proxy)")
     results = sub.add_parser("results", help="fool rates, intervals, exclusions, the HTML page")
     results.add_argument("--study", required=True)
     results.add_argument("--db", help="as for serve")
@@ -103,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                          workers=args.workers, progress=say)
             say(f"next: python jobs/study.py serve --study {args.study}")
         elif args.command == "serve":
+            from pipelines.study.access import Access
             from pipelines.study.app import serve
 
+            access = Access(open=args.open, per_address=args.per_address, window_s=args.per_address_hours * 3600,
+                            trusted_proxies=tuple(args.trusted_proxy), secure=args.secure)
             token = args.admin_token or os.environ.get(ADMIN_ENV)
             if not token:
                 token = secrets.token_urlsafe(24)
@@ -112,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             from sqlalchemy.engine import make_url
 
             shown = make_url(args.db).render_as_string(hide_password=True)
-            say(f"serving {args.study} on http://{args.host}:{args.port}/ (answers: {shown})")
-            serve(args.study, args.db, args.host, args.port, admin_token=token, invite_only=args.invite_only)
+            say(f"serving {args.study} on http://{args.host}:{args.port}/ (answers: {shown}; "
+                + (f"open sessions, at most {access.per_address} per address in {args.per_address_hours:g} h"
+                   if access.open else "invite-only: POST /admin/invites") + ")")
+            serve(args.study, args.db, args.host, args.port, admin_token=token, access=access)
         else:
             from pipelines.study.results import results
 
