@@ -135,7 +135,7 @@ def run(workdir: Path, *, steps: int, batch_size: int, patches: int, sampler: st
         if not method.startswith("_"):
             say(f"   {method:>20}: PSNR {values['psnr']:.2f} dB, SSIM {values['ssim']:.3f}, "
                 f"LR-PSNR {values['lr_psnr']:.1f} dB, colour error {values['colour_error']:.2f}/255, "
-                f"detail ratio {values['detail_ratio']:.2f}")
+                f"detail ratio {values['detail_ratio']:.2f}, flat-region noise {values.get('flat_noise_ratio') or float('nan'):.2f}")
     say(f"done in {time.time() - start:.0f} s. Outputs under {workdir}:")
     say(f"   pairs {workdir / 'pairs'}, checkpoints {workdir / 'checkpoints'}, upscaled photos {workdir / 'upscaled'}")
     say(f"   report {workdir / 'report' / 'index.html'} (metrics.json beside it)")

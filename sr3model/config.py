@@ -75,7 +75,9 @@ class DiffusionConfig:
     `sample_beta_start` to `sample_beta_end` over K steps, refused when its last γ lies above the
     training schedule's (`schedules.check_start`). `sample_clip` clips ŷ0 to the image range at
     every step, as DDPM's published sampler and common SR3 implementations do; false gives
-    Algorithm 2 exactly as printed.
+    Algorithm 2 exactly as printed. `sample_consistency` projects ŷ0 onto the images whose bicubic
+    downsampling equals the LR input at every step (`sr3model.consistency`): the output then has
+    the paper's consistency (Table 2) by construction.
     """
 
     steps: int = 2000
@@ -89,6 +91,9 @@ class DiffusionConfig:
     sample_beta_end: float = 0.1
     sample_sampler: str = "ddpm"
     sample_clip: bool = True  # clip ŷ0 to the image range while sampling (`samplers.clipped`)
+    # project ŷ0 onto the images whose downsampling is the LR input at every step
+    # (`sr3model.consistency`); configs written before the field existed load as false
+    sample_consistency: bool = False
 
     def __post_init__(self) -> None:
         _check(self.steps > 0 and self.sample_steps > 0, "diffusion steps must be positive")

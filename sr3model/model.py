@@ -27,6 +27,7 @@ from torch import nn
 from .config import SR3Config
 from .diffusion import lp_loss, q_sample, sample_noise_level, target, to_eps
 from .resample import upsample
+from .consistency import consistent, project_clipped
 from .samplers import Callback, Denoiser, Generators, clipped, get_sampler, randn
 from .schedules import NoiseSchedule, inference_schedule, training_schedule
 from .unet import build_unet
@@ -121,7 +122,7 @@ class SR3(nn.Module):
                       schedule: NoiseSchedule | None = None, samples: int = 1,
                       batch: int | None = None, generator: Generators = None,
                       callback: Callback | None = None, denoiser: Denoiser | None = None,
-                      precision: str = "auto") -> torch.Tensor:
+                      precision: str = "auto", consistency: bool | None = None) -> torch.Tensor:
         """Samples (B, samples, 3, H, W) in [-1, 1] for LR images (B, 3, h, w).
 
         Unconditional models take `lr=None` and `batch=B`. `denoiser` replaces the plain network
@@ -129,18 +130,26 @@ class SR3(nn.Module):
         `schedule` defaults to the config's. `generator` is one generator or one per output row
         (B·samples, image-major), so each sample's noise can be its own. With the config's
         `diffusion.sample_clip`, ŷ0 stays in the image range at every step (`samplers.clipped`;
-        for the residual model, x + ŷ0). `precision` is the U-Net's (`denoiser`): bf16 autocast on
-        CUDA by default.
+        for the residual model, x + ŷ0). With `consistency` (None: the config's
+        `diffusion.sample_consistency`), every step's ŷ0 (x + ŷ0 for the residual model; the
+        regression output) is projected onto the images whose bicubic downsampling is the LR input
+        (`sr3model.consistency`), on the whole canvas even when `denoiser` tiles it. `precision` is
+        the U-Net's (`denoiser`): bf16 autocast on CUDA by default.
         """
         cfg = self.config
         if lr is not None and lr.shape[1] != 3:
             raise ValueError(f"expected RGB LR images (B, 3, h, w), got {tuple(lr.shape)}")
         x = self.condition(lr)
+        project = cfg.diffusion.sample_consistency if consistency is None else consistency
+        project = project and x is not None  # an unconditional model has no LR to be consistent with
         if x is not None:
             x = x.repeat_interleave(samples, dim=0)  # (B·samples, 3, H, W)
+            lr_rows = lr.float().repeat_interleave(samples, dim=0)  # (B·samples, 3, h, w)
         if cfg.objective == "regression":  # one step, γ = 1; the denoiser ignores y_t
             out = (denoiser or self.denoiser(precision))(x, None, torch.ones(x.shape[0], device=x.device))
             out = x + out if cfg.regression_skip else out
+            if project:
+                out = project_clipped(out.float(), lr_rows, -1.0, 1.0)
         else:
             n = (lr.shape[0] if lr is not None else (batch or 1)) * samples
             shape = (n, 3, cfg.hr_size, cfg.hr_size) if x is None else tuple(x.shape)
@@ -148,8 +157,12 @@ class SR3(nn.Module):
             y_T = randn(shape, generator=generator, device=device)
             run = get_sampler(sampler or cfg.diffusion.sample_sampler)
             denoise = denoiser or self.denoiser(precision)
-            if cfg.diffusion.sample_clip:
-                denoise = clipped(denoise, -1 - x, 1 - x) if cfg.objective == "residual" else clipped(denoise)
+            offset = x if cfg.objective == "residual" else None
+            if project:  # clip (when configured) alternated with the projection, ending consistent
+                bounds = (-1.0, 1.0) if cfg.diffusion.sample_clip else (None, None)
+                denoise = consistent(denoise, lr_rows, offset=offset, low=bounds[0], high=bounds[1])
+            elif cfg.diffusion.sample_clip:
+                denoise = clipped(denoise, -1 - x, 1 - x) if offset is not None else clipped(denoise)
             out = run(denoise, x, schedule or self.inference_schedule(),
                       generator=generator, callback=callback, y_T=y_T)
             if cfg.objective == "residual":
