@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-name", help="MLflow run name (default: eval-<model>-<timestamp>)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per network call")
     parser.add_argument("--grid-rows", type=int, default=8, help="pairs shown in the report's image grid (default 8)")
+    add_consistency_flag(parser)
     add_sampling_worker_flags(parser, output_format=False)
     args = parser.parse_args(argv)
     args.baseline = [uri for group in args.baseline for uri in group]
@@ -76,7 +78,7 @@ def _main(argv: list[str] | None) -> int:
         seed=args.seed, metrics=args.metrics, fid_weights=args.fid_weights,
         lpips_weights=args.lpips_weights, experiment=args.experiment, run_name=args.run_name,
         device=args.device, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
-        batch_size=args.batch_size, grid_rows=args.grid_rows, say=say)
+        batch_size=args.batch_size, grid_rows=args.grid_rows, say=say, consistency=consistency_flag(args.consistency))
     say(f"report: {result.report}/index.html (metrics.json beside it)")
     say(f"mlflow: {result.tracking_uri} experiment {args.experiment} run {result.run_id}")
     return 0

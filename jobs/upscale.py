@@ -26,6 +26,7 @@ import argparse  # noqa: E402
 
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
+from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "memory at ~120 bytes per pixel")
     parser.add_argument("--redo-stale", action="store_true",
                         help="redo outputs made by another model version or with other sampling settings")
+    add_consistency_flag(parser)
     add_sampling_worker_flags(parser)
     return parser.parse_args(argv)
 
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             tile=args.tile, overlap=args.overlap, fmt=args.format,
             num_gpus_per_worker=args.num_gpus_per_worker, workers=args.workers,
             max_output_pixels=args.max_output_pixels or DEFAULT_MAX_OUTPUT_PIXELS, device=args.device,
-            max_batch_pixels=args.max_batch_pixels, redo_stale=args.redo_stale)
+            max_batch_pixels=args.max_batch_pixels, redo_stale=args.redo_stale,
+            consistency=consistency_flag(args.consistency))
     except (FileNotFoundError, ValueError) as error:
         print(f"upscale: error: {error}", file=sys.stderr)
         return 2

@@ -42,3 +42,20 @@ def run_job(job: str, main: Callable[[Sequence[str] | None], int], argv: Sequenc
         return main(argv)
     except (UserError, *input_errors) as error:
         return fail(job, error)
+
+
+CONSISTENCY = {"on": True, "off": False}
+
+
+def add_consistency_flag(parser) -> None:
+    """`--consistency on|off`: every step's ŷ0 projected onto the images whose bicubic downsampling
+    is the LR input (`sr3model.consistency`); default: stored with the model, else its config."""
+    parser.add_argument("--consistency", choices=tuple(CONSISTENCY),
+                        help="LR-consistent sampling: on projects every step's prediction onto the images whose "
+                             "bicubic downsampling equals the input (default: stored with the model, else its "
+                             "config's diffusion.sample_consistency)")
+
+
+def consistency_flag(value: str | None) -> bool | None:
+    """`--consistency` as the pipelines take it: True, False, or None (the model's default)."""
+    return None if value is None else CONSISTENCY[value]

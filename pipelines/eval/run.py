@@ -125,7 +125,7 @@ def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: s
              run_name: str | None = None, tracking_uri: str | None = None, device: str | None = None,
              batch_size: int = 16, grid_rows: int = 8, log_mlflow: bool = True, on_cluster: bool | None = None,
              workers: int | None = None, num_gpus_per_worker: float | None = None,
-             say: Say = print) -> EvalResult:
+             say: Say = print, consistency: bool | None = None) -> EvalResult:
     """Evaluate `model_uri` (and `baselines`) on the val pairs; write the report; log the run.
 
     Sampling runs on the Ray cluster's sampling actors (`device` auto|cpu|cuda, `workers`,
@@ -143,8 +143,8 @@ def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: s
     for note in perceptual.notes:
         say(note)
     ref = resolve_model(model_uri, uri)
-    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule))
-    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps))
+    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule), consistency=consistency)
+    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps, consistency=consistency))
                                 for b in (resolve_model(u, uri) for u in baselines)]
     rows = max(1, min(grid_rows, len(data)))  # pairs shown in the report's grid
 
@@ -160,7 +160,8 @@ def evaluate(model_uri: str, pairs: str, *, steps: int | None = None, sampler: s
         regression = current.config().objective == "regression"
         say(f"{label}: " + ("regression, one pass" if regression else
                             f"{how.sampler}, {how.steps} steps, schedule {how.schedule_text} "
-                            f"({how.source}), {samples} sample(s) per pair"))
+                            f"({how.source}), LR consistency {'on' if how.consistency else 'off'}, "
+                            f"{samples} sample(s) per pair"))
         described[label] = {**current.record(), **({"objective": "regression"} if regression else how.record())}
     model_label, sampled_by = labels[0], []
     for label, values, images, workers_seen in sampled_methods(

@@ -157,7 +157,8 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
            experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
            tracking_uri: str | None = None, device: str | None = None, batch_size: int = 16,
            report_uri: str | None = None, on_cluster: bool | None = None, workers: int | None = None,
-           num_gpus_per_worker: float | None = None, say: Say = print) -> SearchResult:
+           num_gpus_per_worker: float | None = None, say: Say = print,
+           consistency: bool | None = None) -> SearchResult:
     """Grid-search valid (β_1, β_K) for each K in `steps`; log every trial; optionally store the best.
     `gamma_range` (first levels γ_K) defaults to `gamma_k_range` of the model's training schedule.
 
@@ -180,6 +181,7 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
     if config.objective == "regression":
         raise ValueError(f"{model_uri}: a regression model has no noise schedule to search")
     sampler = sampler or config.diffusion.sample_sampler
+    consistency = config.diffusion.sample_consistency if consistency is None else consistency
     from sr3model.schedules import start_limit
 
     gamma_t = start_limit(config.diffusion)
@@ -195,7 +197,7 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
     say(f"{label_of(ref)}: {len(trials_at)} schedules over K in {steps} (γ_K in [{gamma_range[0]:.3g}, "
         f"{gamma_range[1]:.3g}]) on {len(data)} val pairs, {sampler}, scored by {metric}")
     whole = perceptual is not None
-    items = [scoring.work_item(0, t, start, min(start + batch_size, len(data)), Sampling(sampler, k, b1, bk, ""),
+    items = [scoring.work_item(0, t, start, min(start + batch_size, len(data)), Sampling(sampler, k, b1, bk, "", consistency),
                                whole) for t, (k, b1, bk) in enumerate(trials_at)
              for start in range(0, len(data), batch_size)]
 
@@ -223,8 +225,8 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], *, metric: str | No
                 trial.run_id = _log_trial(client, experiment_id, run_id, sampler, metric, trial)
                 trials.append(trial)
                 if value is not None and (k not in best or better(metric, value, best[k]["value"])):
-                    best[k] = {"sampler": sampler, "beta_start": b1, "beta_end": bk, "metric": metric,
-                               "value": value}
+                    best[k] = {"sampler": sampler, "beta_start": b1, "beta_end": bk, "consistency": consistency,
+                               "metric": metric, "value": value}
                 shown = "no score" if value is None else f"{value:.4g}"
                 leader = f" (best {best[k]['value']:.4g})" if k in best else ""
                 say(f"K={k} [{len([t for t in trials if t.steps == k])}/{len(candidates[k])}] β {b1:g}→{bk:.6g} "

@@ -48,7 +48,7 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
             num_gpus_per_worker: float | None = None, workers: int | None = None,
             max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS, tracking_uri: str | None = None,
             progress: Callable[[str], None] = print, device: str = "auto", max_batch_pixels: int | None = None,
-            redo_stale: bool = False) -> dict[str, Any]:
+            redo_stale: bool = False, consistency: bool | None = None) -> dict[str, Any]:
     """Super-resolve every new (or changed, or with `redo_stale` stale) image under `input_uri`
     into `output_uri`; returns the summary (also OUTPUT/_SUMMARY.json)."""
     started = time.perf_counter()
@@ -57,14 +57,14 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, *, steps: int | Non
     config = ref.config()
     if not config.conditional:
         raise ValueError(f"{model_uri} is an unconditional model: use jobs/cascade.py --base")
-    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule))
+    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule), consistency=consistency)
     layout = Layout(batch_size, max_batch_pixels, tile, overlap)
     tile_px, overlap_px = layout.tiling(config)
     if not 0 <= overlap_px < tile_px:
         raise ValueError(f"--overlap {overlap_px}: must be in [0, tile = {tile_px})")
     progress(f"model {ref.label} ({config.name}, {config.objective}, ×{config.scale}); "
              f"{chosen.sampler}, {chosen.steps} steps, schedule {chosen.schedule_text} "
-             f"(from {chosen.source})")
+             f"(from {chosen.source}), LR consistency {'on' if chosen.consistency else 'off'}")
 
     listed = storage.list_files(input_uri)
     if not listed and not storage.exists(input_uri):

@@ -18,7 +18,8 @@ seeds the noise; an unconditional model ignores `lr` and draws one sample per ro
 Output: a DataFrame with a column `sr` of PNG bytes (8-bit RGB) and the `height`/`width`.
 Params (predict(..., params={...})): `seed` (default 0), `sampler` (default: stored, else the
 config's), `steps`, `schedule` ("START,END"), `batch_size` (outputs per sampler call, default 16),
-`tile`, `overlap` (LR pixels, for sizes other than the model's), `max_batch_pixels`. An image that
+`tile`, `overlap` (LR pixels, for sizes other than the model's), `max_batch_pixels`, `consistency`
+("on" / "off"; default: stored, else the config's `diffusion.sample_consistency`). An image that
 fails to sample even alone raises (after its batch was retried in halves).
 """
 
@@ -93,8 +94,12 @@ def super_resolve_frame(model, frame: pd.DataFrame, params: dict[str, Any] | Non
     seed = int(params.get("seed") or 0)
     schedule = params.get("schedule") or None
     bounds = tuple(float(v) for v in schedule.split(",")) if schedule else None
+    consistency = str(params.get("consistency") or "").lower()
+    if consistency not in ("", "on", "off"):
+        raise ValueError(f"params consistency={consistency!r}: use on or off")
     sampling = choose_sampling(cfg, stored or {}, sampler=params.get("sampler") or None,
-                               steps=int(params.get("steps") or 0) or None, schedule=bounds)
+                               steps=int(params.get("steps") or 0) or None, schedule=bounds,
+                               consistency={"on": True, "off": False}.get(consistency))
     layout = Layout(int(params.get("batch_size") or DEFAULT_BATCH), int(params.get("max_batch_pixels") or 0) or None,
                     int(params.get("tile") or 0) or None,
                     None if params.get("overlap") in (None, "", -1) else int(params["overlap"]))
@@ -134,7 +139,8 @@ def _signature():
         params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", ""),
                             ParamSpec("steps", "long", 0), ParamSpec("schedule", "string", ""),
                             ParamSpec("batch_size", "long", DEFAULT_BATCH), ParamSpec("tile", "long", 0),
-                            ParamSpec("overlap", "long", -1), ParamSpec("max_batch_pixels", "long", 0)]),
+                            ParamSpec("overlap", "long", -1), ParamSpec("max_batch_pixels", "long", 0),
+                            ParamSpec("consistency", "string", "")]),
     )
 
 
