@@ -138,6 +138,10 @@ class SR3Config:
     # the zero-initialised network starts at bicubic; false is the paper's baseline predicting HR.
     # Presets set it; configs written before it existed load as false.
     regression_skip: bool = False
+    # residual only: the diffused y0 is (HR − x) / residual_scale and the output x + residual_scale·ŷ0,
+    # so y0 has the spread the noise schedules, v-prediction and the samplers are made for; 1 is
+    # SRDiff's plain residual and what configs written before the field existed load as
+    residual_scale: float = 1.0
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,6 +152,7 @@ class SR3Config:
                f"hr_size {self.hr_size} is not divisible by the U-Net's down-sampling factor "
                f"{self.unet.downsampling_factor}")
         _check(self.hr_size % self.lr_size == 0, "hr_size must be a multiple of lr_size")
+        _check(self.residual_scale > 0, "residual_scale must be positive")
 
     @property
     def scale(self) -> int:

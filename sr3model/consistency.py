@@ -26,7 +26,8 @@ signature: ŷ0 (eq. 10) from the wrapped denoiser's ε̂ is replaced by its proj
 consistent with it is returned, so eq. 11's mean is the posterior mean (eq. 4–5) of q(y_{t−1} |
 P(ŷ0), y_t) and DDIM / DPM-Solver++ step towards P(ŷ0); the last step of every sampler returns it.
 
-- Residual objective: y0 = HR − x, so the image x + ŷ0 is projected: ŷ0 ← P(x + ŷ0) − x (`offset`).
+- Residual objective: y0 = (HR − x)/s (s = `residual_scale`), so the image x + s·ŷ0 is projected:
+  ŷ0 ← (P(x + s·ŷ0) − x)/s (`offset`, `scale`).
 - Clipping: the box [−1, 1] and C are both convex and the photo lies in both. One projection
   after clipping lands in C but may leave the box where the LR is saturated (the final clamp would
   then undo consistency there); one clip after projecting stays in the box but leaves C. So the
@@ -108,17 +109,18 @@ def project_clipped(y: torch.Tensor, lr: torch.Tensor, low=None, high=None, roun
 
 
 def consistent(denoiser: Denoiser, lr: torch.Tensor, *, offset: torch.Tensor | None = None,
-               low: torch.Tensor | float | None = None, high: torch.Tensor | float | None = None,
-               rounds: int = ROUNDS) -> Denoiser:
-    """`denoiser` whose ŷ0 is projected onto {y : downsample(offset + y) = lr} at every call.
+               scale: float = 1.0, low: torch.Tensor | float | None = None,
+               high: torch.Tensor | float | None = None, rounds: int = ROUNDS) -> Denoiser:
+    """`denoiser` whose ŷ0 is projected onto {y : downsample(offset + scale·y) = lr} at every call.
 
-    `lr` (B, C, h, w) pairs row by row with y_t; `offset` is the residual objective's x (the image
-    is x + ŷ0); `low`/`high` bound the image (x + ŷ0), as `samplers.clipped` does, alternated with
-    the projection `rounds` times. Returns the ε consistent with the projected ŷ0."""
+    `lr` (B, C, h, w) pairs row by row with y_t; `offset` and `scale` are the residual objective's
+    x and `residual_scale` (the image is x + s·ŷ0); `low`/`high` bound the image, as
+    `samplers.clipped` does, alternated with the projection `rounds` times. Returns the ε
+    consistent with the projected ŷ0."""
     def eps_hat(x: torch.Tensor | None, y_t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         eps = denoiser(x, y_t, gamma)
         y0 = predict_y0(y_t, gamma, eps)
-        image = y0 if offset is None else y0 + offset
+        image = y0 if offset is None else offset + scale * y0
         image = project_clipped(image, lr, low, high, rounds)
-        return predict_eps(y_t, gamma, image if offset is None else image - offset)
+        return predict_eps(y_t, gamma, image if offset is None else (image - offset) / scale)
     return eps_hat

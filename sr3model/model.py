@@ -58,6 +58,18 @@ class SR3(nn.Module):
             raise ValueError(f"a {self.config.objective!r} model needs an LR image")
         return upsample(lr, tuple(s * self.config.scale for s in lr.shape[-2:]))
 
+    def to_y0(self, hr: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """The diffused y0 of an HR image: HR, or (HR − x) / residual_scale for the residual objective."""
+        if self.config.objective != "residual":
+            return hr
+        return (hr - x) / self.config.residual_scale
+
+    def to_image(self, y0: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """The image of a (predicted) y0: the inverse of `to_y0`."""
+        if self.config.objective != "residual":
+            return y0
+        return x + self.config.residual_scale * y0
+
     def _inputs(self, x: torch.Tensor | None, y_t: torch.Tensor | None) -> torch.Tensor:
         parts = [t for t in (x, y_t) if t is not None]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -104,7 +116,7 @@ class SR3(nn.Module):
         if self.config.objective == "regression":
             ones = torch.ones(batch, device=hr.device)
             return lp_loss(self.net(x, ones), hr - x if self.config.regression_skip else hr, p)
-        y0 = hr - x if self.config.objective == "residual" else hr
+        y0 = self.to_y0(hr, x)
         if gamma is None or eps is None:
             drawn = self.draw_noise(y0, generator=generator)
             gamma, eps = drawn["gamma"], drawn["eps"]
@@ -157,15 +169,15 @@ class SR3(nn.Module):
             y_T = randn(shape, generator=generator, device=device)
             run = get_sampler(sampler or cfg.diffusion.sample_sampler)
             denoise = denoiser or self.denoiser(precision)
-            offset = x if cfg.objective == "residual" else None
+            residual = cfg.objective == "residual"
+            offset, scale = (x, cfg.residual_scale) if residual else (None, 1.0)
             if project:  # clip (when configured) alternated with the projection, ending consistent
                 bounds = (-1.0, 1.0) if cfg.diffusion.sample_clip else (None, None)
-                denoise = consistent(denoise, lr_rows, offset=offset, low=bounds[0], high=bounds[1])
+                denoise = consistent(denoise, lr_rows, offset=offset, scale=scale, low=bounds[0], high=bounds[1])
             elif cfg.diffusion.sample_clip:
-                denoise = clipped(denoise, -1 - x, 1 - x) if offset is not None else clipped(denoise)
+                denoise = clipped(denoise, (-1 - x) / scale, (1 - x) / scale) if residual else clipped(denoise)
             out = run(denoise, x, schedule or self.inference_schedule(),
                       generator=generator, callback=callback, y_T=y_T)
-            if cfg.objective == "residual":
-                out = out + x
+            out = self.to_image(out, x)
         out = out.float().clamp(-1, 1)
         return out.reshape(-1, samples, *out.shape[1:])

@@ -149,7 +149,7 @@ def _aiming_at(target: torch.Tensor, model: SR3):
         rows = target.repeat_interleave(x.shape[0] // target.shape[0], dim=0)
         if y_t is None:  # regression
             return rows - x if model.config.regression_skip else rows
-        y0 = rows - x if model.config.objective == "residual" else rows
+        y0 = model.to_y0(rows, x)
         return predict_eps(y_t, gamma, y0)
     return eps_hat
 

@@ -63,7 +63,7 @@ def test_an_oracle_network_of_each_prediction_recovers_y0_with_every_sampler(sam
     g = torch.Generator().manual_seed(0)
     hr = (torch.rand(2, 3, 64, 64, generator=g) * 1.6 - 0.8)
     lr = torch.rand(2, 3, 16, 16, generator=g) * 1.6 - 0.8
-    y0 = hr - model.condition(lr) if objective == "residual" else hr
+    y0 = model.to_y0(hr, model.condition(lr))
     model.net = OracleNet(y0, prediction)
     for steps in (1, 3, 25):
         out = model.super_resolve(lr, sampler=sampler, schedule=model.inference_schedule(steps=steps), samples=2,
