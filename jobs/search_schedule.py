@@ -23,7 +23,7 @@ from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
-METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "flat_noise_ratio", "fid", "is", "lpips")
+METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "fid", "is", "lpips")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -135,9 +135,7 @@ def diversity(samples: torch.Tensor) -> torch.Tensor:
 
 # -- the per-image table ---------------------------------------------------------------------------
 BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio", "flat_noise_ratio")
-# flat_noise_ratio: lower is better down to the photo's 1 and below (smoothness is the detail
-# ratio's to judge); the promotion gate and the schedule search rank it so
-LOWER_IS_BETTER = frozenset({"consistency", "colour_error", "flat_noise_ratio", "fid", "lpips"})
+LOWER_IS_BETTER = frozenset({"consistency", "colour_error", "fid", "lpips"})
 # Per-output energies whose set-level ratios are `detail_ratio` and `flat_noise_ratio` (a mean of
 # per-image ratios would be dominated by the flattest patches): summed by `summarise`, never
 # reported on their own.

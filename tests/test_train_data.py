@@ -98,5 +98,8 @@ def test_promotion_directions() -> None:
     assert not at_least_as_good("lr_psnr", 28.0, 29.0)
     assert at_least_as_good("consistency", 5.0, 7.0) and not at_least_as_good("colour_error", 9.0, 3.0)
     assert at_least_as_good("detail_ratio", 0.9, 1.2) and not at_least_as_good("detail_ratio", 0.5, 1.5)
+    # grain: above the photo's 1 is worse, anything at or below it is as good as the photo
+    assert at_least_as_good("flat_noise_ratio", 1.2, 3.0) and not at_least_as_good("flat_noise_ratio", 3.0, 1.2)
+    assert at_least_as_good("flat_noise_ratio", 0.2, 1.0) and at_least_as_good("flat_noise_ratio", 1.0, 0.2)
     assert not at_least_as_good("psnr", None, 20.0) and not at_least_as_good("psnr", float("nan"), 20.0)
     assert at_least_as_good("psnr", 20.0, None)

@@ -9,7 +9,7 @@
     `sr3-promotion` and a report under `report_root`.
 
 Better means: lower for `pipelines.eval.LOWER_IS_BETTER`, |log ratio| closer to 0 for
-`detail_ratio`, higher for every other metric. The default metric `lr_psnr` compares the output,
+`detail_ratio`, log ratio above 1 closer to 0 for `flat_noise_ratio`, higher for every other metric. The default metric `lr_psnr` compares the output,
 downsampled, with the LR input: a model whose colours drift or that ignores its input loses it.
 No holder: the alias moves without an evaluation. `force=True` moves it without one, too.
 A version is found again by (run id, step) (`registered_version`), so a rerun of a finished run
@@ -67,6 +67,8 @@ def badness(metric: str, value: float) -> float:
 
     if metric == "detail_ratio":
         return abs(math.log(value)) if value > 0 else math.inf
+    if metric == "flat_noise_ratio":  # grain above the photo's own (1); smoother is no fault
+        return max(0.0, math.log(value)) if value > 0 else 0.0
     return value if metric in LOWER_IS_BETTER else -value
 
 
@@ -142,7 +144,7 @@ def compare(tracking_uri: str, name: str, version: str, holder: str, alias: str,
         why = " ".join(str(error).split())[:300]
         return Decision(False, f"could not compare ({type(error).__name__}: {why}); --force-alias moves it anyway",
                         version, holder)
-    direction = ("→ 1" if config.metric == "detail_ratio" else
+    direction = ("→ 1" if config.metric == "detail_ratio" else "down to 1" if config.metric == "flat_noise_ratio" else
                  "lower is better" if badness(config.metric, 1.0) > 0 else "higher is better")
     shown = f"{config.metric} {_fmt(new)} vs v{holder}'s {_fmt(old)} ({direction})"
     if at_least_as_good(config.metric, new, old):
