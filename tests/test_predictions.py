@@ -56,9 +56,10 @@ class OracleNet(nn.Module):
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("objective", ["sr3", "residual"])
-def test_an_oracle_network_of_each_prediction_recovers_y0_with_every_sampler(sampler, prediction, objective):
-    config = override(preset("tiny"), [f"objective={objective}", f"diffusion.prediction={prediction}"])
+@pytest.mark.parametrize("objective,scale", [("sr3", 1.0), ("residual", 1.0), ("residual", 0.2)])
+def test_an_oracle_network_of_each_prediction_recovers_y0_with_every_sampler(sampler, prediction, objective, scale):
+    config = override(preset("tiny"), [f"objective={objective}", f"diffusion.prediction={prediction}",
+                                       f"residual_scale={scale}"])
     model = SR3(config).eval()
     g = torch.Generator().manual_seed(0)
     hr = (torch.rand(2, 3, 64, 64, generator=g) * 1.6 - 0.8)
