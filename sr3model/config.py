@@ -261,19 +261,33 @@ def _parse_value(raw: str, current: object) -> object:
 
 
 # -- presets -------------------------------------------------------------------------------------
-# What every preset's network predicts: v removes the colour shift an ε-network shows at the same
-# budget (benchmarks/bench_quality.py; README "Quality"). `--set diffusion.prediction=eps` with the
-# sr3 objective is the paper exactly.
-DEFAULT_PREDICTION = "v"
+# What every preset trains and samples, chosen by benchmarks/bench_quality.py and bench_grain.py
+# (README "Quality" and "Where the grain came from"): SRDiff's residual objective with a network
+# that predicts y0 itself (an ε- or v-network of the residual must cancel noise ten times its
+# signal to form ŷ0, and what it fails to cancel is grain), L1 loss, DDIM, every step's ŷ0 made
+# consistent with the LR input. `papers_method(config)` (jobs/train.py --paper) is the paper's:
+# objective sr3, ε, DDPM, no projection.
+DEFAULT_OBJECTIVE = "residual"
+DEFAULT_PREDICTION = "x0"
+DEFAULT_RESIDUAL_SCALE = 1.0
+DEFAULT_LOSS = 1
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_CONSISTENCY = True
+
+
+def _diffusion(**fields) -> DiffusionConfig:
+    return DiffusionConfig(prediction=DEFAULT_PREDICTION, loss=DEFAULT_LOSS, sample_sampler=DEFAULT_SAMPLER,
+                           sample_consistency=DEFAULT_CONSISTENCY, **fields)
 
 
 def _paper(name: str, lr: int, hr: int, channels: int, mult: tuple[int, ...], blocks: int,
            dropout: float) -> SR3Config:
     return SR3Config(
-        name=name, lr_size=lr, hr_size=hr, regression_skip=True,
+        name=name, lr_size=lr, hr_size=hr, objective=DEFAULT_OBJECTIVE, regression_skip=True,
+        residual_scale=DEFAULT_RESIDUAL_SCALE,
         unet=UNetConfig(channels=channels, channel_mult=mult, num_res_blocks=blocks,
                         dropout=dropout, checkpointing=hr >= 512),
-        diffusion=DiffusionConfig(prediction=DEFAULT_PREDICTION),
+        diffusion=_diffusion(),
         train=TrainConfig(batch_size=256 if hr <= 256 else 128))
 
 
@@ -283,15 +297,16 @@ PRESETS: dict[str, SR3Config] = {
     "faces-64-512": _paper("faces-64-512", 64, 512, 64, (1, 2, 4, 8, 8, 16, 16), 3, 0.0),
     "faces-256-1024": _paper("faces-256-1024", 256, 1024, 16, (1, 2, 4, 8, 16, 32, 32, 32), 2, 0.0),
     "peer-128": SR3Config(
-        name="peer-128", lr_size=16, hr_size=128, regression_skip=True,
+        name="peer-128", lr_size=16, hr_size=128, objective=DEFAULT_OBJECTIVE, regression_skip=True,
+        residual_scale=DEFAULT_RESIDUAL_SCALE,
         unet=UNetConfig(channels=64, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=2, dropout=0.2),
-        diffusion=DiffusionConfig(prediction=DEFAULT_PREDICTION)),
+        diffusion=_diffusion()),
     "tiny": SR3Config(
-        name="tiny", lr_size=16, hr_size=64, regression_skip=True,
+        name="tiny", lr_size=16, hr_size=64, objective=DEFAULT_OBJECTIVE, regression_skip=True,
+        residual_scale=DEFAULT_RESIDUAL_SCALE,
         unet=UNetConfig(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8,
                         attention_resolutions=(16,), attention_head_channels=32, dropout=0.0),
-        diffusion=DiffusionConfig(steps=1000, beta_start=1e-4, beta_end=2e-2, prediction=DEFAULT_PREDICTION,
-                                  sample_steps=50),
+        diffusion=_diffusion(steps=1000, beta_start=1e-4, beta_end=2e-2, sample_steps=50),
         train=TrainConfig(lr=5e-4, warmup_steps=100, batch_size=8, ema_decay=0.99)),
 }
 # Parameter counts the paper reports (Table A.1); the README and a test compare ours.
@@ -299,11 +314,21 @@ PAPER_PARAMS = {"faces-16-128": 550e6, "natural-64-256": 625e6, "faces-64-512": 
                 "faces-256-1024": 150e6}
 
 
-def preset(name: str, objective: str | None = None) -> SR3Config:
-    """A named preset, optionally with another objective (the regression baseline uses lr 1e-5)."""
+def papers_method(config: SR3Config) -> SR3Config:
+    """`config` trained and sampled as the paper does: objective sr3 (diffuse the HR image), the
+    network predicts ε (Algorithm 1), L1 loss, DDPM (Algorithm 2), no LR-consistency projection
+    (ŷ0 clipping stays on; `diffusion.sample_clip=false` is Algorithm 2 as printed)."""
+    diffusion = dataclasses.replace(config.diffusion, prediction="eps", loss=1, sample_sampler="ddpm",
+                                    sample_consistency=False)
+    return dataclasses.replace(config, objective="sr3", residual_scale=1.0, diffusion=diffusion)
+
+
+def preset(name: str, objective: str | None = None, *, paper: bool = False) -> SR3Config:
+    """A named preset, optionally the paper's method (`papers_method`) and / or with another
+    objective (the regression baseline uses lr 1e-5)."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    config = PRESETS[name]
+    config = papers_method(PRESETS[name]) if paper else PRESETS[name]
     if objective is not None and objective != config.objective:
         config = dataclasses.replace(config, objective=objective)
         if objective == "regression" and name in PAPER_PARAMS:

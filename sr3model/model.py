@@ -5,7 +5,7 @@ Objectives (`SR3Config.objective`):
 | objective       | network input          | target / output                 | paper                 |
 | --------------- | ---------------------- | ------------------------------- | --------------------- |
 | `sr3`           | concat(x, y_t), γ      | ε (Algorithm 1); y0 by Alg. 2    | SR3 §2                |
-| `residual`      | concat(x, y_t), γ      | ε of y0 − x; output x + sample   | SRDiff (Li et al.)    |
+| `residual`      | concat(x, y_t), γ      | ε of y0 = (HR − x)/s; output x + s·sample | SRDiff (Li et al.) |
 | `regression`    | x, γ = 1               | y0 (or y0 − x, `regression_skip`), L_p loss, one step | SR3's baseline (§4) |
 | `unconditional` | y_t, γ                 | ε; samples from noise alone      | DDPM base of cascade  |
 
@@ -14,6 +14,9 @@ y0 (see `sr3model.diffusion`); the loss is on that target and `denoiser()` conve
 so samplers, ŷ0 clipping and tiling see ε̂ whatever the network predicts.
 
 x is always the LR image upsampled bicubically to HR size; images are (B, 3, H, W) in [-1, 1].
+s = `residual_scale` (1 = SRDiff's plain residual, and configs written before the field): HR − x
+of natural photos spreads ~0.1, a tenth of what the schedules, v-prediction and the samplers
+assume of y0 (README "Where the grain came from"). `to_y0` / `to_image` map between the two.
 `forward(hr, lr)` returns the training loss, so the module can be wrapped by DDP as it is.
 """
 
