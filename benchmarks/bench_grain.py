@@ -18,7 +18,8 @@ the photo is flat over the photo's own; 1 = the photo, bicubic ≈ 0.1):
    (0: all removed; 1: left as it came; regression of ŷ0 − y0 on it), and the flat-region noise of
    ŷ0's image. EMA and raw weights; how often training drew a level near it (p(γ) mass).
 2. trace — where in the chain the sample's grain appears: the flat-region noise and detail ratio
-   of every step's ŷ0 while sampling with `--sampler`.
+   of every step's ŷ0 while sampling with `--sampler` (no consistency projection: the network and
+   the sampler alone).
 3. sampling — the same model sampled other ways: EMA or raw weights, DDPM / DDIM / DPM-Solver++,
    the schedule's cleanest level γ_1 (1 − 1e-4 by default; 1e-3, 1e-2 stop earlier), LR
    consistency off / on.
@@ -123,7 +124,7 @@ def trace(model: SR3, hr: torch.Tensor, lr: torch.Tensor, sampler: str, steps: i
         eps = inner(x_, y_t, gamma)
         seen.append((float(gamma[0]), predict_y0(y_t, gamma, eps)))
         return eps
-    Q.sample(model, lr, sampler=sampler, steps=steps, samples=1, seed=seed, denoiser=recording)
+    Q.sample(model, lr, sampler=sampler, steps=steps, samples=1, seed=seed, denoiser=recording, consistency=False)
     out = []
     for gamma, y0_hat in seen:
         metrics = scores(_image(model, x, y0_hat)[:, None], hr, lr)
