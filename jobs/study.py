@@ -25,6 +25,8 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
 
+from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
+
 ADMIN_ENV = "SR3_STUDY_ADMIN_TOKEN"
 
 
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     create.add_argument("--steps", type=int, help="refinement steps (default: each model's)")
     create.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: each model's")
     create.add_argument("--schedule", metavar="START,END", help="linear β schedule (default: stored, else config)")
+    add_consistency_flag(create)
     create.add_argument("--batch-size", type=int, default=8)
     create.add_argument("--workers", type=int, help="sampling actors (default: as jobs/upscale.py)")
     create.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             init_ray(args.ray_address)
             create_study(args.model, args.pairs, args.study, protocol, baselines=args.baseline, steps=args.steps,
                          sampler=args.sampler, schedule=args.schedule, batch_size=args.batch_size,
-                         workers=args.workers, progress=say)
+                         workers=args.workers, progress=say, consistency=consistency_flag(args.consistency))
             say(f"next: python jobs/study.py serve --study {args.study}")
         elif args.command == "serve":
             from pipelines.study.access import Access

@@ -33,6 +33,7 @@ import argparse  # noqa: E402
 
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
+from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 
 
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fallback", choices=("refuse", "convert"), default="refuse",
                         help="an input --format cannot hold (16 bits in jpeg/webp, transparency in jpeg): refuse "
                              "it (exit status 2, the rest written) or write it converted (8 bits, alpha on white)")
+    add_consistency_flag(parser)
     add_sampling_worker_flags(parser)
     return parser.parse_args(argv)
 
@@ -81,7 +83,8 @@ def _main(argv: list[str] | None) -> int:
     from pipelines.cli import from_args
     from pipelines.infer.upscale import UpscaleOptions, upscale
 
-    summary = upscale(args.model, args.input, args.output, from_args(UpscaleOptions, args, fmt=args.format))
+    summary = upscale(args.model, args.input, args.output, from_args(UpscaleOptions, args, fmt=args.format,
+                                                                      consistency=consistency_flag(args.consistency)))
     reasons = ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items())
     failures = ", ".join(f"{r} {n}" for r, n in summary["failed_by_reason"].items())
     print(f"upscale: {summary['listed']} listed, {summary['done']} done, {summary['skipped']} skipped "

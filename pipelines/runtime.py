@@ -46,6 +46,7 @@ class SamplingOptions:
     steps: int | None = None  # refinement steps K
     sampler: str | None = None
     schedule: str | None = None  # "START,END": a linear β schedule
+    consistency: bool | None = None  # LR-consistent sampling (sr3model.consistency); None: stored, else config
     batch_size: int = 8  # outputs (or tiles) per network call
     device: str = "auto"  # auto | cpu | cuda: where sampling actors run
     workers: int | None = None  # sampling actors

@@ -8,8 +8,10 @@
 Only torch, numpy and sr3model are imported here — no Ray, MLflow or fsspec — so the pyfunc can
 ship this file and a GPU machine without Ray can run it.
 
-- Settings: `Sampling` (sampler, K, β_1, β_K) is chosen once per run by `choose_sampling`: flags,
-  else the schedule stored with the model version for (K, sampler), else the model config's.
+- Settings: `Sampling` (sampler, K, β_1, β_K, LR consistency) is chosen once per run by
+  `choose_sampling`: flags, else what is stored with the model version for (K, sampler), else the
+  model config's (`diffusion.sample_*`; `sample_consistency`: every step's ŷ0 projected onto the
+  images whose downsampling is the LR input, `sr3model.consistency`).
 - Noise: output k of the image named `name` draws from its own generator seeded by
   `image_seed(seed, name, k)`, so an output is the same whatever its batch, worker or run.
 - Size: an image of the model's LR size goes straight through the network (tiling it would only
@@ -46,13 +48,15 @@ TRANSIENT_FAILURES = ("out_of_memory", "sample_failed")
 @dataclass(frozen=True)
 class Sampling:
     """How to sample: sampler, number of steps K and, for a linear schedule, its β_1, β_K (None:
-    the config's default schedule, K levels uniform in log-SNR; `sr3model.schedules`)."""
+    the config's default schedule, K levels uniform in log-SNR; `sr3model.schedules`), and whether
+    each step's ŷ0 is made consistent with the LR input (`sr3model.consistency`)."""
 
     sampler: str
     steps: int
     beta_start: float | None
     beta_end: float | None
     source: str  # "flags", "search" or "config": where the schedule came from
+    consistency: bool = False
 
     def schedule(self, model):
         """The K-step schedule; an explicit linear one that starts above the training schedule's
@@ -65,29 +69,36 @@ class Sampling:
 
     def record(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "steps": self.steps, "schedule": self.schedule_text,
-                "schedule_source": self.source}
+                "schedule_source": self.source, "consistency": self.consistency}
 
 
 def choose_sampling(config, stored: dict[int, dict[str, Any]], *, sampler: str | None = None,
-                    steps: int | None = None, schedule: tuple[float, float] | None = None) -> Sampling:
+                    steps: int | None = None, schedule: tuple[float, float] | None = None,
+                    consistency: bool | None = None) -> Sampling:
     """Flags win; else the schedule stored for (steps, sampler) by the search; else the config's.
-    An explicit schedule is checked here, so a bad one is an input error before any work starts."""
+    An explicit schedule is checked here, so a bad one is an input error before any work starts.
+    `consistency` likewise: the flag, else the stored entry's, else `diffusion.sample_consistency`
+    (false for configs written before it existed)."""
     from sr3model.schedules import check_start, linear_schedule
 
     diffusion = config.diffusion
     sampler = sampler or diffusion.sample_sampler
     steps = steps or diffusion.sample_steps
+    found = stored.get(steps)
+    found = found if found and found.get("sampler", sampler) == sampler else None
+    if consistency is None:
+        consistency = bool(found.get("consistency", diffusion.sample_consistency) if found
+                           else diffusion.sample_consistency)
     if schedule is not None:
         check_start(linear_schedule(steps, float(schedule[0]), float(schedule[1])), diffusion)
-        return Sampling(sampler, steps, float(schedule[0]), float(schedule[1]), "flags")
-    found = stored.get(steps)
-    if found and found.get("sampler", sampler) == sampler:
+        return Sampling(sampler, steps, float(schedule[0]), float(schedule[1]), "flags", consistency)
+    if found and "beta_start" in found:
         start, end = float(found["beta_start"]), float(found["beta_end"])
         check_start(linear_schedule(steps, start, end), diffusion)  # stored by an older search: may be invalid
-        return Sampling(sampler, steps, start, end, "search")
+        return Sampling(sampler, steps, start, end, "search", consistency)
     if diffusion.sample_schedule == "linear":
-        return Sampling(sampler, steps, diffusion.sample_beta_start, diffusion.sample_beta_end, "config")
-    return Sampling(sampler, steps, None, None, "config")
+        return Sampling(sampler, steps, diffusion.sample_beta_start, diffusion.sample_beta_end, "config", consistency)
+    return Sampling(sampler, steps, None, None, "config", consistency)
 
 
 @dataclass(frozen=True)
@@ -185,7 +196,7 @@ def sample_units(model, images: Sequence[np.ndarray], names: Sequence[str], unit
     device = next(model.parameters()).device
     lr = lr_tensor([images[i] for i, _ in units]).to(device)
     generators = [torch.Generator(device=device).manual_seed(image_seed(seed, names[i], k)) for i, k in units]
-    kwargs = dict(sampler=sampling.sampler, schedule=schedule, generator=generators)
+    kwargs = dict(sampler=sampling.sampler, schedule=schedule, generator=generators, consistency=sampling.consistency)
     if tuple(lr.shape[-2:]) == (cfg.lr_size, cfg.lr_size):
         out = model.super_resolve(lr, **kwargs)
     else:

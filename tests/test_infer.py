@@ -152,3 +152,33 @@ def test_fidelity_settings_make_outputs_stale_and_manifests_from_before_them_sti
     for options in (dict(fmt="jpeg", fallback="convert"), dict(fmt="png")):
         again = manifest.plan(listed("big16.png"), output, "png", 1, current(**options))
         assert [item["relpath"] for item in again.todo] == ["big16.png"] and again.counts["retried"] == 1, options
+
+
+def test_a_change_of_lr_consistency_makes_outputs_stale_and_rows_from_before_count_as_off(tmp_path: Path) -> None:
+    output = str(tmp_path / "out")
+    record = {"model_uri": "models:/m/2", "model_digest": "d2", "sampler": "ddpm", "steps": 4, "schedule": "log-snr",
+              "run_seed": 0, "tile": 16, "overlap": 4}
+    rows = [{"source": f"gs://b/in/{n}", "output": n, "input_bytes": 10, "input_fingerprint": "10:crc32c=A",
+             "finished_at": manifest.now(), **record, "consistency": flag}
+            for n, flag in (("on.png", True), ("off.png", False), ("before.png", None))]
+    manifest.write_parts(output, rows, [])
+    listed = [storage.ListedFile(f"gs://b/in/{n}", "gs://b/in", n, 10, "crc32c=A")
+              for n in ("on.png", "off.png", "before.png")]
+    with_it = manifest.plan(listed, output, "png", 1, manifest.Current({**record, "consistency": True}, 1000))
+    assert (with_it.counts["skipped_done"], with_it.counts["stale"]) == (1, 2)
+    without = manifest.plan(listed, output, "png", 1, manifest.Current({**record, "consistency": False}, 1000))
+    assert (without.counts["skipped_done"], without.counts["stale"]) == (2, 1)
+
+
+def test_lr_consistency_is_chosen_flag_then_stored_then_config() -> None:
+    from pipelines.sampling import choose_sampling
+    from sr3model import override, preset
+
+    off, on = (override(preset("tiny"), [f"diffusion.sample_consistency={v}"]) for v in ("false", "true"))
+    stored = {20: {"sampler": "ddim", "beta_start": 1e-4, "beta_end": 0.9, "consistency": False}}
+    assert choose_sampling(on, {}, steps=20).consistency is True  # the config's
+    assert choose_sampling(off, {}, steps=20).consistency is False
+    assert choose_sampling(on, stored, steps=20, sampler="ddim").consistency is False  # stored beats config
+    assert choose_sampling(on, stored, steps=20, sampler="ddpm").consistency is True  # stored for another sampler
+    assert choose_sampling(on, stored, steps=20, sampler="ddim", consistency=True).consistency is True  # the flag
+    assert choose_sampling(off, {}, steps=20, consistency=True).record()["consistency"] is True

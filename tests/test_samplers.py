@@ -133,7 +133,7 @@ def test_clipped_keeps_y0_inside_tensor_bounds_and_leaves_in_range_predictions_a
 
 @pytest.mark.parametrize("objective", ["sr3", "residual", "unconditional"])
 def test_super_resolve_clips_y0_to_the_image_range_unless_the_config_says_not(objective):
-    """The last refinement step returns ŷ0: clipped, the image (ŷ0, or x + ŷ0 for the residual
+    """The last refinement step returns ŷ0: clipped, the image (ŷ0, or x + s·ŷ0 for the residual
     model) lies in [-1, 1] before the final clamp; with `diffusion.sample_clip=false` it does not."""
     from sr3model import SR3, override, preset
 
@@ -143,10 +143,9 @@ def test_super_resolve_clips_y0_to_the_image_range_unless_the_config_says_not(ob
         model.super_resolve(lr, batch=2, sampler="ddim", schedule=linear_schedule(4, 1e-3, 0.3),
                             denoiser=lambda x, y_t, g: -3 * y_t,  # ŷ0 far outside the range
                             callback=lambda i, n, y: seen.append(y), generator=torch.Generator().manual_seed(0))
-        x = model.condition(lr)
-        return seen[-1] + x if objective == "residual" else seen[-1]
+        return model.to_image(seen[-1], model.condition(lr))
 
-    config = preset("tiny", objective)
+    config = override(preset("tiny", objective), ["diffusion.sample_consistency=false"])  # clipping alone
     assert final_image(SR3(config)).abs().max() <= 1 + 1e-5
     raw = SR3(override(config, ["diffusion.sample_clip=false"]))
     assert final_image(raw).abs().max() > 1.5

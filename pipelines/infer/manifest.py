@@ -20,8 +20,8 @@ etag / generation / mtime, `input_fingerprint`) and this run's model and setting
 | mtime, a file rewritten with the same bytes — `input_hash` |                                        |
 | — is not a change: its new stamp is recorded)              |                                        |
 | another model (version / weights) or settings (sampler,    | reported as stale; redone with         |
-| steps, schedule, seed, tile, overlap, format, alpha,       | `--redo-stale`                         |
-| colour, strip_metadata, fallback)                          |                                        |
+| steps, schedule, seed, tile, overlap, LR consistency,     | `--redo-stale`                         |
+| format, alpha, colour, strip_metadata, fallback)           |                                        |
 
 | the input was rejected before (same fingerprint) with …    | this run                               |
 | ---------------------------------------------------------- | -------------------------------------- |
@@ -35,7 +35,9 @@ etag / generation / mtime, `input_fingerprint`) and this run's model and setting
 
 Rows written before these columns existed (no fingerprint, model digest, seed, tile, fidelity
 settings) are compared on what they have (size, model URI, sampler, steps, schedule): an output
-written before outputs kept alpha, depth and profiles is not reported stale for it.
+written before outputs kept alpha, depth and profiles is not reported stale for it. Rows from
+before the consistency column were sampled without it (`BEFORE_THE_COLUMN`), so a run with it on
+redoes them as stale.
 
 Per output, the manifest also records what it kept or converted (`pipelines.images.fidelity`):
 input and output mode, bit depth and profile, what happened to alpha, which metadata it carries,
@@ -69,7 +71,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("model_digest", pa.string()),
     ("sampler", pa.string()), ("steps", pa.int32()), ("schedule", pa.string()),
     ("schedule_source", pa.string()), ("run_seed", pa.int64()), ("tile", pa.int32()), ("overlap", pa.int32()),
-    ("seed", pa.int64()),
+    ("consistency", pa.bool_()), ("seed", pa.int64()),
     ("input_width", pa.int32()), ("input_height", pa.int32()),
     ("output_width", pa.int32()), ("output_height", pa.int32()),
     ("input_bytes", pa.int64()), ("input_fingerprint", pa.string()), ("input_hash", pa.string()),
@@ -92,8 +94,10 @@ PERMANENT = frozenset({"empty", "not_an_image", "truncated", "corrupt", "decompr
 RELISTED = frozenset({"output_collision"})  # decided again from each run's listing
 # Columns that make an output stale when they differ from this run's (compared when both are set).
 MODEL_COLUMNS = ("model_uri", "model_digest")
-SETTING_COLUMNS = ("sampler", "steps", "schedule", "run_seed", "tile", "overlap",
+SETTING_COLUMNS = ("sampler", "steps", "schedule", "run_seed", "tile", "overlap", "consistency",
                    "format", "alpha_mode", "colour_mode", "strip_metadata", "fallback")
+# A setting that rows written before its column existed had, whatever they say (null there)
+BEFORE_THE_COLUMN = {"consistency": False}
 REFUSED = "would_lose"  # the chosen output cannot hold what the input has (fidelity._refuse)
 
 
@@ -285,6 +289,8 @@ def _stale_mask(table: pa.Table, record: dict[str, Any]) -> pa.ChunkedArray:
         if record.get(column) is None:
             continue
         values = table.column(column)
+        if column in BEFORE_THE_COLUMN:
+            values = pc.fill_null(values, pa.scalar(BEFORE_THE_COLUMN[column], values.type))
         differs = pc.and_(pc.is_valid(values), pc.not_equal(values, pa.scalar(record[column], values.type)))
         mask = pc.or_(mask, pc.fill_null(differs, False))
     return mask

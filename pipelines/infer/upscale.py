@@ -86,14 +86,15 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, options: UpscaleOpt
     config = ref.config()
     if not config.conditional:
         raise ValueError(f"{model_uri} is an unconditional model: use jobs/cascade.py --base")
-    chosen = sampling_for(ref, sampler=o.sampler, steps=o.steps, schedule=parse_schedule(o.schedule))
+    chosen = sampling_for(ref, sampler=o.sampler, steps=o.steps, schedule=parse_schedule(o.schedule),
+                          consistency=o.consistency)
     layout = Layout(o.batch_size, o.max_batch_pixels, o.tile, o.overlap)
     tile_px, overlap_px = layout.tiling(config)
     if not 0 <= overlap_px < tile_px:
         raise ValueError(f"--overlap {overlap_px}: must be in [0, tile = {tile_px})")
     progress(f"model {ref.label} ({config.name}, {config.objective}, ×{config.scale}); "
              f"{chosen.sampler}, {chosen.steps} steps, schedule {chosen.schedule_text} "
-             f"(from {chosen.source})")
+             f"(from {chosen.source}), LR consistency {'on' if chosen.consistency else 'off'}")
 
     listed = storage.list_files(input_uri)
     if not listed and not storage.exists(input_uri):

@@ -21,7 +21,8 @@ job's outputs do (`pipelines.images.fidelity`: alpha, 16-bit depth, ICC profile,
 greyscale; unconditional samples are 8-bit RGB) and the `height`/`width`.
 Params (predict(..., params={...})): `seed` (default 0), `sampler` (default: stored, else the
 config's), `steps`, `schedule` ("START,END"), `batch_size` (outputs per sampler call, default 16),
-`tile`, `overlap` (LR pixels, for sizes other than the model's), `max_batch_pixels`; what outputs
+`tile`, `overlap` (LR pixels, for sizes other than the model's), `max_batch_pixels`, `consistency`
+("on" / "off"; default: stored, else the config's `diffusion.sample_consistency`); what outputs
 keep, as the job's flags: `format` (png | jpeg | webp | tiff, default png), `alpha` (keep | drop),
 `colour` (keep | srgb; default keep, srgb with strip_metadata), `strip_metadata` (bool),
 `fallback` (refuse | convert). An image that fails to sample even alone, or that `format` cannot
@@ -100,8 +101,12 @@ def super_resolve_frame(model, frame: pd.DataFrame, params: dict[str, Any] | Non
     seed = int(params.get("seed") or 0)
     schedule = params.get("schedule") or None
     bounds = tuple(float(v) for v in schedule.split(",")) if schedule else None
+    consistency = str(params.get("consistency") or "").lower()
+    if consistency not in ("", "on", "off"):
+        raise ValueError(f"params consistency={consistency!r}: use on or off")
     sampling = choose_sampling(cfg, stored or {}, sampler=params.get("sampler") or None,
-                               steps=int(params.get("steps") or 0) or None, schedule=bounds)
+                               steps=int(params.get("steps") or 0) or None, schedule=bounds,
+                               consistency={"on": True, "off": False}.get(consistency))
     layout = Layout(int(params.get("batch_size") or DEFAULT_BATCH), int(params.get("max_batch_pixels") or 0) or None,
                     int(params.get("tile") or 0) or None,
                     None if params.get("overlap") in (None, "", -1) else int(params["overlap"]))
@@ -155,7 +160,7 @@ def _signature():
                             ParamSpec("overlap", "long", -1), ParamSpec("max_batch_pixels", "long", 0),
                             ParamSpec("format", "string", "png"), ParamSpec("alpha", "string", "keep"),
                             ParamSpec("colour", "string", ""), ParamSpec("strip_metadata", "boolean", False),
-                            ParamSpec("fallback", "string", "refuse")]),
+                            ParamSpec("fallback", "string", "refuse"), ParamSpec("consistency", "string", "")]),
     )
 
 
