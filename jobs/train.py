@@ -7,8 +7,10 @@
 Checkpoints every 5000 steps or 30 minutes, whichever comes first (--checkpoint-every N: every N
 steps), the last 3 kept. Rerunning with the same --run-name and --storage continues from the latest
 checkpoint and the same MLflow run; a run that already reached --steps trains nothing more. With
---register the new version takes --alias only if it scores at least as well as the version holding
-it (--promote-metric, default lr_psnr; --force-alias moves it anyway). Runs on the Ray cluster named
+--register the new version takes --alias only if it is shown to be no worse than the version holding
+it: no worse on the guards (LR-PSNR, colour error, detail ratio, flat-region noise) by a paired
+bootstrap over the val pairs, and better on one (pipelines/train/compare.py; --promote-metric: one
+metric decides; --force-alias moves it anyway). Runs on the Ray cluster named
 by --ray-address or RAY_ADDRESS (as under `ray job submit`), else on a local Ray started for the run.
 MLflow: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current directory. A bad input (an
 unknown preset, pairs that are missing or not committed, a bad --set) is one `train: error:` line.
@@ -33,7 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train SR3 with Ray Train and MLflow.")
     parser.add_argument("--pairs", required=True, help="jobs/build_pairs.py output URI (train/, val/)")
     parser.add_argument("--preset", required=True, help="config preset, e.g. tiny, faces-16-128")
-    parser.add_argument("--objective", choices=("sr3", "regression", "residual", "unconditional"))
+    parser.add_argument("--objective", choices=("sr3", "regression", "residual", "unconditional"),
+                        help="default: the preset's (residual: diffuse HR − bicubic, README \"Quality\")")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's method: objective sr3, ε-prediction, DDPM, no LR-consistency projection "
+                             "(sr3model.config.papers_method)")
     parser.add_argument("--steps", type=int, default=1000, help="total optimiser steps of the run")
     parser.add_argument("--batch-size", type=int, help="global batch size (default: the preset's), split evenly "
                                                         "over --num-workers")
@@ -73,11 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default="sr3", help="MLflow experiment")
     parser.add_argument("--register", help="registered model name")
     parser.add_argument("--alias", default="champion")
-    parser.add_argument("--promote-metric", default="lr_psnr",
-                        help="metric of jobs/evaluate.py's table the gate compares (default lr_psnr)")
+    parser.add_argument("--promote-metric",
+                        help="one metric of jobs/evaluate.py's table decides the gate (default: the guards — no worse "
+                             "than the holder on LR-PSNR, colour error, detail ratio and flat-region noise, with 95%% "
+                             "confidence, and better on one; pipelines/train/compare.py)")
     parser.add_argument("--promote-limit", type=int, default=64, help="val pairs the gate evaluates (default 64)")
-    parser.add_argument("--promote-steps", type=int, help="refinement steps of the gate's sampling "
-                                                          "(default: the config's)")
+    parser.add_argument("--promote-steps", type=int, help="refinement steps of the gate's sampling for both "
+                                                          "versions (default: each version's own)")
+    parser.add_argument("--promote-samples", type=int, default=2, help="outputs per val pair the gate compares "
+                                                                       "(default 2, each its own seed)")
     parser.add_argument("--force-alias", action="store_true",
                         help="move --alias to the new version without comparing")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -98,9 +108,9 @@ def _main(argv: list[str] | None) -> int:
     from pipelines.train import TrainOptions, build_config, train
     from pipelines.train.promote import GateConfig
 
-    config = build_config(args.preset, args.objective, args.overrides, args.batch_size)
+    config = build_config(args.preset, args.objective, args.overrides, args.batch_size, paper=args.paper)
     gate = GateConfig(metric=args.promote_metric, limit=args.promote_limit, steps=args.promote_steps,
-                      force=args.force_alias)
+                      samples=args.promote_samples, force=args.force_alias)
     result = train(args.pairs, config, from_args(TrainOptions, args, storage_uri=args.storage, gate=gate))
     print(f"run {result.run_name}: {result.steps} steps in {result.seconds:.0f} s"
           f"{' (resumed)' if result.resumed else ''}")

@@ -92,12 +92,18 @@ def test_checkpoint_cadence_defaults_and_flags() -> None:
 
 
 def test_promotion_directions() -> None:
-    from pipelines.train.promote import at_least_as_good, metric_names
+    """Badness (lower is better) of each metric the gate compares (pipelines.train.compare)."""
+    import math
+
+    from sr3model.metrics import badness
+    from pipelines.train.promote import metric_names
 
     assert "lr_psnr" in metric_names() and "detail_ratio" in metric_names()
-    assert at_least_as_good("lr_psnr", 30.0, 29.0) and at_least_as_good("lr_psnr", 30.0, 30.0)
-    assert not at_least_as_good("lr_psnr", 28.0, 29.0)
-    assert at_least_as_good("consistency", 5.0, 7.0) and not at_least_as_good("colour_error", 9.0, 3.0)
-    assert at_least_as_good("detail_ratio", 0.9, 1.2) and not at_least_as_good("detail_ratio", 0.5, 1.5)
-    assert not at_least_as_good("psnr", None, 20.0) and not at_least_as_good("psnr", float("nan"), 20.0)
-    assert at_least_as_good("psnr", 20.0, None)
+    assert badness("lr_psnr", 30.0) < badness("lr_psnr", 29.0)  # higher is better
+    assert badness("consistency", 5.0) < badness("consistency", 7.0) and badness("colour_error", 9) > badness(
+        "colour_error", 3)  # lower is better
+    assert badness("detail_ratio", 0.9) < badness("detail_ratio", 1.2) < badness("detail_ratio", 0.5)  # → 1
+    assert badness("detail_ratio", 0.0) == math.inf
+    # grain: above the photo's 1 is worse, anything at or below it is as good as the photo
+    assert badness("flat_noise_ratio", 1.2) < badness("flat_noise_ratio", 3.0)
+    assert badness("flat_noise_ratio", 0.2) == badness("flat_noise_ratio", 1.0) == 0.0

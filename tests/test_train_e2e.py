@@ -9,10 +9,11 @@ test stops by that group's id (never `ray stop`, which would stop every Ray on t
 MLflow server runs in its own process group too. Resuming by --run-name through the CLI is covered
 in-process by tests/test_train.py; here the job runs once.
 
-The promotion gate (pipelines.train.promote) runs against the same MLflow server: versions of a regression
-model that outputs the bicubic upsampling and one that adds +1 to it (a colour shift), compared on
-lr_psnr by `pipelines.eval.run.evaluate` in this process (its sampling on a cluster is
-tests/test_evaluate.py's).
+The promotion gate (pipelines.train.promote) runs against the same MLflow server with one metric
+deciding (`--promote-metric lr_psnr`): versions of a regression model that outputs the bicubic
+upsampling and one that adds +1 to it (a colour shift), evaluated by `pipelines.eval.run.evaluate`
+in this process (its sampling on a cluster is tests/test_evaluate.py's). The default decision (the
+guards) is tests/test_promote.py's.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def test_job_submit_trains_registers_and_pyfunc_matches_in_memory_model(
 
 
 @pytest.mark.slow
-def test_promotion_gate_moves_the_alias_only_to_a_version_at_least_as_good(mlflow_server: str, tmp_path: Path) -> None:
+def test_promotion_gate_on_one_metric_moves_the_alias_only_to_a_better_version(mlflow_server: str, tmp_path: Path) -> None:
     import mlflow
 
     from pipelines import tracking
@@ -217,7 +218,8 @@ def test_promotion_gate_moves_the_alias_only_to_a_version_at_least_as_good(mlflo
         _, version = log_model(folder, run_id, mlflow_server, register="sr3-gate", alias=None)
         return version, run_id
 
-    config = promote.GateConfig(limit=2, report_root=str(tmp_path / "reports"), on_cluster=False)
+    # one metric decides here (--promote-metric lr_psnr); the default guards: tests/test_promote.py
+    config = promote.GateConfig(metric="lr_psnr", limit=2, report_root=str(tmp_path / "reports"), on_cluster=False)
     v1, _ = register("plain", 1)
     first = promote.gate(mlflow_server, "sr3-gate", v1, "champion", pairs, config)
     assert first.moved and first.reason == "no version held @champion" and first.new_score is None
@@ -227,8 +229,8 @@ def test_promotion_gate_moves_the_alias_only_to_a_version_at_least_as_good(mlflo
     worse = promote.gate(mlflow_server, "sr3-gate", v2, "champion", pairs, config, run_id=run2, say=said.append)
     assert not worse.moved and worse.holder == v1
     assert worse.new_score < worse.holder_score - 10  # a colour shift: far from the LR input (dB)
-    assert worse.reason.startswith("worse: lr_psnr") and "higher is better" in worse.reason
-    assert said[-1].startswith(f"@champion stays on v{v1}, not moved to v{v2}: worse: lr_psnr")
+    assert worse.reason.startswith("worse on lr_psnr")
+    assert said[-1].startswith(f"@champion stays on v{v1}, not moved to v{v2}: worse on lr_psnr")
     assert client.get_model_version_by_alias("sr3-gate", "champion").version == v1
     assert client.get_model_version("sr3-gate", v2).tags[promote.DECISION_TAG] == "kept"
     assert client.get_run(run2).data.tags[promote.REASON_TAG] == worse.reason
@@ -242,6 +244,6 @@ def test_promotion_gate_moves_the_alias_only_to_a_version_at_least_as_good(mlflo
 
     v3, _ = register("plain", 3)  # plain again against the bright holder: better, so it moves
     better = promote.gate(mlflow_server, "sr3-gate", v3, "champion", pairs, config)
-    assert better.moved and better.reason.startswith("at least as good: lr_psnr")
+    assert better.moved and better.reason.startswith("better on lr_psnr")
     assert better.new_score == pytest.approx(worse.holder_score, abs=1e-6)  # the same output as v1
     assert client.get_model_version_by_alias("sr3-gate", "champion").version == v3

@@ -30,24 +30,39 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_pairs(root: Path, n_train: int = 16, n_val: int = 4, seed: int = 0) -> str:
+def photo_crops(count: int, rng: np.random.Generator | int = 0) -> list[Image.Image]:
+    """HR 64×64 crops of skimage photos (128² crops, area-resized), cycling through 4 photos."""
+    rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+    crops = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        y = int(rng.integers(0, photo.shape[0] - 2 * HR))
+        x = int(rng.integers(0, photo.shape[1] - 2 * HR))
+        crops.append(Image.fromarray(photo[y:y + 2 * HR, x:x + 2 * HR]).resize((HR, HR), Image.BOX))
+    return crops
+
+
+def write_pairs(root: Path, n_train: int = 16, n_val: int = 4, seed: int = 0,
+                val: list[tuple[Image.Image, Image.Image]] | None = None) -> str:
     """HR 64×64 crops of skimage photos (area-resized), LR = Pillow bicubic ÷4; one shard (of one
-    row group) per split, committed as a new version of `root`."""
+    row group) per split, committed as a new version of `root`. `val`: (HR, LR) images to use as the
+    val split instead."""
     from pipelines.pairs import store as pair_store
 
     rng = np.random.default_rng(seed)
     version = pair_store.new_version()
     files = {}
-    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+
+    def with_lr(crops: list[Image.Image]) -> list[tuple[Image.Image, Image.Image]]:
+        return [(hr, hr.resize((HR // SCALE, HR // SCALE), Image.BICUBIC)) for hr in crops]
+    given = {"train": with_lr(photo_crops(n_train, rng))}
+    given["val"] = val if val is not None else with_lr(photo_crops(n_val, rng))
+    n_val = len(given["val"])
     for split, count in (("train", n_train), ("val", n_val)):
         rows = []
-        for i in range(count):
-            photo = photos[i % len(photos)]
-            y = int(rng.integers(0, photo.shape[0] - 2 * HR))
-            x = int(rng.integers(0, photo.shape[1] - 2 * HR))
-            hr = Image.fromarray(photo[y:y + 2 * HR, x:x + 2 * HR]).resize((HR, HR), Image.BOX)
-            lr = hr.resize((HR // SCALE, HR // SCALE), Image.BICUBIC)
-            rows.append({"key": f"{split}-{i:04d}", "source": f"skimage/{i % len(photos)}", "split": split,
+        for i, (hr, lr) in enumerate(given[split]):
+            rows.append({"key": f"{split}-{i:04d}", "source": f"skimage/{i % 4}", "split": split,
                          "recipe": "patches", "hr_size": HR, "scale": SCALE, "hr": _png(hr), "lr": _png(lr)})
         folder = root / pair_store.VERSIONS_DIR / version / split
         folder.mkdir(parents=True, exist_ok=True)

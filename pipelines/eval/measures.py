@@ -8,6 +8,7 @@
 | `lr_psnr`     | the same comparison in dB                                              | ↑      |
 | `colour_error`| mean |Δ| of per-channel means against HR, in 8-bit levels            | ↓      |
 | `detail_ratio`| high-frequency energy (image − bicubic round trip) over the HR's; 1 = as detailed as the photo; ratio of the set's means | → 1 |
+| `flat_noise_ratio` | the same energy only where the HR is locally flat, over the HR's there: grain the photo does not have (1 = the photo's, bicubic ≈ 0.1); ratio of the set's means | ↓ |
 | `diversity`   | σ across the N samples of one input (only when N > 1; SRDiff)          |        |
 | `fid`, `is`   | Fréchet Inception distance to the HR set; Inception score (torchmetrics + torch-fidelity) | ↓ ↑ |
 | `lpips`       | LPIPS-AlexNet against HR (`sr3model.metrics.LPIPS`, no torchvision)    | ↓      |
@@ -26,12 +27,14 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sr3model import metrics as M
 
-BASE_METRICS, LOWER_IS_BETTER = M.BASE_METRICS, M.LOWER_IS_BETTER
-EXTRA_METRICS = ("fid", "is", "lpips")
+from sr3model.config import BASE_METRICS, EXTRA_METRICS  # noqa: E402  (the names, without torch)
+
+LOWER_IS_BETTER = M.LOWER_IS_BETTER
 METRICS = BASE_METRICS + EXTRA_METRICS
 FID_ENV, LPIPS_ENV = "SR3_FID_WEIGHTS", "SR3_LPIPS_WEIGHTS"
 
@@ -176,6 +179,18 @@ class Running:
             found.update(self.perceptual.update(images, hr))
         for key, value in found.items():
             self.values.setdefault(key, []).append(value)
+
+    def per_pair(self, pairs: int) -> dict[str, np.ndarray]:
+        """Each per-output value averaged over the samples of its pair: {key: (pairs,)} in pair
+        order, for paired comparisons (`pipelines.train.promote`). Energies (`DETAIL_SR`, …) stay
+        separate, so a set-level ratio can be recomputed on any resample of the pairs."""
+        out = {}
+        for key, parts in self.values.items():
+            value = torch.cat(parts).double()
+            if len(value) % pairs:
+                raise ValueError(f"{key}: {len(value)} values for {pairs} pairs")
+            out[key] = value.reshape(pairs, -1).mean(dim=1).numpy()
+        return out
 
     def result(self) -> dict[str, float | None]:
         out: dict[str, float | None] = dict(M.summarise({k: torch.cat(v) for k, v in self.values.items()}))

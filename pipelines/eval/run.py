@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipelines import tracking
@@ -50,6 +51,7 @@ class EvalResult:
     notes: list[str]
     run_id: str | None = None
     tracking_uri: str | None = None
+    per_pair: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method → `Running.per_pair`
 
 
 def label_of(ref: ModelRef) -> str:
@@ -73,8 +75,8 @@ def default_report_dir(kind: str = "eval") -> str:
 
 
 def _method(label: str, produce: Callable, data: EvalSet, perceptual: Perceptual, batch_size: int,
-            keep: int, say: Say | None) -> tuple[dict[str, float | None], torch.Tensor]:
-    """Run one method over every batch: (its metrics, its outputs for the first `keep` pairs)."""
+            keep: int, say: Say | None) -> tuple[Running, torch.Tensor]:
+    """Run one method over every batch: (its metrics so far, its outputs for the first `keep` pairs)."""
     running, kept = Running(perceptual), []
     for start, keys, hr, lr in data.batches(batch_size):
         images = produce(keys, lr, tuple(hr.shape[-2:]))  # (b, N, 3, H, W)
@@ -83,13 +85,13 @@ def _method(label: str, produce: Callable, data: EvalSet, perceptual: Perceptual
             kept.append(images[:keep - start])
         if say:
             say(f"{label}: {start + len(keys)}/{len(data)} pairs")
-    return running.result(), torch.cat(kept)
+    return running, torch.cat(kept)
 
 
 def sampled_methods(refs: Sequence[ModelRef], samplings: Sequence, labels: Sequence[str], data: EvalSet,
                     perceptual: Perceptual | None, *, samples: int, seed: int, batch_size: int, keep: int,
-                    say: Say | None = None, **where: Any) -> Iterator[tuple[str, dict, torch.Tensor, list]]:
-    """(label, metrics, outputs of the first `keep` pairs, workers) per model, sampled on the
+                    say: Say | None = None, **where: Any) -> Iterator[tuple[str, Running, torch.Tensor, list]]:
+    """(label, its `Running`, outputs of the first `keep` pairs, workers) per model, sampled on the
     cluster's actors (`pipelines.eval.scoring`, keyword args `where`) and aggregated here."""
     whole = perceptual is not None and bool(perceptual.available)  # FID/IS/LPIPS need every output
     items = [scoring.work_item(m, m, start, min(start + batch_size, len(data)), how, whole or start < keep)
@@ -97,7 +99,7 @@ def sampled_methods(refs: Sequence[ModelRef], samplings: Sequence, labels: Seque
     stream = scoring.score(refs, data, items, samples=samples, seed=seed, batch_size=batch_size, **where)
     progress = (lambda item: say(f"{labels[item['method']]}: {item['stop']}/{len(data)} pairs")) if say else None
     for group in scoring.grouped(stream, "method", data, perceptual, keep=keep, on_item=progress):
-        yield labels[group.id], group.running.result(), group.outputs, sorted(group.workers)
+        yield labels[group.id], group.running, group.outputs, sorted(group.workers)
 
 
 @dataclass(frozen=True)
@@ -145,14 +147,17 @@ def evaluate(model_uri: str, pairs: str, options: EvalOptions | None = None, *, 
     for note in perceptual.notes:
         say(note)
     ref = resolve_model(model_uri, uri)
-    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule))
-    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps, lenient=True))
+    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule),
+                          consistency=o.consistency)
+    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps, consistency=o.consistency,
+                                                 lenient=True))
                                 for b in (resolve_model(u, uri) for u in baselines)]
     rows = max(1, min(grid_rows, len(data)))  # pairs shown in the report's grid
 
-    results, shown = {}, {}
-    results["bicubic"], shown["bicubic"] = _method("bicubic", lambda keys, lr, size: bicubic(lr, size), data,
-                                                   perceptual, batch_size, rows, None)
+    results, shown, per_pair = {}, {}, {}
+    running, shown["bicubic"] = _method("bicubic", lambda keys, lr, size: bicubic(lr, size), data, perceptual,
+                                        batch_size, rows, None)
+    results["bicubic"], per_pair["bicubic"] = running.result(), running.per_pair(len(data))
     described: dict[str, dict[str, Any]] = {"bicubic": {}}
     labels = []
     for current, how in models:
@@ -162,14 +167,15 @@ def evaluate(model_uri: str, pairs: str, options: EvalOptions | None = None, *, 
         regression = current.config().objective == "regression"
         say(f"{label}: " + ("regression, one pass" if regression else
                             f"{how.sampler}, {how.steps} steps, schedule {how.schedule_text} "
-                            f"({how.source}), {samples} sample(s) per pair"))
+                            f"({how.source}), LR consistency {'on' if how.consistency else 'off'}, "
+                            f"{samples} sample(s) per pair"))
         described[label] = {**current.record(), **({"objective": "regression"} if regression else how.record())}
     model_label, sampled_by = labels[0], []
-    for label, values, images, workers_seen in sampled_methods(
+    for label, running, images, workers_seen in sampled_methods(
             [r for r, _ in models], [h for _, h in models], labels, data, perceptual, samples=samples, seed=seed,
             batch_size=batch_size, keep=rows, say=say, on_cluster=o.on_cluster, device=o.device or "auto",
             workers=o.workers, num_gpus_per_worker=o.num_gpus_per_worker):
-        results[label], shown[label] = values, images
+        results[label], shown[label], per_pair[label] = running.result(), images, running.per_pair(len(data))
         sampled_by.extend(dict(w) for w in workers_seen)
     for label, values in results.items():
         say(f"{label:>16}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items() if v is not None))
@@ -187,7 +193,7 @@ def evaluate(model_uri: str, pairs: str, options: EvalOptions | None = None, *, 
                 for k in range(main.shape[1])]
     columns.append(("HR", hr))
 
-    result = EvalResult(report_uri, results, meta, perceptual.notes, tracking_uri=uri)
+    result = EvalResult(report_uri, results, meta, perceptual.notes, tracking_uri=uri, per_pair=per_pair)
     with report.staged(report_uri) as folder:
         report.write_report(folder, title=f"SR3 evaluation: {model_label}", results=results, meta=meta,
                             notes=perceptual.notes, columns=columns, keys=data.keys[:rows])

@@ -13,6 +13,10 @@
   the committed summary lists (`part_files`); a URI without a committed summary is a `UserError`.
 - `keep` versions stay: the current one and the previous ones named in its `history`. Rolling back
   is copying `versions/<previous>/_SUMMARY.json` over `OUTPUT/_SUMMARY.json`.
+- Leases: a run that pinned a version (training reads it for hours, restarts re-read it) holds a
+  lease, `OUTPUT/leases/<version>/<id>.json` with an expiry, renewed while it lives (`Lease`) and
+  deleted when it ends; `prune` keeps every version with a live lease and deletes expired leases
+  (a crashed run's lease lapses after `LEASE_TTL_S`).
 - Identity (`identity`): `id` (the version name: a UTC time and a random suffix, unique per build),
   `fingerprint` (an order-free hash of every pair row's split, key and bytes: equal for two builds
   of the same data), counts and the recipe; runs record it as MLflow params/tags.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -124,8 +129,9 @@ def commit(output: str, version: str, files: dict[str, list[dict[str, Any]]], su
 
 
 def prune(output: str, summary: dict[str, Any]) -> list[str]:
-    """Delete version folders the summary does not keep (and parts of the old layout); returns them."""
-    kept = {summary["version"], *summary.get("history", [])}
+    """Delete version folders the summary does not keep and no live lease holds (and parts of the old
+    layout); returns them."""
+    kept = {summary["version"], *summary.get("history", [])} | leased(output)
     fs, root = storage.resolve(storage.join(output, VERSIONS_DIR))
     names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)] if fs.exists(root) else []
     removed = [name for name in names if name not in kept]
@@ -134,6 +140,71 @@ def prune(output: str, summary: dict[str, Any]) -> list[str]:
     for part in PARTS:  # the old in-place layout, replaced by this commit
         storage.remove(storage.join(output, part))
     return removed
+
+
+LEASES_DIR = "leases"
+LEASE_TTL_S = 15 * 60.0  # a lease not renewed for this long has lapsed (its holder died)
+
+
+def leased(output: str, now: float | None = None) -> set[str]:
+    """Versions of `output` with a live lease; expired lease files are deleted on the way."""
+    now = time.time() if now is None else now
+    fs, root = storage.resolve(storage.join(output, LEASES_DIR))
+    if not fs.exists(root):
+        return set()
+    live = set()
+    for path in fs.find(root):
+        version = posixpath.basename(posixpath.dirname(path))
+        try:
+            expires = float(json.loads(fs.cat_file(path))["expires"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            continue  # released meanwhile, or being written
+        if expires > now:
+            live.add(version)
+        else:
+            fs.rm(path)
+    return live
+
+
+class Lease:
+    """A live claim on one committed version: `prune` keeps it while the lease is renewed.
+
+        with Lease(pairs, version, "train run NAME"):   # written, renewed every ttl/3, deleted
+            ...                                          # read the version for as long as needed
+    """
+
+    def __init__(self, output: str, version: str | None, holder: str, ttl_s: float = LEASE_TTL_S):
+        self.output, self.version, self.holder, self.ttl_s = output, version, holder, ttl_s
+        self.uri = storage.join(output, LEASES_DIR, version or "_", f"{uuid.uuid4().hex}.json")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def renew(self) -> None:
+        now = time.time()
+        storage.write_bytes(self.uri, json.dumps({"holder": self.holder, "version": self.version,
+                                                  "renewed": now, "expires": now + self.ttl_s}).encode())
+
+    def __enter__(self) -> Lease:
+        if self.version is None:  # an unversioned dataset: nothing is ever pruned
+            return self
+        self.renew()
+
+        def keep_renewing() -> None:
+            while not self._stop.wait(self.ttl_s / 3):
+                try:
+                    self.renew()
+                except Exception:  # noqa: BLE001 — storage briefly away: the next renewal retries
+                    pass
+        self._thread = threading.Thread(target=keep_renewing, name=f"lease-{self.version}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        storage.remove(self.uri)
 
 
 def discard(output: str, version: str) -> None:

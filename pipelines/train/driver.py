@@ -23,6 +23,7 @@ it only finishes what is missing (model, version, gate decision).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -201,6 +202,7 @@ def loop_config(pairs: str, config: SR3Config, options: TrainOptions, plan: Plan
         pairs_version=plan.val_version, val_every=o.val_every, val_images=o.val_images, val_steps=o.val_steps,
         log_every=o.log_every, tracking_uri=tracking_uri, run_id=run_id, micro_batch=plan.micro_batch,
         compile=o.compile, channels_last=o.channels_last, fail_rank=fail_rank, fail_step=fail_step,
+        fail_validation=o.fail_validation,
         fail_marker=storage.join(plan.storage_uri, run_name, FAILURE_MARKER) if o.fail_once_at else "",
         val_sampler=o.val_sampler, extra_columns=tuple(o.extra_columns))
 
@@ -239,6 +241,23 @@ def train(pairs: str, config: SR3Config, options: TrainOptions | None = None, *,
     for key, (old, new) in sorted(conflicts.items()):
         say(f"note: param {key} was {old} in this run and is now {new} (MLflow keeps {old})")
 
+    with contextlib.ExitStack() as leases:  # the pinned versions outlive any rebuild while this run lives
+        holder = f"train run {run_name} ({run_id})"
+        leases.enter_context(pair_store.Lease(pairs, plan.summary.get("version"), holder))
+        if plan.val_source != pairs:
+            leases.enter_context(pair_store.Lease(plan.val_source, plan.val_version, holder))
+        checkpoint, metrics, final_step, model_uri, version, decision, done_before = _run(
+            pairs, config, o, plan, data, run_name=run_name, run_id=run_id, uri=uri, resumed=resumed, say=say)
+    tracking.end_run(uri, run_id)
+    return TrainResult(
+        run_name=run_name, run_id=run_id, tracking_uri=uri, experiment=o.experiment, resumed=resumed,
+        steps=final_step, checkpoint=checkpoint, metrics=metrics, model_uri=model_uri,
+        registered_version=version, seconds=time.time() - tick, promotion=decision, finished_before=done_before)
+
+
+def _run(pairs: str, config: SR3Config, o: TrainOptions, plan: Plan, data: dict[str, Any], *, run_name: str,
+         run_id: str, uri: str, resumed: bool, say) -> tuple:
+    """Fit (unless the run already reached its steps), then log, register and gate the model."""
     tags = tracking.run_tags(uri, run_id) if resumed else {}
     done_before = int(tags.get(FINAL_STEP_TAG, -1)) >= o.steps and storage.exists(tags.get(FINAL_CHECKPOINT_TAG, ""))
     if done_before:
@@ -261,11 +280,7 @@ def train(pairs: str, config: SR3Config, options: TrainOptions | None = None, *,
             logged=tags.get(MODEL_TAG) if done_before else None, say=say)
         if model_uri and not o.register:
             tracking.set_tags(uri, run_id, {MODEL_TAG: model_uri})
-    tracking.end_run(uri, run_id)
-    return TrainResult(
-        run_name=run_name, run_id=run_id, tracking_uri=uri, experiment=o.experiment, resumed=resumed,
-        steps=final_step, checkpoint=checkpoint, metrics=metrics, model_uri=model_uri,
-        registered_version=version, seconds=time.time() - tick, promotion=decision, finished_before=done_before)
+    return checkpoint, metrics, final_step, model_uri, version, decision, done_before
 
 
 def _fit(lc: LoopConfig, options: TrainOptions, plan: Plan, *, run_name: str, uri: str,

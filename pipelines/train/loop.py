@@ -149,14 +149,36 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if logger is not None:
                 logger.log_metrics(summary, step=done)
         report: dict[str, Any] = {**summary, "step": done}  # latest logged stats, to Ray too
-        if val is not None and ((lc.val_every and done % lc.val_every == 0) or last):
-            with meter.paused(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                report.update(validate(unwrap(model), ema, val, lc, done, logger))
-        if due:
+        if due:  # the checkpoint first: nothing validation does can lose it
             with meter.paused():
                 save_and_report(model, ema, optimizer, generator, rank, done, lc, report, (epoch, position))
             last_saved = time.monotonic()
+        if val is not None and ((lc.val_every and done % lc.val_every == 0) or last):
+            with meter.paused(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                report.update(validate_safely(unwrap(model), ema, val, lc, done, logger))
+        if last:  # the final metrics (validation's included) as the run's result; every rank reports
+            ray.train.report(report)
     batches.close()
+
+
+def validate_safely(model: SR3, ema: EMA, val: dict[str, torch.Tensor], lc: LoopConfig, step: int,
+                    logger) -> dict[str, float]:
+    """`validate`, whose errors (an out-of-memory, a schedule it cannot make) are reported — on the
+    job's output and in MLflow (tag `sr3.validation_error`, `validation/errors.txt`) — and never
+    fail the run or send it back to its last checkpoint; the model's training state is restored."""
+    try:
+        if lc.fail_validation:
+            raise RuntimeError(f"injected validation failure at step {step} (test hook)")
+        return validate(model, ema, val, lc, step, logger)
+    except Exception as error:  # noqa: BLE001 — validation must not cost the run
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        line = f"step {step}: validation failed: {type(error).__name__}: {' '.join(str(error).split())[:500]}"
+        print(f"warning: {line} (training goes on)", flush=True)
+        if logger is not None:
+            logger.set_tag("sr3.validation_error", line)
+            logger.log_text(line + "\n", f"validation/error_step_{step:08d}.txt")
+        return {"val_failed": 1.0}
 
 
 def to_device(pixels: np.ndarray, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -290,7 +312,8 @@ class Meter:
 @torch.no_grad()
 def validate(model: SR3, ema: EMA, val: dict[str, torch.Tensor], lc: LoopConfig, step: int,
              logger) -> dict[str, float]:
-    """EMA weights, a fast sampler: PSNR, SSIM, consistency, LR-PSNR, colour error, detail ratio;
+    """EMA weights, a fast sampler: PSNR, SSIM, consistency, LR-PSNR, colour error, detail ratio,
+    flat-region noise (the model's own LR-consistency setting);
     grid LR | bicubic | output | HR."""
     tick = time.perf_counter()
     lr, hr = val["lr"], val["hr"]

@@ -62,6 +62,7 @@ class TrainOptions:
     # -- distillation (pipelines.distill) ---------------------------------------------------------
     val_sampler: str = "ddim"  # validation's sampler (a distilled student: `distilled`)
     extra_columns: tuple[str, ...] = ()  # train-file columns handed to the loss (a student's `teacher`, `seed`)
+    fail_validation: bool = False  # test hook: every validation raises
 
     def with_(self, **fields: Any) -> TrainOptions:
         return dataclasses.replace(self, **fields)
@@ -118,15 +119,16 @@ class LoopConfig:
     fail_step: int = -1  # `fail_step` once, while the marker file `fail_marker` is absent
     fail_marker: str = ""
     extra_columns: tuple[str, ...] = ()  # train-file columns handed to the loss (pipelines.distill)
+    fail_validation: bool = False  # test hook: validation raises (it must not cost the run)
 
 
 def build_config(preset_name: str, objective: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 batch_size: int | None = None) -> SR3Config:
-    """The run's model config: a preset, optionally another objective, `--set` overrides and the
-    global batch size."""
+                 batch_size: int | None = None, *, paper: bool = False) -> SR3Config:
+    """The run's model config: a preset (with `paper`, the paper's method: `papers_method`),
+    optionally another objective, `--set` overrides and the global batch size."""
     from sr3model.config import override, preset
 
-    config = override(preset(preset_name, objective), overrides)
+    config = override(preset(preset_name, objective, paper=paper), overrides)
     if batch_size:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch_size))
     return config

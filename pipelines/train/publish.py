@@ -2,8 +2,9 @@
 and the promotion gate that decides whether the alias moves to it.
 
     final checkpoint (any storage URI) ──pipelines.registry.pyfunc.log_model──> the run's model
-        with `register`: registered without the alias, tagged sr3.step; a version of this run at
-        this step already there (a rerun of a finished run) is reused, not registered again
+        with `register`: registered without the alias, tagged sr3.step in the call that creates the
+        version (a crash cannot leave an untagged one); a version of this run at this step already
+        there (a rerun of a finished run, or one that crashed after registering) is reused
     ──pipelines.train.promote.gate──> alias moved or kept, with the reason on the version and the run
        (a decision already recorded on the version is reported, not taken again, unless forced)
 """
@@ -57,8 +58,8 @@ def publish(checkpoint: str, tracking_uri: str, run_id: str, step: int, *, regis
         say(f"{register} v{version} was registered from this run at step {step}: not registered again")
     else:
         with local_checkpoint(checkpoint) as directory:
-            _, version = log_model(directory, run_id, tracking_uri, register=register, alias=None)
-        client.set_model_version_tag(register, version, promote.STEP_TAG, str(step))
+            _, version = log_model(directory, run_id, tracking_uri, register=register, alias=None,
+                                   version_tags={promote.STEP_TAG: str(step)})
         say(f"registered {register} v{version}")
     gate = gate or promote.GateConfig()
     recorded = client.get_model_version(register, version).tags
