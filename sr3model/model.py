@@ -125,7 +125,7 @@ class SR3(nn.Module):
         p = self.config.diffusion.loss
         batch = hr.shape[0]
         if self.config.student:
-            return self._distill_loss(hr, x, teacher, seed)
+            return self._distill_loss(hr, lr, x, teacher, seed)
         if self.config.objective == "regression":
             ones = torch.ones(batch, device=hr.device)
             return lp_loss(self.net(x, ones), hr - x if self.config.regression_skip else hr, p)
@@ -137,15 +137,16 @@ class SR3(nn.Module):
         out = self.net(self.network_input(x, y_t), gamma)  # (B, 3, H, W): ε, v or y0
         return lp_loss(out, target(self.config.diffusion.prediction, y0, gamma, eps), p)
 
-    def _distill_loss(self, hr: torch.Tensor, x: torch.Tensor, teacher: torch.Tensor | None,
+    def _distill_loss(self, hr: torch.Tensor, lr: torch.Tensor, x: torch.Tensor, teacher: torch.Tensor | None,
                       seed: torch.Tensor | None) -> torch.Tensor:
         from .distill import distill_loss, teacher_noise
 
         if teacher is None or seed is None:
             raise ValueError("a distilled student trains on the teacher's outputs: pass teacher= and seed=")
         z = teacher_noise(seed, tuple(hr.shape[1:]), device=self.config.distill.noise_device, to=hr.device)
-        shift = x if self.config.objective == "residual" else 0
-        return distill_loss(self, x, teacher - shift, hr - shift, z.to(hr.dtype), self.inference_schedule())
+        lr_rows = lr.float() if self.config.diffusion.sample_consistency else None  # as super_resolve projects
+        return distill_loss(self, x, self.to_y0(teacher, x), self.to_y0(hr, x), z.to(hr.dtype),
+                            self.inference_schedule(), lr=lr_rows)
 
     # -- inference (Algorithm 2) ----------------------------------------------------------------
     def inference_schedule(self, steps: int | None = None, beta_start: float | None = None,

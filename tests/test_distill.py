@@ -14,7 +14,7 @@ import torch
 from job_support import load_job
 from model_support import make_tiny, save_tiny
 from sr3model.config import SR3Config
-from sr3model.distill import student_config, student_step, teacher_noise, y0_bounds
+from sr3model.distill import sampled_y0, student_config, student_step, teacher_noise
 from sr3model.imageio import lr_from_hr, random_patches, to_tensor_batch, to_uint8_batch
 from sr3model.metrics import psnr
 from sr3model.model import SR3
@@ -24,7 +24,7 @@ from train_support import write_pairs
 
 
 def _teacher() -> SR3:
-    return make_tiny("residual", 0)  # v-prediction (the presets'), output layer randomised
+    return make_tiny("residual", 0)  # the presets' science (x0-prediction, LR-consistent sampling), output layer randomised
 
 
 def _student(teacher: SR3, k: int, *extra: str) -> SR3:
@@ -51,23 +51,33 @@ def test_student_levels_start_at_pure_noise_and_leave_out_the_clean_end(k):
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_the_distilled_sampler_is_the_rollout_the_student_trains_on(k, one_torch_thread):
-    student = _student(_teacher(), k).eval()
+@pytest.mark.parametrize("consistency", [False, True])
+def test_the_distilled_sampler_is_the_rollout_the_student_trains_on(k, consistency, one_torch_thread):
+    """`distilled` under the wrappers super_resolve applies (clipping; clipping + LR projection)
+    is step for step the rollout `distill_loss` trains on, residual_scale included."""
+    teacher = make_tiny("residual", 0, "residual_scale=0.5", f"diffusion.sample_consistency={str(consistency).lower()}")
+    student = _student(teacher, k).eval()
     assert student.config.diffusion.sample_sampler == "distilled" and student.config.diffusion.sample_steps == k
-    lr = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert student.config.diffusion.sample_consistency is consistency  # the teacher's setting carries over
+    lr = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) - 0.5  # inside the image range
     seeds = [5, 6, 7]
     sampled = student.super_resolve(lr, generator=[torch.Generator().manual_seed(s) for s in seeds])[:, 0]
     x = student.condition(lr)
-    low, high = y0_bounds(student.config, x)
+    towards = sampled_y0(student.config, x, lr if consistency else None)
     y, schedule = teacher_noise(seeds, (3, 64, 64)), student.inference_schedule()
     passes = 0
     with torch.no_grad():
         for t in reversed(range(len(schedule))):
             out = student.net(student.network_input(x, y), schedule.gammas[t].float().expand(3))
-            _, y = student_step(out, "v", y, schedule.gammas[t], schedule.gammas_prev[t], low, high)
+            _, y = student_step(out, student.config.diffusion.prediction, y, schedule.gammas[t],
+                                schedule.gammas_prev[t], towards)
             passes += 1
     assert passes == k
-    assert torch.allclose(sampled, (x + y).clamp(-1, 1), atol=1e-4)
+    assert torch.allclose(sampled, student.to_image(y, x).clamp(-1, 1), atol=1e-4)
+    if consistency:  # and the output is consistent with its LR input, as the teacher's are
+        from sr3model.metrics import lr_psnr
+
+        assert float(lr_psnr(sampled, lr).min()) > 40
 
 
 def _distillation_set(teacher: SR3, n: int = 8):
@@ -103,13 +113,22 @@ def _train(student: SR3, hr, lr, seeds, teacher_out, steps: int) -> list[float]:
     return losses
 
 
+def _noisy_teacher() -> SR3:
+    """A teacher whose output depends on its start noise: v-prediction (the random tiny network
+    with x0-prediction, the presets', returns nearly the same image for any noise: 42 dB apart,
+    so a student fed the wrong noise could not be told from one fed the right one); LR-consistent
+    sampling as the presets have it, so the student trains through the projection."""
+    return make_tiny("residual", 0, "diffusion.prediction=v")
+
+
 def test_distillation_loss_goes_down_and_the_student_gets_closer_to_the_teacher(one_torch_thread):
     """A 1-step student trained on the teacher's outputs for their seeds: its loss falls, and its
     outputs for those noises come closer to the teacher's than the untrained student's (the
     teacher's one-step ŷ0) — and than a student trained on the same outputs with the seeds
     shuffled, which must learn the outputs without the noise that made them (what a loop that
     regenerated the wrong z would do)."""
-    teacher = _teacher()
+    teacher = _noisy_teacher()
+    assert teacher.config.diffusion.sample_consistency
     hr, lr, seeds, teacher_out = _distillation_set(teacher)
     untrained = _closeness(_student(teacher, 1), lr, seeds, teacher_out)
 
@@ -153,6 +172,10 @@ def test_a_student_samples_only_as_it_was_trained():
     student = student_config(_teacher().config, 4)
     chosen = choose_sampling(student, {})
     assert (chosen.sampler, chosen.steps, chosen.schedule_text) == ("distilled", 4, "student")
+    assert chosen.consistency is True  # the teacher's (the presets') LR consistency carries over
+    for flag in (False, True):  # a denoiser wrapper: the flag applies to a student as to any model
+        assert choose_sampling(student, {}, consistency=flag).consistency is flag
+        assert choose_sampling(student, {}, consistency=flag, lenient=True, steps=20).consistency is flag
     assert choose_sampling(student, {}, sampler="distilled", steps=4) == chosen
     for flags in ({"steps": 20}, {"sampler": "ddim"}, {"schedule": (1e-4, 0.2)}):
         with pytest.raises(ValueError, match="4-step distilled student"):
