@@ -4,7 +4,8 @@
         --student-steps 4 --register sr3-natural-fast --storage gs://bkt/runs --steps 20000 \\
         --num-workers 8 --use-gpu
 
-1. The teacher's deterministic sampler (--teacher-sampler dpmpp-2m or ddim, --teacher-steps 20) runs
+1. The teacher's deterministic sampler (--teacher-sampler dpmpp-2m or ddim, --teacher-steps 20; its LR
+   consistency as the registry serves it, recorded in the outputs' summary) runs
    on the train pairs on the upscale job's Ray Data sampling actors, --outputs-per-pair start noises
    each, seeded per output; the outputs are committed as a dataset version (--teacher-outputs,
    default STORAGE/teacher-outputs/NAME-vN-SAMPLER-STEPS-seedS). A rerun with the same teacher
@@ -14,7 +15,8 @@
    registry, promotion gate: everything jobs/train.py has) to reproduce each output from its noise.
 3. It is registered as --register NAME (the gate decides whether --alias moves to it) with its teacher
    (models:/NAME/VERSION) as param `distill.teacher` and tag `sr3.teacher`; jobs/upscale.py,
-   evaluate.py, study.py and the pyfunc sample it with `distilled`, K steps, with no extra flags.
+   evaluate.py, study.py and the pyfunc sample it with `distilled`, K steps, with no extra flags
+   (LR-consistent as its teacher is served; --consistency on|off there as for any model).
 
 A bad input (a teacher that does not resolve or is unconditional, K not in {1, 2, 4}, pairs of
 another size, any bad flag) is one `distill: error:` line with exit status 2.
@@ -75,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-failures", type=int, default=3)
     parser.add_argument("--run-name", help="default: REGISTER-studentK-of-TEACHER-vN; rerun with it to resume")
     parser.add_argument("--experiment", default="sr3-distill", help="MLflow experiment")
-    parser.add_argument("--promote-metric", default="lr_psnr")
-    parser.add_argument("--promote-limit", type=int, default=64)
+    parser.add_argument("--promote-metric", help="one metric decides the gate (default: jobs/train.py's guards)")
+    parser.add_argument("--promote-limit", type=int, default=64, help="val pairs the gate evaluates (default 64)")
+    parser.add_argument("--promote-samples", type=int, default=2, help="outputs per val pair the gate compares")
     parser.add_argument("--force-alias", action="store_true")
     parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
     return parser.parse_args(argv)
@@ -95,7 +98,8 @@ def _main(argv: list[str] | None) -> int:
     from pipelines.train import TrainOptions
     from pipelines.train.promote import GateConfig
 
-    gate = GateConfig(metric=args.promote_metric, limit=args.promote_limit, force=args.force_alias)
+    gate = GateConfig(metric=args.promote_metric, limit=args.promote_limit, samples=args.promote_samples,
+                      force=args.force_alias)
     training = from_args(TrainOptions, args, storage_uri=args.storage, gate=gate)
     options = from_args(DistillOptions, args, overrides=tuple(args.overrides))
     result = distill(args.teacher, args.pairs, options, training)

@@ -58,6 +58,7 @@ def test_distil_register_rerun_upscale_serve_and_evaluate_a_student(
     summary = read_summary(outputs)
     assert (summary["teacher"], summary["sampler"], summary["steps"], summary["train"], summary["noise_device"]) == (
         "models:/teacher-e2e/1", "dpmpp-2m", 4, 16, "cpu")
+    assert summary["consistency"] is True is summary["teacher_spec"]["consistency"]  # the teacher as served
     # a stored output is the teacher's picture for the start noise of its stored seed
     row = read_part(outputs, "train", columns=["lr", "seed", "teacher"]).slice(0, 1).to_pylist()[0]
     teacher = resolve_model(teacher_uri, mlflow_server).load()
@@ -97,8 +98,8 @@ def test_distil_register_rerun_upscale_serve_and_evaluate_a_student(
     assert upscale(["--model", "models:/student-e2e@champion", "--input", str(inputs), "--output", output,
                     "--redo-stale"]) == 0
     rows = manifest.latest(manifest.read_table(output, manifest.MANIFEST_DIR), "output").to_pylist()
-    assert {(r["model_uri"], r["sampler"], r["steps"], r["schedule"]) for r in rows} == {
-        ("models:/student-e2e/1", "distilled", 2, "student")}
+    assert {(r["model_uri"], r["sampler"], r["steps"], r["schedule"], r["consistency"]) for r in rows} == {
+        ("models:/student-e2e/1", "distilled", 2, "student", True)}  # LR-consistent, as its teacher
     assert "drop --steps 20" in _upscale_error(["--model", "models:/student-e2e@champion", "--input", str(inputs),
                                                 "--output", str(tmp_path / "other"), "--steps", "20"], capsys)
 

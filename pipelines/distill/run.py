@@ -4,8 +4,9 @@
         checks: a conditional v/x0 diffusion teacher, K ∈ {1, 2, 4}, a deterministic teacher sampler;
         the student's training run pre-flighted (pipelines.train.driver.preflight) before any sampling
     PAIRS (train split) ──pipelines.distill.teacher (Ray Data, the upscale job's sampling actors)──>
-        the teacher's outputs, a committed dataset version (reused when the same teacher, sampler,
-        steps, seed and pairs made it)
+        the teacher's outputs as it is served (`sampling_for`: --teacher-sampler/--teacher-steps, its
+        stored or configured LR consistency), a committed dataset version (reused when the same
+        teacher, sampler, steps, consistency, seed and pairs made it)
     ──pipelines.train.train (Ray Train: MLflow run, checkpoints, resume, validation, registry, gate)──>
         the student: `sr3model.distill.student_config` (the teacher's network and weights, sampled by
         `distilled` at K levels), its loss fed the stored outputs and seeds (`extra_columns`),
@@ -20,7 +21,6 @@ as another model version (outputs of the teacher count as stale under it).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ from pipelines.cli import UserError
 from pipelines.distill.teacher import EXTRA_COLUMNS, teacher_outputs
 from pipelines.pairs import store as pair_store
 from pipelines.registry.models import ModelRef, resolve_model, sampling_for
-from pipelines.train import TrainOptions, TrainResult, train
+from pipelines.train import TrainOptions, TrainResult, build_config, train
 from pipelines.train.driver import DEFAULT_STORAGE, preflight
 
 TEACHER_SAMPLERS = ("dpmpp-2m", "ddim")  # deterministic: the output is a function of (x, z)
@@ -90,16 +90,15 @@ def default_outputs_uri(storage_uri: str, ref: ModelRef, o: DistillOptions) -> s
 
 
 def student_of(ref: ModelRef, o: DistillOptions, noise_device: str):
-    """The student's SR3Config: `sr3model.distill.student_config` + the run's learning rate, batch, --set."""
-    from sr3model.config import override
+    """The student's SR3Config: `sr3model.distill.student_config`, then the run's learning rate,
+    warm-up, --set and batch as jobs/train.py applies them (`pipelines.train.build_config`)."""
     from sr3model.distill import student_config
 
     config = student_config(ref.config(), o.student_steps, teacher_uri=ref.pinned, teacher_sampler=o.teacher_sampler,
                             teacher_steps=o.teacher_steps, hr_weight=o.hr_weight, noise_device=noise_device)
-    train_cfg = dataclasses.replace(config.train, lr=o.lr or DEFAULT_LR,
-                                    warmup_steps=DEFAULT_WARMUP if o.warmup_steps is None else o.warmup_steps,
-                                    batch_size=o.batch_size or config.train.batch_size)
-    return override(dataclasses.replace(config, train=train_cfg), list(o.overrides))
+    rate = [f"train.lr={o.lr or DEFAULT_LR}",
+            f"train.warmup_steps={DEFAULT_WARMUP if o.warmup_steps is None else o.warmup_steps}"]
+    return build_config(config, overrides=(*rate, *o.overrides), batch_size=o.batch_size)
 
 
 def distill(teacher_uri: str, pairs: str, options: DistillOptions, training: TrainOptions,

@@ -18,7 +18,9 @@ the student's loss regenerates the very z the teacher started from (`sr3model.di
 The layout is the pair builder's (`pipelines.pairs.store`): `OUTPUT/versions/<v>/train/part-*.parquet`
 (row groups of 64 rows) listed by `OUTPUT/_SUMMARY.json`, so `pipelines.train` reads it like any
 pairs dataset (train split; validation uses the source pairs). The summary records the teacher's
-pinned `models:/NAME/VERSION` and weights digest, sampler, steps, schedule, seed, outputs per pair,
+pinned `models:/NAME/VERSION` and weights digest, sampler, steps, schedule, LR consistency (the
+teacher's served sampling: `--teacher-sampler`/`--teacher-steps`, the rest as the registry serves
+it, `pipelines.registry.models.sampling_for`), seed, outputs per pair,
 the source pairs' version and fingerprint (`spec`): a rerun whose spec matches the committed one
 reuses it; any difference builds and commits a new version (the previous one is kept, as pairs).
 Nothing is committed when an output failed to sample (the error says which; a rerun retries).
@@ -64,6 +66,7 @@ class TeacherSpec:
     sampler: str
     steps: int
     schedule: str
+    consistency: bool  # the teacher's served LR-consistency setting (`Sampling.consistency`)
     seed: int
     samples: int  # outputs (start noises) per pair
     pairs: str  # the source pairs URI
@@ -198,7 +201,8 @@ def teacher_outputs(ref: ModelRef, sampling: Sampling, pairs: str, output: str, 
     rows_total = min(rows_total, limit) if limit else rows_total
     placement = sampling_placement(num_gpus_per_worker, workers, device=device, model_bytes=len(ref.weights),
                                    blocks=input_blocks(rows_total, batch_size))
-    spec = TeacherSpec(ref.pinned, ref.digest, sampling.sampler, sampling.steps, sampling.schedule_text, seed,
+    spec = TeacherSpec(ref.pinned, ref.digest, sampling.sampler, sampling.steps, sampling.schedule_text,
+                       sampling.consistency, seed,
                        samples, pairs, str(pair_store.identity(pairs, source)["id"]),
                        str(source.get("fingerprint", "")), placement.device)
     found = reusable(output, spec)
@@ -211,7 +215,8 @@ def teacher_outputs(ref: ModelRef, sampling: Sampling, pairs: str, output: str, 
     items = row_group_items(*train_files(pairs, source), limit=limit)
     version = pair_store.new_version()
     say(f"sampling the teacher's outputs: {rows_total} train pairs × {samples} of {spec.teacher}, "
-        f"{spec.sampler} {spec.steps} steps, on {placement.device} ({placement.max_actors} actor(s)) → {output} "
+        f"{spec.sampler} {spec.steps} steps, consistency {'on' if spec.consistency else 'off'}, "
+        f"on {placement.device} ({placement.max_actors} actor(s)) → {output} "
         f"version {version}")
     model = ray.put((ref.config_json, ref.weights))
     options = {"samples": samples, "seed": seed, "batch_size": batch_size, "max_batch_pixels": None, "tile": None,
@@ -231,6 +236,7 @@ def teacher_outputs(ref: ModelRef, sampling: Sampling, pairs: str, output: str, 
                                f"nothing committed, rerun to retry")
         summary = {"output": output, "kind": "teacher-outputs", "teacher_spec": asdict(spec),
                    "teacher": spec.teacher, "sampler": spec.sampler, "steps": spec.steps, "schedule": spec.schedule,
+                   "consistency": spec.consistency, "sampling_source": sampling.source,
                    "seed": seed, "samples_per_pair": samples, "noise_device": spec.noise_device,
                    "source_pairs": pairs, "source_id": spec.pairs_id, "source_fingerprint": spec.pairs_fingerprint,
                    "recipe": source.get("recipe"), "hr_size": source.get("hr_size"), "scale": source.get("scale"),

@@ -122,13 +122,21 @@ class LoopConfig:
     fail_validation: bool = False  # test hook: validation raises (it must not cost the run)
 
 
-def build_config(preset_name: str, objective: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 batch_size: int | None = None, *, paper: bool = False) -> SR3Config:
+def build_config(preset_name: str | SR3Config, objective: str | None = None,
+                 overrides: list[str] | tuple[str, ...] = (), batch_size: int | None = None, *,
+                 paper: bool = False) -> SR3Config:
     """The run's model config: a preset (with `paper`, the paper's method: `papers_method`),
-    optionally another objective, `--set` overrides and the global batch size."""
-    from sr3model.config import override, preset
+    optionally another objective, `--set` overrides and the global batch size. A config instead of
+    a preset name is the base as it is (a distilled student's: `pipelines.distill`)."""
+    from sr3model.config import SR3Config, override, preset
 
-    config = override(preset(preset_name, objective, paper=paper), overrides)
+    if isinstance(preset_name, SR3Config):
+        if objective or paper:
+            raise ValueError("objective and paper choose a preset; a given config keeps its own")
+        base = preset_name
+    else:
+        base = preset(preset_name, objective, paper=paper)
+    config = override(base, list(overrides))
     if batch_size:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch_size))
     return config
