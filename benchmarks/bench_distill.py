@@ -5,19 +5,22 @@
 
 Quality (needs only torch and sr3model; `--device cuda` on a GPU machine without Ray):
 - Teacher: `--teacher DIR` (a model directory, e.g. the quickstart's champion downloaded), else the
-  quickstart's recipe trained here by the bare `sr3model.training.train_step` loop (tiny, residual
-  objective, v-prediction, `--teacher-train-steps` 400 at batch 8, lr 2e-3, EMA weights).
+  quickstart's recipe trained here by the bare `sr3model.training.train_step` loop (the `tiny`
+  preset as it is — residual objective, x0-prediction, L1, LR-consistent sampling — at
+  `--teacher-train-steps` 400, batch 8, lr 2e-3, EMA weights).
 - Data: the quickstart's 16→64 patch pairs of its 12 training photos (`--patches` crops each) and,
   for scoring, 8 crops each of its two held-out photos (coffee, chelsea) — or the val split of any
   committed pairs dataset (`--pairs`; needs pyarrow and fsspec).
 - Teacher outputs: DPM-Solver++(2M), `--teacher-steps` 20, `--outputs-per-pair` per training pair,
-  each output's start noise from its own generator seeded by `pipelines.sampling.image_seed`, as
-  `jobs/distill.py` stores them; quantised to 8 bits as the stored PNGs are.
+  each output's start noise from its own generator seeded by `pipelines.sampling.image_seed`, with
+  the teacher's own LR consistency (its config's, as it is served), as `jobs/distill.py` stores
+  them; quantised to 8 bits as the stored PNGs are. Every row samples with its model's config
+  (the students inherit the teacher's LR consistency).
 - Students (`sr3model.distill`): the teacher's weights, `student_config(teacher, K)`, trained by the
   same bare loop on those outputs for `--student-steps` steps; EMA weights scored.
 - One table on the held-out pairs (`--eval-samples` samples per pair, each seeded by (seed, pair key,
-  sample) — the same start noise for every row): PSNR, SSIM, LR-PSNR, colour error, detail ratio
-  (`sr3model.metrics.scores`), network passes per output, and PSNR against the teacher's
+  sample) — the same start noise for every row): PSNR, SSIM, LR-PSNR, colour error, detail ratio,
+  flat-region noise (`sr3model.metrics.scores`), network passes per output, and PSNR against the teacher's
   DPM-Solver++(2M) 20 output for the same noise. Teacher rows: DDPM 100, DPM-Solver++(2M) 20 and 10,
   DDIM 10; then the targets checked. `grid.png`: LR | teacher | student-1 | student-4 | HR.
 
@@ -56,7 +59,7 @@ from sr3model.weights import load_model, save_model  # noqa: E402
 
 TEACHER_ROWS = (("ddpm", 100), ("dpmpp-2m", 20), ("dpmpp-2m", 10), ("ddim", 10))
 REFERENCE = ("dpmpp-2m", 20)  # what the targets compare against (and what the students learn)
-COLUMNS = ("psnr", "ssim", "lr_psnr", "colour_error", "detail_ratio")
+COLUMNS = ("psnr", "ssim", "lr_psnr", "colour_error", "detail_ratio", "flat_noise_ratio")
 
 
 def say(message: str) -> None:
@@ -127,22 +130,28 @@ def teacher_model(args, train_hr, train_lr) -> SR3:
     folder = args.out / "teacher"
     if args.teacher:
         return load_model(args.teacher, device=args.device)
-    if (folder / "config.json").exists() and not args.fresh:
+    config = override(preset("tiny"), ["train.lr=2e-3", "train.batch_size=8"])
+    stamp = f"{config.to_json()}|{args.teacher_train_steps}|{args.seed}"
+    if (folder / "config.json").exists() and not args.fresh and (folder / "stamp").is_file() \
+            and (folder / "stamp").read_text() == stamp:
         say(f"reusing the teacher in {folder}")
         return load_model(folder, device=args.device)
-    config = override(preset("tiny", "residual"), ["diffusion.prediction=v", "train.lr=2e-3", "train.batch_size=8"])
     torch.manual_seed(args.seed)
-    say(f"training the teacher: tiny, residual, v, {args.teacher_train_steps} steps at batch 8, lr 2e-3")
+    d = config.diffusion
+    say(f"training the teacher: tiny, {config.objective}, {d.prediction}, L{d.loss}, consistency "
+        f"{'on' if d.sample_consistency else 'off'}, {args.teacher_train_steps} steps at batch 8, lr 2e-3")
     model = fit(SR3(config), train_hr, train_lr, args.teacher_train_steps, 8, args.seed, args.device,
                 label="teacher")
     save_model(folder, model)
+    (folder / "stamp").write_text(stamp)
     return model
 
 
 def teacher_outputs(args, teacher: SR3, train_lr: torch.Tensor) -> dict[str, torch.Tensor]:
     """{"index", "seed", "teacher" (uint8 (N, 3, H, W))}: `--outputs-per-pair` per training pair."""
     path = args.out / "teacher-outputs.pt"
-    tag = f"{args.teacher or 'trained'}|{args.teacher_steps}|{args.outputs_per_pair}|{args.seed}|{len(train_lr)}"
+    tag = (f"{args.teacher or 'trained'}|{teacher.config.to_json()}|{args.teacher_steps}|{args.outputs_per_pair}|"
+           f"{args.seed}|{len(train_lr)}")
     if path.exists() and not args.fresh:
         found = torch.load(path)
         if found.get("tag") == tag:
@@ -184,7 +193,7 @@ def student(args, teacher: SR3, steps: int, train_hr, train_lr, outputs) -> tupl
 
 
 def row(name: str, passes: int, metrics: dict[str, float], to_teacher: float | None) -> str:
-    cells = [f"{metrics[k]:.3f}" if k in ("ssim", "detail_ratio") else f"{metrics[k]:.2f}" for k in COLUMNS]
+    cells = [f"{metrics[k]:.3f}" if k in ("ssim", "detail_ratio", "flat_noise_ratio") else f"{metrics[k]:.2f}" for k in COLUMNS]
     return f"| {name} | {passes} | " + " | ".join(cells) + f" | {'—' if to_teacher is None else f'{to_teacher:.2f}'} |"
 
 
@@ -231,8 +240,8 @@ def quality(args, results: dict) -> dict[int, Path]:
         return float(psnr(images.flatten(0, 1), reference.flatten(0, 1)).mean())
 
     head = ("| method | passes / output | PSNR dB | SSIM | LR-PSNR dB | colour error /255 | detail ratio "
-            "| PSNR vs teacher's dpmpp-2m 20 |")
-    lines = [head, "| --- " * 8 + "|"]
+            "| flat-region noise | PSNR vs teacher's dpmpp-2m 20 |")
+    lines = [head, "| --- " * 9 + "|"]
     for (name, passes, metrics, _), key in zip(rows, list(outputs_of)):
         distance = None if key == REFERENCE else to_teacher(outputs_of[key])
         lines.append(row(name, passes, metrics, distance))
