@@ -8,6 +8,7 @@
 | `infer/`    | Ray Data batch upscaling of buckets and the cascade             | `upscale.upscale` (upscale.py), `cascade.cascade` (cascade.py) |
 | `eval/`     | metrics over held-out pairs, reports, noise-schedule search      | `run.evaluate` (evaluate.py), `search.search` (search_schedule.py) |
 | `study/`    | the paper's 2AFC human study: web app, database, results         | `create`, `app.serve`, `results` (study.py) |
+| `distill/`  | a teacher's outputs (Ray Data) → a 1/2/4-step student (Ray Train), registered | `run.distill` (distill.py) |
 
 Shared helpers at the top, imported by every stage and importing none: `storage` (fsspec URIs),
 `tracking` (the one MLflow adapter), `cli` (options from flags, one-line input errors), `runtime`
@@ -27,6 +28,7 @@ ARROWS = {  # stage → the other stages it may import
     "eval": ("infer", "registry", "pairs"),
     "train": ("eval", "registry", "pairs"),
     "study": ("eval", "infer", "registry", "pairs"),
+    "distill": ("train", "infer", "registry", "pairs"),
     "quickstart": ("pairs", "train", "registry", "infer", "eval", "study"),
     "pyfunc": ("registry",),  # the shim that loads models logged before the registry wing existed
 }

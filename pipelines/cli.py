@@ -18,6 +18,7 @@ propagates with its traceback: a real bug must stay visible.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from argparse import Namespace
@@ -53,6 +54,15 @@ def run_job(job: str, main: Callable[[Sequence[str] | None], int], argv: Sequenc
         return main(argv)
     except (UserError, *input_errors) as error:
         return fail(job, error)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose flag errors (an unknown choice, a missing flag, a bad number) are `UserError`s,
+    so `run_job` reports them as the job's one `JOB: error: …` line (status 2) like any bad input;
+    --help still prints and exits 0."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's hook)
+        raise UserError(message)
 
 
 def from_args(cls: type[T], args: Namespace, **fields: Any) -> T:

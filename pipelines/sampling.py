@@ -11,7 +11,10 @@ ship this file and a GPU machine without Ray can run it.
 - Settings: `Sampling` (sampler, K, β_1, β_K, LR consistency) is chosen once per run by
   `choose_sampling`: flags, else what is stored with the model version for (K, sampler), else the
   model config's (`diffusion.sample_*`; `sample_consistency`: every step's ŷ0 projected onto the
-  images whose downsampling is the LR input, `sr3model.consistency`).
+  images whose downsampling is the LR input, `sr3model.consistency`). A distilled K-step student
+  (`sr3model.distill`) samples only as it was trained: `distilled` at its K levels (LR consistency
+  is a denoiser wrapper, so it applies to the student as to any sampler: flag, else its config's);
+  other settings are refused with one line, and `distilled` is refused for other models.
 - Noise: output k of the image named `name` draws from its own generator seeded by
   `image_seed(seed, name, k)`, so an output is the same whatever its batch, worker or run.
 - Size: an image of the model's LR size goes straight through the network (tiling it would only
@@ -33,7 +36,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +60,7 @@ class Sampling:
     beta_end: float | None
     source: str  # "flags", "search" or "config": where the schedule came from
     consistency: bool = False
+    levels: str = "log-snr"  # the config's default schedule when β_1, β_K are None ("student": its K levels)
 
     def schedule(self, model):
         """The K-step schedule; an explicit linear one that starts above the training schedule's
@@ -65,7 +69,7 @@ class Sampling:
 
     @property
     def schedule_text(self) -> str:
-        return "log-snr" if self.beta_start is None else f"{self.beta_start:g},{self.beta_end:g}"
+        return self.levels if self.beta_start is None else f"{self.beta_start:g},{self.beta_end:g}"
 
     def record(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "steps": self.steps, "schedule": self.schedule_text,
@@ -74,14 +78,27 @@ class Sampling:
 
 def choose_sampling(config, stored: dict[int, dict[str, Any]], *, sampler: str | None = None,
                     steps: int | None = None, schedule: tuple[float, float] | None = None,
-                    consistency: bool | None = None) -> Sampling:
+                    consistency: bool | None = None, lenient: bool = False) -> Sampling:
     """Flags win; else the schedule stored for (steps, sampler) by the search; else the config's.
     An explicit schedule is checked here, so a bad one is an input error before any work starts.
     `consistency` likewise: the flag, else the stored entry's, else `diffusion.sample_consistency`
-    (false for configs written before it existed)."""
+    (false for configs written before it existed).
+
+    A distilled student samples only with `distilled` at its K levels, and only a student with
+    `distilled`: other flags are a ValueError — unless `lenient` (flags given for other models of
+    the same run, e.g. an evaluation's baselines), where a student keeps its own way and another
+    model asked for `distilled` its config's sampler. `consistency` applies to a student too."""
     from sr3model.schedules import check_start, linear_schedule
 
     diffusion = config.diffusion
+    if config.distill.student_steps:
+        chosen = _student_sampling(config, *((None, None, None) if lenient else (sampler, steps, schedule)))
+        consistency = diffusion.sample_consistency if consistency is None else consistency
+        return replace(chosen, consistency=bool(consistency))
+    if sampler == "distilled":
+        if not lenient:
+            _student_sampling(config, sampler, steps, schedule)  # raises: not a student
+        sampler = None
     sampler = sampler or diffusion.sample_sampler
     steps = steps or diffusion.sample_steps
     found = stored.get(steps)
@@ -99,6 +116,26 @@ def choose_sampling(config, stored: dict[int, dict[str, Any]], *, sampler: str |
     if diffusion.sample_schedule == "linear":
         return Sampling(sampler, steps, diffusion.sample_beta_start, diffusion.sample_beta_end, "config", consistency)
     return Sampling(sampler, steps, None, None, "config", consistency)
+
+
+def _student_sampling(config, sampler: str | None, steps: int | None,
+                      schedule: tuple[float, float] | None) -> Sampling:
+    """A distilled student's one way to sample, or ValueError naming what does not fit."""
+    k = config.distill.student_steps
+    if not k:
+        raise ValueError(f"sampler 'distilled' runs distilled students (jobs/distill.py); this "
+                         f"{config.objective} model is not one: choose ddpm, ddim or dpmpp-2m")
+    wrong = []
+    if sampler not in (None, "distilled"):
+        wrong.append(f"--sampler {sampler}")
+    if steps not in (None, k):
+        wrong.append(f"--steps {steps}")
+    if schedule is not None:
+        wrong.append("--schedule")
+    if wrong:
+        raise ValueError(f"a {k}-step distilled student samples with 'distilled' at its own {k} levels only "
+                         f"(its teacher: {config.distill.teacher or '?'}); drop {', '.join(wrong)}")
+    return Sampling("distilled", k, None, None, "config", levels=config.diffusion.sample_schedule)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 OBJECTIVES = ("sr3", "regression", "residual", "unconditional")
 PREDICTIONS = ("eps", "v", "x0")
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")  # `sr3model.samplers.SAMPLERS`, named here without torch
-SAMPLE_SCHEDULES = ("log-snr", "linear")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m", "distilled")  # `sr3model.samplers.SAMPLERS`, named here without torch
+SAMPLE_SCHEDULES = ("log-snr", "linear", "student")
+STUDENT_STEPS = (1, 2, 4)  # what jobs/distill.py distils into (sr3model.distill)
 # The metric table's columns (`sr3model.metrics.per_image`) and the perceptual metrics that need
 # local weights, named here too so that jobs offer them without importing torch.
 BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio", "flat_noise_ratio")
@@ -93,7 +94,7 @@ class DiffusionConfig:
     sample_schedule: str = "log-snr"  # log-snr | linear
     sample_beta_start: float = 1e-4
     sample_beta_end: float = 0.1
-    sample_sampler: str = "ddpm"
+    sample_sampler: str = "ddpm"  # a distilled student's is "distilled" (`SR3Config.distill`)
     sample_clip: bool = True  # clip ŷ0 to the image range while sampling (`samplers.clipped`)
     # project ŷ0 onto the images whose downsampling is the LR input at every step
     # (`sr3model.consistency`); configs written before the field existed load as false
@@ -131,6 +132,36 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """What makes a model a K-step student distilled from a teacher (`sr3model.distill`).
+
+    `student_steps` = 0 (the default, and every config written before the field existed) is an
+    ordinary SR3 model. K > 0: the network is run at K fixed levels (`diffusion.sample_schedule =
+    "student"`, sampler `distilled`) and `SR3.forward` returns the distillation loss: each level's
+    ŷ0 regressed (L_`loss`) onto the teacher's output for the same LR image and start noise, plus
+    `hr_weight` × the same error against the HR image (off by default: at the quickstart's scale it
+    cost the 1-step student a third of the teacher's detail, benchmarks/bench_distill.py). `noise_device` is the device type whose
+    generators drew the teacher's start noise from the stored seeds (torch's CPU and CUDA
+    generators draw different numbers from one seed). `teacher`, `teacher_sampler`,
+    `teacher_steps` record the lineage: the teacher's pinned `models:/NAME/VERSION` and how its
+    outputs were sampled."""
+
+    student_steps: int = 0  # K; 0: not a student
+    teacher: str = ""  # models:/NAME/VERSION of the teacher
+    teacher_sampler: str = ""  # the teacher's deterministic sampler (ddim or dpmpp-2m)
+    teacher_steps: int = 0
+    hr_weight: float = 0.0  # weight of the ground-truth term (0: pure distillation; README "Distil")
+    loss: int = 2  # p of the L_p distillation loss
+    noise_device: str = "cpu"  # cpu | cuda: where the stored seeds' start noise is drawn
+
+    def __post_init__(self) -> None:
+        _check(self.student_steps >= 0, "distill.student_steps must be ≥ 0 (0: not a student)")
+        _check(self.hr_weight >= 0, "distill.hr_weight must be ≥ 0")
+        _check(self.loss in (1, 2), "distill.loss must be 1 (L1) or 2 (L2)")
+        _check(self.noise_device in ("cpu", "cuda"), "distill.noise_device must be cpu or cuda")
+
+
+@dataclass(frozen=True)
 class SR3Config:
     """Everything that defines a model: task, objective, architecture, diffusion, training."""
 
@@ -149,9 +180,16 @@ class SR3Config:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a K-step student when K > 0
 
     def __post_init__(self) -> None:
         _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}")
+        if self.distill.student_steps:
+            _check(self.objective in ("sr3", "residual"),
+                   "a distilled student needs a conditional diffusion objective (sr3 or residual)")
+            _check(not self.train.hflip and not any(self.train.blur_sigma),
+                   "a distilled student trains without flips or LR blur (train.hflip=false, "
+                   "train.blur_sigma=0,0): its targets are the teacher's outputs for exactly this LR and noise")
         _check(self.hr_size % self.unet.downsampling_factor == 0,
                f"hr_size {self.hr_size} is not divisible by the U-Net's down-sampling factor "
                f"{self.unet.downsampling_factor}")
@@ -161,6 +199,11 @@ class SR3Config:
     @property
     def scale(self) -> int:
         return self.hr_size // self.lr_size
+
+    @property
+    def student(self) -> bool:
+        """Whether this is a distilled K-step student (`distill.student_steps` > 0)."""
+        return self.distill.student_steps > 0
 
     @property
     def conditional(self) -> bool:

@@ -18,6 +18,11 @@ s = `residual_scale` (1 = SRDiff's plain residual, and configs written before th
 of natural photos spreads ~0.1, a tenth of what the schedules, v-prediction and the samplers
 assume of y0 (README "Where the grain came from"). `to_y0` / `to_image` map between the two.
 `forward(hr, lr)` returns the training loss, so the module can be wrapped by DDP as it is.
+
+A distilled K-step student (`config.distill.student_steps` = K > 0, `sr3model.distill`) is the same
+network: `forward(hr, lr, teacher=, seed=)` returns the distillation loss (its ŷ0 at each of its K
+levels regressed onto the teacher's output for the start noise of `seed`), and `super_resolve`
+samples it with its config's sampler `distilled` at its K levels like any other model.
 """
 
 from __future__ import annotations
@@ -103,20 +108,24 @@ class SR3(nn.Module):
         as `forward(..., gamma=, eps=)` takes them ({} for regression, which draws nothing).
         Drawn once for a whole batch and sliced per micro-batch, they make gradient accumulation
         see the same noise as the full batch (`sr3model.training.train_step`)."""
-        if self.config.objective == "regression":
-            return {}
+        if self.config.objective == "regression" or self.config.student:
+            return {}  # a student's noise is the teacher's, regenerated from the batch's seeds
         gamma = sample_noise_level(self.schedule, hr.shape[0], generator=generator, device=hr.device)
         eps = randn(hr.shape, generator=generator, like=hr, dtype=hr.dtype)
         return {"gamma": gamma, "eps": eps}
 
     def forward(self, hr: torch.Tensor, lr: torch.Tensor | None = None, *,
                 generator: torch.Generator | None = None, gamma: torch.Tensor | None = None,
-                eps: torch.Tensor | None = None) -> torch.Tensor:
+                eps: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+                seed: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss for a batch of HR images (B, 3, H, W) and their LR images; γ (B,) and
-        ε (B, 3, H, W) are drawn here (`draw_noise`) unless given."""
+        ε (B, 3, H, W) are drawn here (`draw_noise`) unless given. A student's loss needs the
+        teacher's outputs `teacher` (B, 3, H, W) and their noise seeds `seed` (B,) instead."""
         x = self.condition(lr)
         p = self.config.diffusion.loss
         batch = hr.shape[0]
+        if self.config.student:
+            return self._distill_loss(hr, lr, x, teacher, seed)
         if self.config.objective == "regression":
             ones = torch.ones(batch, device=hr.device)
             return lp_loss(self.net(x, ones), hr - x if self.config.regression_skip else hr, p)
@@ -127,6 +136,17 @@ class SR3(nn.Module):
         y_t = q_sample(y0, gamma, eps)
         out = self.net(self.network_input(x, y_t), gamma)  # (B, 3, H, W): ε, v or y0
         return lp_loss(out, target(self.config.diffusion.prediction, y0, gamma, eps), p)
+
+    def _distill_loss(self, hr: torch.Tensor, lr: torch.Tensor, x: torch.Tensor, teacher: torch.Tensor | None,
+                      seed: torch.Tensor | None) -> torch.Tensor:
+        from .distill import distill_loss, teacher_noise
+
+        if teacher is None or seed is None:
+            raise ValueError("a distilled student trains on the teacher's outputs: pass teacher= and seed=")
+        z = teacher_noise(seed, tuple(hr.shape[1:]), device=self.config.distill.noise_device, to=hr.device)
+        lr_rows = lr.float() if self.config.diffusion.sample_consistency else None  # as super_resolve projects
+        return distill_loss(self, x, self.to_y0(teacher, x), self.to_y0(hr, x), z.to(hr.dtype),
+                            self.inference_schedule(), lr=lr_rows)
 
     # -- inference (Algorithm 2) ----------------------------------------------------------------
     def inference_schedule(self, steps: int | None = None, beta_start: float | None = None,

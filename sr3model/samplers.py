@@ -14,7 +14,7 @@ Every sampler has one signature and lives in `SAMPLERS`:
 - `callback(step, total, y_t)`: progress, called after each refinement step.
 
 The single refinement steps `ddpm_step`, `ddim_step` and `dpmpp_2m_step` are public, to write
-other loops.
+other loops (`distilled` steps with `ddim_step`).
 
 - `ddpm`: Algorithm 2 exactly: y_{t−1} = μ_θ(y_t) + √(1−α_t) z (eq. 11), z = 0 on the last step.
 - `ddim`: deterministic DDIM (Song et al. 2021) expressed on γ: ŷ0 from eq. 10, then
@@ -25,6 +25,11 @@ other loops.
   y_{t−1} = √((1−γ_{t−1})/(1−γ_t)) y_t − √γ_{t−1} (e^{−h} − 1) D, where D = ŷ0 on the first and
   last step and D = (1 + 1/2r) ŷ0 − 1/2r ŷ0' otherwise (ŷ0' the previous step's, r = h'/h).
   It needs ~10 steps where DDPM needs ~100.
+- `distilled`: a distilled K-step student's sampler (`sr3model.distill`): DDIM's deterministic step
+  at each of the student's K levels (`schedules.student_schedule`, the first at the pure-noise
+  level); the step the student was trained on (`distill.student_step` is the same computation with
+  gradients). Its own name, so that outputs, manifests and runs say a student made them; the
+  sampling path picks it (and K) from the student's config.
 
 All return y0 unclipped; callers map it to images (see `sr3model.model`). Any schedule works, but
 the start y_T ~ N(0, I) is only right when the schedule's first level γ_K is ≈ 0
@@ -175,6 +180,20 @@ def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule
     return y
 
 
+@torch.no_grad()
+def distilled(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *, shape=None,
+              generator: Generators = None, callback: Callback | None = None,
+              y_T: torch.Tensor | None = None) -> torch.Tensor:
+    """A distilled student's K deterministic jumps over its levels (one network pass each)."""
+    y = _start(x, shape, generator, y_T)
+    total = len(schedule)
+    for i, t in enumerate(reversed(range(total))):
+        y = ddim_step(denoiser, x, y, schedule.gammas[t], schedule.gammas_prev[t])
+        if callback is not None:
+            callback(i + 1, total, y)
+    return y
+
+
 def clipped(denoiser: Denoiser, low: torch.Tensor | float = -1.0,
             high: torch.Tensor | float = 1.0) -> Denoiser:
     """`denoiser` with ŷ0 clipped to [low, high]: returns the ε consistent with the clipped ŷ0.
@@ -189,7 +208,7 @@ def clipped(denoiser: Denoiser, low: torch.Tensor | float = -1.0,
     return eps_hat
 
 
-SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm, "ddim": ddim, "dpmpp-2m": dpmpp_2m}
+SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm, "ddim": ddim, "dpmpp-2m": dpmpp_2m, "distilled": distilled}
 assert tuple(SAMPLERS) == SAMPLER_NAMES  # the names jobs offer without importing torch
 
 

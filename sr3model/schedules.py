@@ -18,6 +18,10 @@ from the mismatch. So:
   and γ_min = the training schedule's last γ, for any K ≥ 1;
 - `linear_schedule` (the paper's form, explicit β end points) is checked by `check_start`: its γ_K
   must not lie above the training schedule's last γ, or a ValueError names γ_K.
+- `student_schedule(K, γ_max, γ_min)` (`diffusion.sample_schedule="student"`, a distilled K-step
+  student's levels, `sr3model.distill`): the first level at γ_min (pure noise, as above), the
+  others uniform in log-SNR towards γ_max with the clean end itself left out — a solver's last
+  level at γ ≈ 1 costs a network pass that returns its input, which a 1–4-pass student cannot spare.
 """
 
 from __future__ import annotations
@@ -85,6 +89,18 @@ def log_snr_schedule(steps: int, gamma_max: float, gamma_min: float) -> NoiseSch
     return NoiseSchedule.from_gammas(torch.sigmoid(lam))
 
 
+def student_schedule(steps: int, gamma_max: float, gamma_min: float) -> NoiseSchedule:
+    """A K-step student's levels: K+1 points uniform in log-SNR from `gamma_min` to `gamma_max`,
+    the cleanest (`gamma_max`) dropped; step K (the first sampled) is at `gamma_min`."""
+    if steps < 1:
+        raise ValueError("a schedule needs at least one step")
+    if not 0 < gamma_min < gamma_max < 1:
+        raise ValueError(f"need 0 < gamma_min < gamma_max < 1, got {gamma_min:g}, {gamma_max:g}")
+    high, low = (torch.logit(torch.tensor(g, dtype=torch.float64)) for g in (gamma_max, gamma_min))
+    lam = torch.linspace(float(high), float(low), steps + 1, dtype=torch.float64)[1:]
+    return NoiseSchedule.from_gammas(torch.sigmoid(lam))
+
+
 def linear_end_for(steps: int, beta_start: float, gamma_k: float) -> float:
     """The β_K whose K-step linear schedule from `beta_start` ends at level `gamma_k` (at or just
     below it; β_K = β_1 when a constant schedule already goes lower). K = 1 has one β: 1 − γ_K."""
@@ -127,11 +143,13 @@ def inference_schedule(config: DiffusionConfig, steps: int | None = None,
     """The K-step sampling schedule (K = `steps`, default the config's `sample_steps`).
 
     Explicit β end points (or `sample_schedule="linear"`) give the paper's linear β schedule,
-    checked by `check_start`; otherwise K levels uniform in log-SNR between `GAMMA_MAX` and the
-    training schedule's last γ."""
+    checked by `check_start`; `"student"` a distilled student's levels (`student_schedule`);
+    otherwise K levels uniform in log-SNR between `GAMMA_MAX` and the training schedule's last γ."""
     steps = steps or config.sample_steps
     if beta_start is None and beta_end is None and config.sample_schedule == "log-snr":
         return log_snr_schedule(steps, GAMMA_MAX, start_limit(config))
+    if beta_start is None and beta_end is None and config.sample_schedule == "student":
+        return student_schedule(steps, GAMMA_MAX, start_limit(config))
     schedule = linear_schedule(steps, config.sample_beta_start if beta_start is None else beta_start,
                                config.sample_beta_end if beta_end is None else beta_end)
     return check_start(schedule, config)

@@ -87,8 +87,8 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, hr: torch.Tensor,
                lr: torch.Tensor | None, *, step: int, config: TrainConfig, ema: EMA | None = None,
-               generator: torch.Generator | None = None,
-               micro_batch: int | None = None) -> dict[str, torch.Tensor | float]:
+               generator: torch.Generator | None = None, micro_batch: int | None = None,
+               extra: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor | float]:
     """One optimiser step on the batch (hr, lr); `model` is an `SR3` (or DDP around one).
 
     Returns {"loss", "grad_norm"} as detached 0-d tensors on the batch's device — reading them
@@ -100,6 +100,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, hr: torch.Ten
     in `no_sync()` (one gradient all-reduce per step). Augmentation, γ and ε are drawn once for the
     whole batch (in the same order as without accumulation) and sliced per chunk, so the step does
     not depend on `micro_batch` beyond floating-point summation order.
+
+    `extra`: more per-image tensors (B, …) for the model's loss, sliced like the batch and passed
+    as keyword arguments — a distilled student's `teacher` outputs and noise `seed`s
+    (`sr3model.distill`; a student's config turns augmentation off, as they cannot be flipped).
     """
     rate = learning_rate(step, config)
     for group in optimizer.param_groups:
@@ -119,7 +123,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, hr: torch.Ten
         with sync:
             with _autocast(hr.device):
                 loss = model(hr[part], None if lr is None else lr[part], generator=generator,
-                             **{name: value[part] for name, value in noise.items()})
+                             **{name: value[part] for name, value in noise.items()},
+                             **{name: value[part] for name, value in (extra or {}).items()})
             if len(starts) > 1:
                 loss = loss * (hr[part].shape[0] / batch)  # Σ_chunks = the batch's mean loss
             loss.backward()

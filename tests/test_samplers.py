@@ -152,7 +152,8 @@ def test_super_resolve_clips_y0_to_the_image_range_unless_the_config_says_not(ob
 
 
 # -- convergence order on Gaussian data ---------------------------------------------------------
-ORDER = {"ddim": 1, "dpmpp-2m": 2}  # deterministic probability-flow ODE solvers
+ORDER = {"ddim": 1, "dpmpp-2m": 2,  # deterministic probability-flow ODE solvers
+         "distilled": 1}  # a student's sampler: DDIM's step at the levels given (trained for its K, exact here)
 STOCHASTIC = {"ddpm"}  # Algorithm 2 draws fresh noise each step: no ODE to converge to
 MU, STD = 0.3, 0.5
 INTERVALS = (16, 32, 64)  # λ-intervals between γ_K and γ_1: each doubling halves the step h

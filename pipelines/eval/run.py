@@ -149,7 +149,8 @@ def evaluate(model_uri: str, pairs: str, options: EvalOptions | None = None, *, 
     ref = resolve_model(model_uri, uri)
     chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule),
                           consistency=o.consistency)
-    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps, consistency=o.consistency))
+    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps, consistency=o.consistency,
+                                                 lenient=True))
                                 for b in (resolve_model(u, uri) for u in baselines)]
     rows = max(1, min(grid_rows, len(data)))  # pairs shown in the report's grid
 

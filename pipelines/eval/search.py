@@ -200,6 +200,9 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], options: SearchOpti
     config = ref.config()
     if config.objective == "regression":
         raise ValueError(f"{model_uri}: a regression model has no noise schedule to search")
+    if config.student:  # trained at its own K levels (sr3model.distill): another schedule is another model
+        raise ValueError(f"{model_uri}: a distilled {config.distill.student_steps}-step student samples at the levels "
+                         "it was trained at; there is no schedule to search (search its teacher's)")
     sampler = sampler or config.diffusion.sample_sampler
     consistency = config.diffusion.sample_consistency if o.consistency is None else o.consistency
     from sr3model.schedules import start_limit

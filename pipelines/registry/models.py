@@ -189,11 +189,13 @@ def _parse(text: str | None) -> dict[int, dict[str, Any]]:
 
 
 def sampling_for(ref: ModelRef, *, sampler: str | None = None, steps: int | None = None,
-                 schedule: tuple[float, float] | None = None, consistency: bool | None = None) -> Sampling:
+                 schedule: tuple[float, float] | None = None, consistency: bool | None = None,
+                 lenient: bool = False) -> Sampling:
     """Flags win; else the schedule (and LR consistency) stored for (steps, sampler) by the search;
-    else the config's (`pipelines.sampling.choose_sampling`, which the pyfunc shares)."""
+    else the config's (`pipelines.sampling.choose_sampling`, which the pyfunc shares; `lenient` for
+    flags meant for other models: a distilled student then keeps its own sampler and steps)."""
     return choose_sampling(ref.config(), ref.sampling, sampler=sampler, steps=steps, schedule=schedule,
-                           consistency=consistency)
+                           consistency=consistency, lenient=lenient)
 
 
 def parse_schedule(text: str | None) -> tuple[float, float] | None:

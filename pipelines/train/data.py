@@ -101,25 +101,27 @@ def decode_pairs(batch: dict[str, Sequence[bytes]]) -> dict[str, np.ndarray]:
 
     Batches travel as uint8 (a quarter of float32's bytes to copy and to send to the device);
     the training loop maps them to [-1, 1] on the device (`sr3model.imageio.from_uint8`)."""
+    return {"hr": png_stack(batch["hr"]), "lr": png_stack(batch["lr"])}
+
+
+def png_stack(column: Sequence[bytes]) -> np.ndarray:
+    """PNG bytes of same-size images → uint8 (B, 3, H, W), contiguous."""
     from sr3model.imageio import decode_png
 
-    def stack(column: Sequence[bytes]) -> np.ndarray:
-        pixels = np.stack([np.asarray(decode_png(bytes(b)), dtype=np.uint8) for b in column])  # (B, H, W, 3)
-        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # (B, 3, H, W) uint8
-
-    return {"hr": stack(batch["hr"]), "lr": stack(batch["lr"])}
+    pixels = np.stack([np.asarray(decode_png(bytes(b)), dtype=np.uint8) for b in column])  # (B, H, W, 3)
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
 class UnitReader:
     """Reads units' hr/lr bytes from Parquet row groups, footers cached, reads retried."""
 
-    def __init__(self, paths: Sequence[str], filesystem) -> None:
-        self.paths, self.filesystem = list(paths), filesystem
+    def __init__(self, paths: Sequence[str], filesystem, extra: Sequence[str] = ()) -> None:
+        self.paths, self.filesystem, self.extra = list(paths), filesystem, tuple(extra)
         self._footers: dict[int, object] = {}
         self._lock = threading.Lock()
 
-    def read(self, unit: Unit, rows: Sequence[int]) -> dict[int, tuple[bytes, bytes]]:
-        """{row in unit: (hr PNG, lr PNG)} for the given rows of the unit."""
+    def read(self, unit: Unit, rows: Sequence[int]) -> dict[int, tuple]:
+        """{row in unit: (hr PNG, lr PNG, *extra columns' values)} for the given rows of the unit."""
         import pyarrow.parquet as pq
 
         for attempt in range(READ_ATTEMPTS):
@@ -129,7 +131,7 @@ class UnitReader:
                     parquet = pq.ParquetFile(handle, metadata=footer)
                     with self._lock:
                         self._footers.setdefault(unit.file, parquet.metadata)
-                    table = parquet.read_row_group(unit.group, columns=["hr", "lr"])
+                    table = parquet.read_row_group(unit.group, columns=["hr", "lr", *self.extra])
                 break
             except (FileNotFoundError, PermissionError):
                 raise
@@ -137,17 +139,21 @@ class UnitReader:
                 if attempt + 1 == READ_ATTEMPTS:
                     raise
                 time.sleep(0.5 * 2**attempt)
-        hr, lr = table.column("hr"), table.column("lr")
-        return {r: (hr[unit.start + r].as_py(), lr[unit.start + r].as_py()) for r in rows}
+        columns = [table.column(name) for name in ("hr", "lr", *self.extra)]
+        return {r: tuple(c[unit.start + r].as_py() for c in columns) for r in rows}
 
 
 class BatchStream:
-    """One rank's endless stream of (epoch, position after the batch, hr, lr) uint8 arrays."""
+    """One rank's endless stream of (epoch, position after the batch, hr, lr) uint8 arrays — and,
+    when `extra` names more columns, a fifth item {column: array}: PNG columns (`teacher`: a
+    distilled student's targets) decoded like hr/lr, others (`seed`) as int64 arrays."""
 
     def __init__(self, paths: Sequence[str], row_groups: Sequence[Sequence[int]], filesystem, *, seed: int,
-                 rank: int, world: int, batch: int, buffer: int | None = None, threads: int = 2) -> None:
+                 rank: int, world: int, batch: int, buffer: int | None = None, threads: int = 2,
+                 extra: Sequence[str] = ()) -> None:
         self.units = make_units(row_groups, world)
-        self.reader = UnitReader(paths, filesystem)
+        self.extra = tuple(extra)
+        self.reader = UnitReader(paths, filesystem, self.extra)
         self.seed, self.rank, self.world, self.batch = seed, rank, world, batch
         self.buffer = buffer or shuffle_buffer_rows(batch)
         self.threads = max(1, threads)
@@ -190,14 +196,20 @@ class BatchStream:
                     left[key] -= 1
                     if left[key] == 0:  # every row handed out: the batches hold the last references
                         del loads[key], left[key]
-                window.append((after, cpu.submit(_assemble, parts)))
+                window.append((after, cpu.submit(_assemble, parts, self.extra)))
                 if len(window) > PREFETCH_BATCHES:
                     (done_epoch, done_position), future = window.popleft()
                     yield done_epoch, done_position, *future.result()
 
 
-def _assemble(parts: list[tuple[Future, int]]) -> tuple[np.ndarray, np.ndarray]:
+def _assemble(parts: list[tuple[Future, int]], extra: Sequence[str] = ()) -> tuple:
     """Pop each row's bytes out of its unit (so they can be freed) and decode the batch."""
     pairs = [future.result().pop(row) for future, row in parts]
     decoded = decode_pairs({"hr": [p[0] for p in pairs], "lr": [p[1] for p in pairs]})
-    return decoded["hr"], decoded["lr"]
+    if not extra:
+        return decoded["hr"], decoded["lr"]
+    more = {}
+    for i, name in enumerate(extra, start=2):
+        values = [p[i] for p in pairs]
+        more[name] = png_stack(values) if isinstance(values[0], bytes) else np.asarray(values, dtype=np.int64)
+    return decoded["hr"], decoded["lr"], more

@@ -203,7 +203,8 @@ def loop_config(pairs: str, config: SR3Config, options: TrainOptions, plan: Plan
         log_every=o.log_every, tracking_uri=tracking_uri, run_id=run_id, micro_batch=plan.micro_batch,
         compile=o.compile, channels_last=o.channels_last, fail_rank=fail_rank, fail_step=fail_step,
         fail_validation=o.fail_validation,
-        fail_marker=storage.join(plan.storage_uri, run_name, FAILURE_MARKER) if o.fail_once_at else "")
+        fail_marker=storage.join(plan.storage_uri, run_name, FAILURE_MARKER) if o.fail_once_at else "",
+        val_sampler=o.val_sampler, extra_columns=tuple(o.extra_columns))
 
 
 def run_params(pairs: str, options: TrainOptions, plan: Plan) -> dict[str, Any]:

@@ -126,11 +126,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         save_and_report(model, ema, optimizer, generator, rank, start, lc, {"step": start}, (epoch, position))
     for step in range(start, lc.steps):
         tick = time.perf_counter()
-        epoch, position, hr, lr = next(batches)
+        epoch, position, hr, lr, *more = next(batches)
         waited = time.perf_counter() - tick  # > 0 for long: training waits for its data
         hr, lr = to_device(hr, device, channels_last), to_device(lr, device, channels_last)
+        extra = extra_to_device(more[0], device, channels_last) if more else None  # a student's targets
         stats = train_step(model, optimizer, hr, None if not cfg.conditional else lr, step=step,
-                           config=cfg.train, ema=ema, generator=generator, micro_batch=micro_batch)
+                           config=cfg.train, ema=ema, generator=generator, micro_batch=micro_batch, extra=extra)
         meter.add(stats, data_wait_s=waited)
         done = step + 1
         if rank == lc.fail_rank and done == lc.fail_step and lc.fail_marker:
@@ -190,6 +191,14 @@ def to_device(pixels: np.ndarray, device: torch.device, channels_last: bool = Fa
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
+def extra_to_device(columns: dict[str, np.ndarray], device: torch.device,
+                    channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """Extra batch columns for the loss (`LoopConfig.extra_columns`): uint8 images (B, 3, H, W) →
+    [-1, 1] on the device like hr/lr, others as they are (a distilled student's int64 noise seeds)."""
+    return {name: to_device(value, device, channels_last) if value.dtype == np.uint8 and value.ndim == 4
+            else torch.from_numpy(value).to(device) for name, value in columns.items()}
+
+
 def speed_ups(model: SR3, lc: LoopConfig, device: torch.device, rank: int) -> None:
     """`channels_last` and `compile` on CUDA (in place: the U-Net keeps its parameter names, so
     checkpoints do not change); on other devices a note, and nothing (measured slower on CPU)."""
@@ -218,7 +227,8 @@ def train_batches(lc: LoopConfig, seed: int, rank: int, world: int, local_world:
     paths = [storage.resolve(uri)[1] for uri in lc.train_files]
     threads = max(1, min(4, (os.cpu_count() or 2) // max(1, local_world)))
     return BatchStream(paths, lc.train_row_groups, storage.to_pyarrow(fs), seed=seed, rank=rank, world=world,
-                       batch=lc.batch_per_worker, buffer=lc.shuffle_buffer or None, threads=threads)
+                       batch=lc.batch_per_worker, buffer=lc.shuffle_buffer or None, threads=threads,
+                       extra=lc.extra_columns)
 
 
 def load_val(lc: LoopConfig, device: torch.device) -> dict[str, torch.Tensor] | None:

@@ -59,6 +59,9 @@ class TrainOptions:
     ray_address: str | None = None  # default: RAY_ADDRESS, else a local Ray
     log_pyfunc: bool = True
     fail_once_at: tuple[int, int] | None = None  # test hook: (rank, step) whose process is killed once
+    # -- distillation (pipelines.distill) ---------------------------------------------------------
+    val_sampler: str = "ddim"  # validation's sampler (a distilled student: `distilled`)
+    extra_columns: tuple[str, ...] = ()  # train-file columns handed to the loss (a student's `teacher`, `seed`)
     fail_validation: bool = False  # test hook: every validation raises
 
     def with_(self, **fields: Any) -> TrainOptions:
@@ -115,16 +118,25 @@ class LoopConfig:
     fail_rank: int = -1  # failure injection for tests: rank `fail_rank` raises after step
     fail_step: int = -1  # `fail_step` once, while the marker file `fail_marker` is absent
     fail_marker: str = ""
+    extra_columns: tuple[str, ...] = ()  # train-file columns handed to the loss (pipelines.distill)
     fail_validation: bool = False  # test hook: validation raises (it must not cost the run)
 
 
-def build_config(preset_name: str, objective: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 batch_size: int | None = None, *, paper: bool = False) -> SR3Config:
+def build_config(preset_name: str | SR3Config, objective: str | None = None,
+                 overrides: list[str] | tuple[str, ...] = (), batch_size: int | None = None, *,
+                 paper: bool = False) -> SR3Config:
     """The run's model config: a preset (with `paper`, the paper's method: `papers_method`),
-    optionally another objective, `--set` overrides and the global batch size."""
-    from sr3model.config import override, preset
+    optionally another objective, `--set` overrides and the global batch size. A config instead of
+    a preset name is the base as it is (a distilled student's: `pipelines.distill`)."""
+    from sr3model.config import SR3Config, override, preset
 
-    config = override(preset(preset_name, objective, paper=paper), overrides)
+    if isinstance(preset_name, SR3Config):
+        if objective or paper:
+            raise ValueError("objective and paper choose a preset; a given config keeps its own")
+        base = preset_name
+    else:
+        base = preset(preset_name, objective, paper=paper)
+    config = override(base, list(overrides))
     if batch_size:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch_size))
     return config
