@@ -26,7 +26,7 @@ import argparse  # noqa: E402
 
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
-from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
+from pipelines.runtime import add_sampling_worker_flags, add_shared_fs_flag  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redo-stale", action="store_true",
                         help="redo outputs made by another model version or with other sampling settings")
     add_sampling_worker_flags(parser)
+    add_shared_fs_flag(parser, "--input/--output")
     return parser.parse_args(argv)
 
 

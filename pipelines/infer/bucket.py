@@ -2,9 +2,10 @@
 
     decode_batch   sources → RGB pixels (raw bytes) + size, or a reject reason (read_error after
                    `storage.read_bytes`' retries, too_large, the decoder's reasons)
-    write_batch    sampled rows → images written atomically, then one manifest part and one rejects
-                   part for the batch; a row whose encoding or writing fails is rejected
-                   (`write_failed`) and the others are still written
+    write_batch    sampled rows → images encoded and written atomically, PUT_THREADS rows at a time
+                   (object-store PUTs are latency-bound: one task keeps that many in flight), then
+                   one manifest part and one rejects part for the batch; a row whose encoding or
+                   writing fails is rejected (`write_failed`) and the others are still written
 
 Durability: a batch's manifest part is written only after all of that batch's images, so an output
 listed in the manifest is complete. A run killed midway leaves at most images without manifest
@@ -24,7 +25,8 @@ from pipelines.infer import manifest
 from pipelines.infer.layout import FORMATS, output_names
 
 FETCH_THREADS = 16
-FAILED = frozenset({"out_of_memory", "sample_failed", "write_failed"})  # the job's own failures
+PUT_THREADS = 8  # rows encoded and PUT at once in one write task (benchmarks/bench_write.py)
+FAILED = frozenset({"out_of_memory", "sample_failed", "write_failed", "crashed"})  # the job's own failures
 
 
 def decode_batch(batch: dict[str, np.ndarray], max_output_pixels: int, scale: int) -> dict[str, list]:
@@ -78,31 +80,46 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
 
 
 def write_batch(batch: dict[str, np.ndarray], output: str, fmt: str, record: dict[str, Any],
-                max_output_pixels: int | None = None) -> dict[str, list]:
+                max_output_pixels: int | None = None, put_threads: int = PUT_THREADS) -> dict[str, list]:
     """Encode and write a batch of results, then its manifest and rejects parts (Ray Data task).
 
     Rows hold `samples` outputs packed in `out` (N × H × W × 3 uint8 bytes) and their noise seeds
     in `seeds` (N int64 bytes), or a reject `reason`; `tiled` False: sampled whole (the manifest's
     tile and overlap stay empty, so another --tile does not make the output stale). `record` holds the model and sampling
     columns of the manifest; a batch column of the same name overrides it per row (the cascade).
-    Returns one small row per source: status ("done" | "rejected" | "failed") and reason."""
+    Returns one small row per source: status ("done" | "rejected" | "failed") and reason.
+    A `limit` column (an actor's budget in output pixels) is the limit a `too_large` row records."""
     rows, rejects, status = [], [], {"source": [], "status": [], "reason": []}
     stamp = manifest.now()
-    for i, source in enumerate(batch["source"]):
-        source, reason, detail = str(source), str(batch["reason"][i]), str(batch["detail"][i])
-        fp = str(batch["input_fingerprint"][i]) if "input_fingerprint" in batch else ""
-        if not reason:
-            try:
-                rows.extend(_write_row(batch, i, output, fmt, record, fp, stamp))
-            except Exception as error:  # noqa: BLE001 — e.g. an output too wide for WebP; the rest go on
-                reason, detail = "write_failed", f"{type(error).__name__}: {error}"
+    count = len(batch["source"])
+
+    def fingerprint(i: int) -> str:
+        return str(batch["input_fingerprint"][i]) if "input_fingerprint" in batch else ""
+
+    def write(i: int) -> tuple[list[dict[str, Any]], str, str]:
+        reason, detail = str(batch["reason"][i]), str(batch["detail"][i])
         if reason:
-            limit = max_output_pixels if reason == "too_large" else None
-            rejects.append(manifest.reject_row(source, reason, detail, int(batch["input_bytes"][i]), fp, limit))
+            return [], reason, detail
+        try:
+            return _write_row(batch, i, output, fmt, record, fingerprint(i), stamp), "", ""
+        except Exception as error:  # noqa: BLE001 — e.g. an output too wide for WebP; the rest go on
+            return [], "write_failed", f"{type(error).__name__}: {error}"
+
+    with ThreadPoolExecutor(max(1, min(put_threads, count))) as pool:
+        written = list(pool.map(write, range(count)))
+    for i, (done, reason, detail) in enumerate(written):
+        source = str(batch["source"][i])
+        rows.extend(done)
+        if reason:
+            limit = None
+            if reason == "too_large":
+                limit = int(batch["limit"][i]) if "limit" in batch and int(batch["limit"][i]) else max_output_pixels
+            rejects.append(manifest.reject_row(source, reason, detail, int(batch["input_bytes"][i]), fingerprint(i),
+                                               limit))
         status["source"].append(source)
         status["reason"].append(reason)
         status["status"].append("done" if not reason else "failed" if reason in FAILED else "rejected")
-    manifest.write_parts(output, rows, rejects)
+    manifest.write_parts(output, rows, rejects)  # after every image of the batch: listed means complete
     return status
 
 
