@@ -7,14 +7,17 @@
 Pure `sr3model` + torch: the lent GPU machines have torch but no Ray, MLflow or network. Sections,
 each under a share of `--budget-s` (later sections are skipped, and say so, when time runs out):
 
-1. Matmul ceiling: the median rate of an 8192² bf16 matrix product (fp32 2048² on CPU) — the
-   denominator of MFU, measured rather than read off a datasheet.
+1. Matmul ceiling: the best rate (fastest of the repeats) of a square matrix product in the
+   training's dtype — bf16 4096² and 8192² on CUDA, fp32 512²…2048² on CPU — measured before and
+   after the training rows, the highest kept: the denominator of MFU, measured rather than read off
+   a datasheet, and an upper bound even on a machine whose load comes and goes.
 2. Training, per preset (`natural-64-256`; `faces-64-512` with activation checkpointing): the
    largest power-of-two batch that fits (doubling until CUDA runs out of memory, then the last that
    fit), then the median time of a training step at that batch: Algorithm 1's loss under bf16
    autocast, backward, gradient clipping, fused Adam, EMA — no host sync inside the step. Images/s,
-   achieved TFLOP/s (FLOPs counted by `torch.utils.flop_counter` on one step) and MFU against (1),
-   peak memory.
+   peak memory, and two utilisations against (1), from FLOPs counted by `torch.utils.flop_counter`:
+   MFU with the model's FLOPs (the step without activation checkpointing: recomputation is not
+   model work) and HFU with the FLOPs the step executes (recomputation included).
 3. bf16 vs fp32 loss on the same batch, noise and weights: their relative difference.
 4. Sampling `natural-64-256`, 64→256, DPM-Solver++(2M) at `--sample-steps` steps, bf16 autocast:
    images/s at `--sample-batch`.
@@ -23,6 +26,13 @@ each under a share of `--budget-s` (later sections are skipped, and say so, when
    weights and a randomised output layer (so that its output depends on its input).
 
 The last thing printed is the table; `--out DIR` also writes it as JSON.
+
+The figures are checked against physics before they are printed (`impossible_figures`): a step
+cannot execute FLOPs faster than the measured matmul ceiling (HFU ≤ 100%, hence MFU ≤ 100%), a
+training step costs about three forward passes (backward ≈ two; counted: 2.99× for `tiny`), and
+recomputation adds at most one forward. Any violation means a wrong FLOP count or ceiling: the
+check prints it under IMPOSSIBLE and exits with status 1. `--flops-scale 2` doubles the counted
+step FLOPs on purpose, to see the check refuse them (tests/test_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -63,10 +73,28 @@ def median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> floa
     return statistics.median(times)
 
 
+def best_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def matmul_rate(device: torch.device) -> tuple[float, str]:
-    dtype, n = (torch.bfloat16, 8192) if device.type == "cuda" else (torch.float32, 1024)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n ** 3 / median_time(lambda: a @ b, device, 10), str(dtype).removeprefix("torch.")
+    """The highest FLOP/s of a square matrix product in the training's dtype (the MFU ceiling)."""
+    dtype, sizes = (torch.bfloat16, (4096, 8192)) if device.type == "cuda" else (torch.float32, (512, 1024, 2048))
+    rates = []
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        rates.append(2 * n ** 3 / best_time(lambda: a @ b, device, 10))
+        del a, b
+    return max(rates), str(dtype).removeprefix("torch.")
 
 
 def training_step(model: SR3, batch: int, device: torch.device, precision: str):
@@ -116,17 +144,40 @@ def largest_batch(name: str, sets: list[str], device: torch.device, start: int, 
     return best
 
 
-def train_row(name: str, sets: list[str], device: torch.device, args, peak: float) -> dict:
+def forward_flops(model: SR3, device: torch.device) -> int:
+    """FLOPs of one training forward pass (Algorithm 1's loss) at batch 1."""
+    cfg = model.config
+    g = torch.Generator(device=device).manual_seed(0)
+    hr = torch.rand(1, 3, cfg.hr_size, cfg.hr_size, device=device, generator=g) * 2 - 1
+    lr = torch.rand(1, 3, cfg.lr_size, cfg.lr_size, device=device, generator=g) * 2 - 1
+    with torch.no_grad(), autocast(device, "auto"):
+        return count_flops(lambda: model(hr, lr, generator=torch.Generator(device=device).manual_seed(1)))
+
+
+def flop_counts(name: str, sets: list[str], device: torch.device, scale: float) -> dict:
+    """Per image: the step's executed FLOPs, the model's (the same step without checkpointing) and
+    one forward pass's. FLOPs are linear in the batch; counting at batch 1 keeps the counter's
+    decomposed ops (which hold more memory than the real step) from running out of memory.
+    `scale` multiplies the two step counts: a deliberate fault (--flops-scale)."""
+    counts = {}
+    for key, extra in (("hardware", []), ("model", ["unet.checkpointing=false"])):
+        torch.manual_seed(0)
+        model = SR3(override(preset(name), sets + extra)).to(device).train()
+        counts[key] = count_flops(training_step(model, 1, device, "auto")) * scale
+    counts["forward"] = forward_flops(model, device)
+    del model
+    return counts
+
+
+def train_row(name: str, sets: list[str], device: torch.device, args) -> dict:
     batch = args.batch or largest_batch(name, sets, device, args.min_batch, args.max_batch)
     if not batch:
         return {"preset": name, "error": f"batch {args.min_batch} does not fit"}
+    counts = flop_counts(name, sets, device, args.flops_scale)
     torch.manual_seed(0)
     model = SR3(override(preset(name), sets)).to(device).train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # FLOPs are linear in the batch; counting at batch 1 keeps the counter's decomposed ops (which
-    # hold more memory than the real step) from running out of memory at the largest batch.
-    flops = count_flops(training_step(model, 1, device, "auto")) * batch
     step = training_step(model, batch, device, "auto")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -134,8 +185,46 @@ def train_row(name: str, sets: list[str], device: torch.device, args, peak: floa
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     params = sum(p.numel() for p in model.net.parameters())
     return {"preset": name, "params_m": params / 1e6, "batch": batch, "step_s": seconds,
-            "images_per_s": batch / seconds, "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak,
-            "peak_gib": memory, "checkpointing": model.config.unet.checkpointing}
+            "images_per_s": batch / seconds, "model_flops": counts["model"] * batch,
+            "hardware_flops": counts["hardware"] * batch, "forward_flops": counts["forward"] * batch,
+            "tflops": counts["hardware"] * batch / seconds / 1e12, "peak_gib": memory,
+            "checkpointing": model.config.unet.checkpointing}
+
+
+def utilisation(report: dict) -> None:
+    """MFU and HFU of each training row against the matmul ceiling (filled in place)."""
+    peak = report["matmul"]["tflops"] * 1e12
+    for row in report["train"]:
+        if "error" not in row:
+            row["mfu"] = row["model_flops"] / row["step_s"] / peak
+            row["hfu"] = row["hardware_flops"] / row["step_s"] / peak
+
+
+STEP_PER_FORWARD = (2.5, 3.5)  # a training step ≈ forward + backward (≈ 2 forwards); tiny: 2.99
+RECOMPUTE = (1.0, 1.5)  # executed / model FLOPs: checkpointing re-runs at most one forward (tiny: 1.24)
+
+
+def impossible_figures(report: dict) -> list[str]:
+    """The figures physics rules out; each one means a wrong FLOP count or a wrong ceiling."""
+    problems = []
+    ceiling = report["matmul"]["tflops"]
+    for row in report["train"]:
+        if "error" in row:
+            continue
+        name = f"{row['preset']}{' (checkpointing)' if row['checkpointing'] else ''}"
+        if row["hfu"] > 1 or row["mfu"] > 1:
+            problems.append(f"{name}: {row['tflops']:.2f} TFLOP/s executed (HFU {row['hfu']:.0%}, MFU "
+                            f"{row['mfu']:.0%}) exceeds the measured matmul ceiling {ceiling:.2f} TFLOP/s: "
+                            "no step runs faster than the machine's best matrix product")
+        ratio = row["model_flops"] / row["forward_flops"]
+        if not STEP_PER_FORWARD[0] <= ratio <= STEP_PER_FORWARD[1]:
+            problems.append(f"{name}: the counted training step is {ratio:.2f}× its forward pass; forward + "
+                            f"backward is about 3× ({STEP_PER_FORWARD[0]}–{STEP_PER_FORWARD[1]}): the FLOP count is wrong")
+        recompute = row["hardware_flops"] / row["model_flops"]
+        if not RECOMPUTE[0] <= recompute <= RECOMPUTE[1]:
+            problems.append(f"{name}: executed FLOPs are {recompute:.2f}× the model's; recomputation adds "
+                            f"at most one forward ({RECOMPUTE[0]}–{RECOMPUTE[1]}×)")
+    return problems
 
 
 def loss_agreement(name: str, sets: list[str], device: torch.device, batch: int) -> dict:
@@ -186,7 +275,7 @@ def sampling_rows(name: str, device: torch.device, args) -> tuple[dict, dict]:
     return speed, {"model": label, "psnr_db": float(psnr(bf16, fp32).mean())}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run of the same code)")
@@ -200,7 +289,9 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--budget-s", type=float, default=270)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--flops-scale", type=float, default=1.0,
+                        help="multiply the counted step FLOPs (a deliberate fault: the check must refuse 2)")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     presets = [("natural-64-256", []), ("faces-64-512", ["unet.checkpointing=true"])]
     sample_preset = "natural-64-256"
@@ -215,31 +306,35 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
           flush=True)
     peak, peak_dtype = matmul_rate(device)
-    report: dict = {"matmul": {"dtype": peak_dtype, "tflops": peak / 1e12}, "train": [], "skipped": []}
+    report: dict = {"matmul": {"dtype": peak_dtype}, "train": [], "skipped": []}
     for name, sets in presets:
         if time.perf_counter() - start > args.budget_s * 0.7:
             report["skipped"].append(f"training {name}: over the time budget")
             continue
         try:
-            report["train"].append(train_row(name, sets, device, args, peak))
+            report["train"].append(train_row(name, sets, device, args))
         except torch.OutOfMemoryError as error:
             report["train"].append({"preset": name, "error": f"out of memory: {str(error)[:80]}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(report["train"][-1], flush=True)
+    peak = max(peak, matmul_rate(device)[0])  # again after the rows: the higher of two measurements
+    report["matmul"]["tflops"] = peak / 1e12
+    utilisation(report)
+    report["problems"] = impossible_figures(report)
     report["loss"] = loss_agreement(presets[0][0], presets[0][1], device, 4 if not args.quick else 2)
     if time.perf_counter() - start < args.budget_s * 0.85:
         report["sampling"], report["sampling_psnr"] = sampling_rows(sample_preset, device, args)
     else:
         report["skipped"].append("sampling: over the time budget")
     report["seconds"] = time.perf_counter() - start
-    lines = [f"matmul ceiling: {report['matmul']['tflops']:.1f} TFLOP/s ({peak_dtype})",
-             "| preset | params | batch | images/s | TFLOP/s | MFU | peak GiB | checkpointing |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"matmul ceiling: {report['matmul']['tflops']:.3g} TFLOP/s ({peak_dtype})",
+             "| preset | params | batch | images/s | TFLOP/s | MFU | HFU | peak GiB | checkpointing |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["train"]:
         lines.append(f"| {r['preset']} | " + ("error: " + r["error"] if "error" in r else
-                     f"{r['params_m']:.0f}M | {r['batch']} | {r['images_per_s']:.1f} | {r['tflops']:.1f} | "
-                     f"{r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['checkpointing']} |"))
+                     f"{r['params_m']:.0f}M | {r['batch']} | {r['images_per_s']:.1f} | {r['tflops']:.3g} | "
+                     f"{r['mfu']:.1%} | {r['hfu']:.1%} | {r['peak_gib']:.1f} | {r['checkpointing']} |"))
     lo = report["loss"]
     lines.append(f"loss on one batch: fp32 {lo['fp32']:.5f}, bf16 {lo['bf16']:.5f} (relative {lo['relative']:.2e})")
     if "sampling" in report:
@@ -248,11 +343,13 @@ def main() -> None:
         lines.append(f"bf16 vs fp32 samples ({q['model']}): PSNR {q['psnr_db']:.1f} dB")
     lines += [f"skipped: {item}" for item in report["skipped"]]
     lines.append(f"{report['seconds']:.0f} s in all")
+    lines += [f"IMPOSSIBLE: {problem}" for problem in report["problems"]]
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     print("\n".join(lines))
+    return 1 if report["problems"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 
 
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--keep-intermediate", action="store_true", help="also write every stage's images")
+    add_consistency_flag(parser)
     add_sampling_worker_flags(parser)
     return parser.parse_args(argv)
 
@@ -56,7 +58,7 @@ def _main(argv: list[str] | None) -> int:
     summary = cascade(args.base, args.stage, args.num_samples, args.output, steps=args.steps, seed=args.seed,
                       batch_size=args.batch_size, fmt=args.format, keep_intermediate=args.keep_intermediate,
                       workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker, device=args.device,
-                      ray_address=args.ray_address)
+                      ray_address=args.ray_address, consistency=consistency_flag(args.consistency))
     print(f"cascade: {summary['done']} samples generated, {summary['skipped']} already done "
           f"({summary['images_written']} images written) in {summary['elapsed_s']:.1f}s; output: {args.output}")
     return 0

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 from sr3model.config import EXTRA_METRICS, SAMPLER_NAMES  # noqa: E402
 
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-name", help="MLflow run name (default: eval-<model>-<timestamp>)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per network call")
     parser.add_argument("--grid-rows", type=int, default=8, help="pairs shown in the report's image grid (default 8)")
+    add_consistency_flag(parser)
     add_sampling_worker_flags(parser, output_format=False)
     args = parser.parse_args(argv)
     args.baseline = [uri for group in args.baseline for uri in group]
@@ -68,7 +70,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"evaluate: {message}", flush=True)
 
     options = from_args(EvalOptions, args, baselines=tuple(args.baseline), report_uri=args.report,
-                        metrics=tuple(args.metrics) if args.metrics else None)
+                        metrics=tuple(args.metrics) if args.metrics else None,
+                        consistency=consistency_flag(args.consistency))
     result = evaluate(args.model, args.pairs, options, say=say)
     say(f"report: {result.report}/index.html (metrics.json beside it)")
     say(f"mlflow: {result.tracking_uri} experiment {args.experiment} run {result.run_id}")

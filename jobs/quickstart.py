@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="training steps of the tiny model")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (2 workers)")
     parser.add_argument("--patches-per-image", type=int, default=48)
-    parser.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLER_NAMES)
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's (the preset's)")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--eval-limit", type=int, default=64, help="held-out pairs the evaluation scores")
     args = parser.parse_args()

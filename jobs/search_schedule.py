@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 from sr3model.config import BASE_METRICS, EXTRA_METRICS, SAMPLER_NAMES  # noqa: E402
 
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default="sr3-schedule-search", help="MLflow experiment")
     parser.add_argument("--run-name", help="MLflow parent run name (default: search-<model>-<timestamp>)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per network call")
+    add_consistency_flag(parser)
     add_sampling_worker_flags(parser, output_format=False)
     return parser.parse_args(argv)
 
@@ -70,7 +72,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"search_schedule: {message}", flush=True)
 
     options = from_args(SearchOptions, args, steps=None, grid_n=args.grid, start_range=tuple(args.start_range),
-                        gamma_range=tuple(args.gamma_k_range) if args.gamma_k_range else None, report_uri=args.report)
+                        gamma_range=tuple(args.gamma_k_range) if args.gamma_k_range else None, report_uri=args.report,
+                        consistency=consistency_flag(args.consistency))
     result = search(args.model, args.pairs, args.steps, options, say=say)
     for k, best in sorted(result.best.items()):
         say(f"K={k}: best {result.metric} {best['value']:.4g} with β {best['beta_start']:g}→{best['beta_end']:.6g}")

@@ -4,7 +4,8 @@
         --pairs gs://bkt/pairs/ffhq-16-128 --task 1 --images 100 --per-rater 50 --display-seconds 3 \\
         --study gs://bkt/studies/faces-task1
     python jobs/study.py serve --study gs://bkt/studies/faces-task1 \\
-        --db postgresql://study@db-host/studies --host 0.0.0.0 --port 8000      # SR3_STUDY_ADMIN_TOKEN
+        --db postgresql://study@db-host/studies --host 0.0.0.0 --port 8000 \\
+        --trusted-proxy 10.0.0.0/8 --secure      # invite-only; SR3_STUDY_ADMIN_TOKEN
     python jobs/study.py results --study gs://bkt/studies/faces-task1 --db postgresql://… --mlflow
 
 create samples every model's outputs through Ray Data (pipelines.infer.upscale) and writes images under
@@ -23,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
+
+from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
 
 ADMIN_ENV = "SR3_STUDY_ADMIN_TOKEN"
 
@@ -57,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     create.add_argument("--steps", type=int, help="refinement steps (default: each model's)")
     create.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: each model's")
     create.add_argument("--schedule", metavar="START,END", help="linear β schedule (default: stored, else config)")
+    add_consistency_flag(create)
     create.add_argument("--batch-size", type=int, default=8)
     create.add_argument("--workers", type=int, help="sampling actors (default: as jobs/upscale.py)")
     create.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
@@ -66,7 +70,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--admin-token", help=f"admin token (default: ${ADMIN_ENV}, else a new one, printed)")
-    serve.add_argument("--invite-only", action="store_true", help="sessions need a one-time invite (POST /admin/invites)")
+    who = serve.add_mutually_exclusive_group()
+    who.add_argument("--invite-only", action="store_true",
+                     help="sessions need a one-time invite (POST /admin/invites): the default")
+    who.add_argument("--open", action="store_true",
+                     help="anyone may start a session (invites still work), at most --per-address per address")
+    serve.add_argument("--per-address", type=int, default=3,
+                       help="open sessions one client address may start per --per-address-hours (default 3)")
+    serve.add_argument("--per-address-hours", type=float, default=24.0, help="the limit's window (default 24)")
+    serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                       help="a proxy whose X-Forwarded-For/-Proto are believed (repeatable; default: none)")
+    serve.add_argument("--secure", action="store_true",
+                       help="always mark the session cookie Secure (the study is reached over https through a proxy)")
     results = sub.add_parser("results", help="fool rates, intervals, exclusions, the HTML page")
     results.add_argument("--study", required=True)
     results.add_argument("--db", help="as for serve")
@@ -100,11 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             init_ray(args.ray_address)
             create_study(args.model, args.pairs, args.study, protocol, baselines=args.baseline, steps=args.steps,
                          sampler=args.sampler, schedule=args.schedule, batch_size=args.batch_size,
-                         workers=args.workers, progress=say)
+                         workers=args.workers, progress=say, consistency=consistency_flag(args.consistency))
             say(f"next: python jobs/study.py serve --study {args.study}")
         elif args.command == "serve":
+            from pipelines.study.access import Access
             from pipelines.study.app import serve
 
+            access = Access(open=args.open, per_address=args.per_address, window_s=args.per_address_hours * 3600,
+                            trusted_proxies=tuple(args.trusted_proxy), secure=args.secure)
             token = args.admin_token or os.environ.get(ADMIN_ENV)
             if not token:
                 token = secrets.token_urlsafe(24)
@@ -112,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             from sqlalchemy.engine import make_url
 
             shown = make_url(args.db).render_as_string(hide_password=True)
-            say(f"serving {args.study} on http://{args.host}:{args.port}/ (answers: {shown})")
-            serve(args.study, args.db, args.host, args.port, admin_token=token, invite_only=args.invite_only)
+            say(f"serving {args.study} on http://{args.host}:{args.port}/ (answers: {shown}; "
+                + (f"open sessions, at most {access.per_address} per address in {args.per_address_hours:g} h"
+                   if access.open else "invite-only: POST /admin/invites") + ")")
+            serve(args.study, args.db, args.host, args.port, admin_token=token, access=access)
         else:
             from pipelines.study.results import results
 

@@ -37,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train SR3 with Ray Train and MLflow.")
     parser.add_argument("--pairs", required=True, help="jobs/build_pairs.py output URI (train/, val/)")
     parser.add_argument("--preset", required=True, help="config preset, e.g. tiny, faces-16-128")
-    parser.add_argument("--objective", choices=("sr3", "regression", "residual", "unconditional"))
+    parser.add_argument("--objective", choices=("sr3", "regression", "residual", "unconditional"),
+                        help="default: the preset's (residual: diffuse HR − bicubic, README \"Quality\")")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's method: objective sr3, ε-prediction, DDPM, no LR-consistency projection "
+                             "(sr3model.config.papers_method)")
     parser.add_argument("--steps", type=int, default=1000, help="total optimiser steps of the run")
     parser.add_argument("--batch-size", type=int, help="global batch size (default: the preset's), split evenly "
                                                         "over --num-workers")
@@ -108,7 +112,7 @@ def _main(argv: list[str] | None) -> int:
     from pipelines.train import TrainOptions, build_config, train
     from pipelines.train.promote import GateConfig
 
-    config = build_config(args.preset, args.objective, args.overrides, args.batch_size)
+    config = build_config(args.preset, args.objective, args.overrides, args.batch_size, paper=args.paper)
     gate = GateConfig(metric=args.promote_metric, limit=args.promote_limit, steps=args.promote_steps,
                       samples=args.promote_samples, force=args.force_alias)
     result = train(args.pairs, config, from_args(TrainOptions, args, storage_uri=args.storage, gate=gate))

@@ -10,9 +10,16 @@ version or other settings are counted as stale and redone with --redo-stale (rul
 pipelines/infer/manifest.py). Sampling defaults come from the model (the schedule stored by
 jobs/search_schedule.py --apply, else its config); flags override.
 
+Outputs keep what the inputs had (pipelines/images/fidelity.py): transparency (--alpha keep|drop:
+a fully opaque alpha kept or dropped), 16-bit depth (PNG/TIFF), the ICC profile (--colour keep:
+converted back and embedded; srgb: sRGB, embedded), EXIF/XMP (--strip-metadata removes them and
+the profile), greyscale; --format tiff too. An input the chosen format cannot hold (16 bits in
+JPEG/WebP, transparency in JPEG) is refused unless --fallback convert.
+
 Exit status: 0 when every image was written or rejected for what it is (not an image, …); 1 when
 some failed to sample or write (out of memory, a sampling error: retried on the next run);
-2 on an input error (one `upscale: error: …` line).
+2 on an input error (one `upscale: error: …` line), also when inputs were refused for what --format
+cannot hold (the rest are written).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse  # noqa: E402
 
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
+from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags, add_shared_fs_flag  # noqa: E402
 
 
@@ -49,6 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "memory at ~120 bytes per pixel")
     parser.add_argument("--redo-stale", action="store_true",
                         help="redo outputs made by another model version or with other sampling settings")
+    parser.add_argument("--alpha", choices=("keep", "drop"), default="keep",
+                        help="a fully opaque alpha channel: keep it or drop it (an alpha that varies is always kept)")
+    parser.add_argument("--colour", choices=("keep", "srgb"),
+                        help="keep: outputs in the input's ICC profile, embedded; srgb: converted to sRGB, sRGB "
+                             "embedded (default: keep; srgb with --strip-metadata)")
+    parser.add_argument("--strip-metadata", action="store_true",
+                        help="write no EXIF, XMP or ICC profile (outputs are then sRGB)")
+    parser.add_argument("--fallback", choices=("refuse", "convert"), default="refuse",
+                        help="an input --format cannot hold (16 bits in jpeg/webp, transparency in jpeg): refuse "
+                             "it (exit status 2, the rest written) or write it converted (8 bits, alpha on white)")
+    add_consistency_flag(parser)
     add_sampling_worker_flags(parser)
     add_shared_fs_flag(parser, "--input/--output")
     return parser.parse_args(argv)
@@ -65,7 +84,8 @@ def _main(argv: list[str] | None) -> int:
     from pipelines.cli import from_args
     from pipelines.infer.upscale import UpscaleOptions, upscale
 
-    summary = upscale(args.model, args.input, args.output, from_args(UpscaleOptions, args, fmt=args.format))
+    summary = upscale(args.model, args.input, args.output, from_args(UpscaleOptions, args, fmt=args.format,
+                                                                      consistency=consistency_flag(args.consistency)))
     reasons = ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items())
     failures = ", ".join(f"{r} {n}" for r, n in summary["failed_by_reason"].items())
     print(f"upscale: {summary['listed']} listed, {summary['done']} done, {summary['skipped']} skipped "
@@ -73,6 +93,9 @@ def _main(argv: list[str] | None) -> int:
           f"{f' ({reasons})' if reasons else ''}, {summary['skipped_rejected']} rejected before, "
           f"{summary['failed']} failed{f' ({failures})' if failures else ''}, in {summary['elapsed_s']:.1f}s")
     print(f"model: {summary['model']}; output: {args.output} (manifest in _manifest/, rejects in _rejects/)")
+    if summary["refused"]:
+        print(f"upscale: error: {summary['refused_message']}", file=sys.stderr)
+        return 2
     return 1 if summary["failed"] else 0
 
 

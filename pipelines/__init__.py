@@ -11,14 +11,15 @@
 
 Shared helpers at the top, imported by every stage and importing none: `storage` (fsspec URIs),
 `tracking` (the one MLflow adapter), `cli` (options from flags, one-line input errors), `runtime`
-(connecting to Ray, the sampling flags), `sampling` (the one sampling path, pure torch).
+(connecting to Ray, the sampling flags), `sampling` (the one sampling path, pure torch), `images/`
+(what upscaled files keep of their inputs: alpha, 16-bit depth, ICC profiles, EXIF/XMP; no Ray).
 `quickstart` chains the jobs on embedded defaults.
 
 Imports between stages run one way, as `ARROWS` lists (tests/test_layering.py keeps it true, and
 that no module imports another stage's private names).
 """
 
-SHARED = ("storage", "tracking", "cli", "runtime", "sampling")
+SHARED = ("storage", "tracking", "cli", "runtime", "sampling", "images")
 ARROWS = {  # stage → the other stages it may import
     "pairs": (),
     "registry": (),

@@ -24,9 +24,10 @@ TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistr
                 "motorcycle_left", "motorcycle_right", "colorwheel", "camera", "brick", "grass", "moon")
 HOLDOUT_PHOTOS = ("coffee", "chelsea")
 MODEL_NAME, ALIAS = "sr3-quickstart", "champion"
-# What benchmarks/bench_quality.py found best at this budget (README "Quality"): SRDiff's residual
-# objective with v-prediction — faithful colour and consistency; the paper's ε-model drifts in colour.
-OBJECTIVE, PREDICTION = "residual", "v"
+# The `tiny` preset as it is: its objective, prediction, loss, sampler and LR consistency are what
+# benchmarks/bench_quality.py found best at this budget (README "Quality"). A registered champion
+# is reused only when it was trained with these.
+REUSE_KEYS = ("objective", "residual_scale", "diffusion.prediction", "diffusion.loss")
 
 
 def say(message: str) -> None:
@@ -96,7 +97,7 @@ def export_lr_photos(photos: Path, folder: Path, side: int = 256, scale: int = 4
         lr_from_hr(crop, scale).save(folder / path.name)
 
 
-def run(workdir: Path, *, steps: int, batch_size: int, patches: int, sampler: str, sample_steps: int,
+def run(workdir: Path, *, steps: int, batch_size: int, patches: int, sampler: str | None, sample_steps: int,
         eval_limit: int = 64) -> None:
     workdir = workdir.resolve()
     start = time.time()
@@ -112,30 +113,33 @@ def run(workdir: Path, *, steps: int, batch_size: int, patches: int, sampler: st
     build(workdir / "photos" / "train", workdir / "pairs", env, patches=patches, val_fraction=0.1)
     build(workdir / "photos" / "holdout", workdir / "holdout", env, patches=8, val_fraction=1.0)
     say(f"3/5 train the tiny SR3 model with Ray Train for {steps} steps (MLflow: {tracking_uri})")
-    wanted = {"run.steps": str(steps), "objective": OBJECTIVE, "diffusion.prediction": PREDICTION}
+    from sr3model import preset
+
+    flat = preset("tiny").flat()
+    wanted = {"run.steps": str(steps), **{key: str(flat[key]) for key in REUSE_KEYS}}
     found = champion_params(tracking_uri)
     if all(found.get(k) == v for k, v in wanted.items()):
         say(f"reusing {champion} (trained {steps} steps; delete {workdir} to retrain)")
     else:
         run_job(["jobs/train.py", "--pairs", str(workdir / "pairs"), "--val-pairs", str(workdir / "holdout"),
-                 "--preset", "tiny", "--objective", OBJECTIVE, "--steps", str(steps), "--batch-size", str(batch_size),
+                 "--preset", "tiny", "--steps", str(steps), "--batch-size", str(batch_size),
                  "--num-workers", "2", "--storage", str(workdir / "checkpoints"),
                  "--checkpoint-every", str(max(1, steps // 4)), "--val-every", str(max(1, steps // 4)),
-                 "--val-images", "8", "--log-every", "25", "--run-name", f"quickstart-{OBJECTIVE}-{steps}",
+                 "--val-images", "8", "--log-every", "25", "--run-name", f"quickstart-{flat['objective']}-{flat['diffusion.prediction']}-{steps}",
                  "--register", MODEL_NAME, "--alias", ALIAS, "--set", "train.lr=2e-3"], env)
     say(f"4/5 upscale the held-out photos (64×64 LR, tiled) with Ray Data through {champion}")
     run_job(["jobs/upscale.py", "--model", champion, "--input", str(workdir / "photos" / "holdout-lr"),
-             "--output", str(workdir / "upscaled"), "--sampler", sampler, "--steps", str(sample_steps),
+             "--output", str(workdir / "upscaled"), *(["--sampler", sampler] if sampler else []), "--steps", str(sample_steps),
              "--batch-size", "16"], env)
     say("5/5 evaluate bicubic vs SR3 on the held-out pairs; HTML report")
-    run_job(["jobs/evaluate.py", "--model", champion, "--pairs", str(workdir / "holdout"), "--sampler", sampler,
+    run_job(["jobs/evaluate.py", "--model", champion, "--pairs", str(workdir / "holdout"), *(["--sampler", sampler] if sampler else []),
              "--steps", str(sample_steps), "--limit", str(eval_limit), "--report", str(workdir / "report")], env)
     results = json.loads((workdir / "report" / "metrics.json").read_text())
     for method, values in results.items():
         if not method.startswith("_"):
             say(f"   {method:>20}: PSNR {values['psnr']:.2f} dB, SSIM {values['ssim']:.3f}, "
                 f"LR-PSNR {values['lr_psnr']:.1f} dB, colour error {values['colour_error']:.2f}/255, "
-                f"detail ratio {values['detail_ratio']:.2f}")
+                f"detail ratio {values['detail_ratio']:.2f}, flat-region noise {values.get('flat_noise_ratio') or float('nan'):.2f}")
     say(f"done in {time.time() - start:.0f} s. Outputs under {workdir}:")
     say(f"   pairs {workdir / 'pairs'}, checkpoints {workdir / 'checkpoints'}, upscaled photos {workdir / 'upscaled'}")
     say(f"   report {workdir / 'report' / 'index.html'} (metrics.json beside it)")

@@ -99,6 +99,7 @@ class SamplingOptions:
     steps: int | None = None  # refinement steps K
     sampler: str | None = None
     schedule: str | None = None  # "START,END": a linear β schedule
+    consistency: bool | None = None  # LR-consistent sampling (sr3model.consistency); None: stored, else config
     batch_size: int = 8  # outputs (or tiles) per network call
     device: str = "auto"  # auto | cpu | cuda: where sampling actors run
     workers: int | None = None  # sampling actors
@@ -121,7 +122,8 @@ def add_sampling_worker_flags(parser, *, output_format: bool = True) -> None:
     search_schedule.py (`output_format`: also --format, for the jobs that write images; without
     it, a job samples in its own process unless a cluster is named)."""
     if output_format:
-        parser.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
+        parser.add_argument("--format", choices=("png", "jpeg", "webp", "tiff"), default="png",
+                            help="output format (png and tiff hold 16 bits and alpha, webp alpha, jpeg neither)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where sampling actors run: auto = GPUs when the cluster has or can scale up GPU "
                              "workers, else CPUs")

@@ -8,8 +8,10 @@
 Only torch, numpy and sr3model are imported here — no Ray, MLflow or fsspec — so the pyfunc can
 ship this file and a GPU machine without Ray can run it.
 
-- Settings: `Sampling` (sampler, K, β_1, β_K) is chosen once per run by `choose_sampling`: flags,
-  else the schedule stored with the model version for (K, sampler), else the model config's.
+- Settings: `Sampling` (sampler, K, β_1, β_K, LR consistency) is chosen once per run by
+  `choose_sampling`: flags, else what is stored with the model version for (K, sampler), else the
+  model config's (`diffusion.sample_*`; `sample_consistency`: every step's ŷ0 projected onto the
+  images whose downsampling is the LR input, `sr3model.consistency`).
 - Noise: output k of the image named `name` draws from its own generator seeded by
   `image_seed(seed, name, k)`, so an output is the same whatever its batch, worker or run.
 - Size: an image of the model's LR size goes straight through the network (tiling it would only
@@ -51,13 +53,15 @@ TRANSIENT_FAILURES = ("out_of_memory", "sample_failed")
 @dataclass(frozen=True)
 class Sampling:
     """How to sample: sampler, number of steps K and, for a linear schedule, its β_1, β_K (None:
-    the config's default schedule, K levels uniform in log-SNR; `sr3model.schedules`)."""
+    the config's default schedule, K levels uniform in log-SNR; `sr3model.schedules`), and whether
+    each step's ŷ0 is made consistent with the LR input (`sr3model.consistency`)."""
 
     sampler: str
     steps: int
     beta_start: float | None
     beta_end: float | None
     source: str  # "flags", "search" or "config": where the schedule came from
+    consistency: bool = False
 
     def schedule(self, model):
         """The K-step schedule; an explicit linear one that starts above the training schedule's
@@ -70,29 +74,36 @@ class Sampling:
 
     def record(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "steps": self.steps, "schedule": self.schedule_text,
-                "schedule_source": self.source}
+                "schedule_source": self.source, "consistency": self.consistency}
 
 
 def choose_sampling(config, stored: dict[int, dict[str, Any]], *, sampler: str | None = None,
-                    steps: int | None = None, schedule: tuple[float, float] | None = None) -> Sampling:
+                    steps: int | None = None, schedule: tuple[float, float] | None = None,
+                    consistency: bool | None = None) -> Sampling:
     """Flags win; else the schedule stored for (steps, sampler) by the search; else the config's.
-    An explicit schedule is checked here, so a bad one is an input error before any work starts."""
+    An explicit schedule is checked here, so a bad one is an input error before any work starts.
+    `consistency` likewise: the flag, else the stored entry's, else `diffusion.sample_consistency`
+    (false for configs written before it existed)."""
     from sr3model.schedules import check_start, linear_schedule
 
     diffusion = config.diffusion
     sampler = sampler or diffusion.sample_sampler
     steps = steps or diffusion.sample_steps
+    found = stored.get(steps)
+    found = found if found and found.get("sampler", sampler) == sampler else None
+    if consistency is None:
+        consistency = bool(found.get("consistency", diffusion.sample_consistency) if found
+                           else diffusion.sample_consistency)
     if schedule is not None:
         check_start(linear_schedule(steps, float(schedule[0]), float(schedule[1])), diffusion)
-        return Sampling(sampler, steps, float(schedule[0]), float(schedule[1]), "flags")
-    found = stored.get(steps)
-    if found and found.get("sampler", sampler) == sampler:
+        return Sampling(sampler, steps, float(schedule[0]), float(schedule[1]), "flags", consistency)
+    if found and "beta_start" in found:
         start, end = float(found["beta_start"]), float(found["beta_end"])
         check_start(linear_schedule(steps, start, end), diffusion)  # stored by an older search: may be invalid
-        return Sampling(sampler, steps, start, end, "search")
+        return Sampling(sampler, steps, start, end, "search", consistency)
     if diffusion.sample_schedule == "linear":
-        return Sampling(sampler, steps, diffusion.sample_beta_start, diffusion.sample_beta_end, "config")
-    return Sampling(sampler, steps, None, None, "config")
+        return Sampling(sampler, steps, diffusion.sample_beta_start, diffusion.sample_beta_end, "config", consistency)
+    return Sampling(sampler, steps, None, None, "config", consistency)
 
 
 @dataclass(frozen=True)
@@ -174,8 +185,22 @@ def plan_batches(sizes: Sequence[tuple[int, int]], samples: int, scale: int, bat
 
 
 def lr_tensor(pixels: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 (h, w, 3) images of one size → float (B, 3, h, w) in [-1, 1]."""
-    return torch.from_numpy(np.stack(list(pixels))).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    """uint8 or uint16 (h, w, 3) images of one size → float (B, 3, h, w) in [-1, 1]: each image
+    by its own depth (0 → -1, its maximum → 1), so a 16-bit input gives the model its float values,
+    not an 8-bit quantisation, and a batch may mix depths."""
+    tensors = [torch.from_numpy(np.asarray(p, np.float32)).div(np.iinfo(p.dtype).max / 2).sub(1) for p in pixels]
+    return torch.stack(tensors).permute(0, 3, 1, 2)
+
+
+def quantise(outputs: torch.Tensor, bits: int) -> np.ndarray:
+    """Model outputs (B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8 (`bits` 8, as
+    `sr3model.imageio.to_uint8_batch`) or uint16 (`bits` 16: 16-bit outputs from the float output)."""
+    from sr3model.imageio import to_uint8_batch
+
+    if bits == 8:
+        return to_uint8_batch(outputs)
+    pixels = ((outputs.detach().to(torch.float32).clamp(-1.0, 1.0) + 1.0) * 32767.5).round()
+    return pixels.to(torch.int32).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint16)
 
 
 def failure_reason(error: BaseException) -> str:
@@ -188,14 +213,14 @@ def failure_reason(error: BaseException) -> str:
 
 def sample_units(model, images: Sequence[np.ndarray], names: Sequence[str], units: Sequence[Unit], *,
                  sampling: Sampling, schedule, seed: int, layout: Layout) -> torch.Tensor:
-    """Outputs (U, 3, H, W) on the CPU for `units` of same-size uint8 LR `images` named `names`."""
+    """Outputs (U, 3, H, W) on the CPU for `units` of same-size uint8/uint16 LR `images` named `names`."""
     from sr3model.tiling import super_resolve_any
 
     cfg = model.config
     device = next(model.parameters()).device
     lr = lr_tensor([images[i] for i, _ in units]).to(device)
     generators = [torch.Generator(device=device).manual_seed(image_seed(seed, names[i], k)) for i, k in units]
-    kwargs = dict(sampler=sampling.sampler, schedule=schedule, generator=generators)
+    kwargs = dict(sampler=sampling.sampler, schedule=schedule, generator=generators, consistency=sampling.consistency)
     if tuple(lr.shape[-2:]) == (cfg.lr_size, cfg.lr_size):
         out = model.super_resolve(lr, **kwargs)
     else:
@@ -206,7 +231,7 @@ def sample_units(model, images: Sequence[np.ndarray], names: Sequence[str], unit
 
 def sample_batches(model, images: Sequence[np.ndarray], names: Sequence[str], *, sampling: Sampling,
                    schedule=None, samples: int = 1, seed: int = 0, layout: Layout = Layout()) -> Iterator[Sampled]:
-    """Sample `samples` outputs of every uint8 (h, w, 3) LR image; yields one `Sampled` per call
+    """Sample `samples` outputs of every uint8 or uint16 (h, w, 3) LR image; yields one `Sampled` per call
     (or per failed unit) as it finishes. Any mix of sizes; failures are isolated (module docstring)."""
     cfg = model.config
     device = str(next(model.parameters()).device)

@@ -32,7 +32,7 @@ SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")  # `sr3model.samplers.SAMPLERS`, na
 SAMPLE_SCHEDULES = ("log-snr", "linear")
 # The metric table's columns (`sr3model.metrics.per_image`) and the perceptual metrics that need
 # local weights, named here too so that jobs offer them without importing torch.
-BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio")
+BASE_METRICS = ("psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio", "flat_noise_ratio")
 EXTRA_METRICS = ("fid", "is", "lpips")
 
 
@@ -79,7 +79,9 @@ class DiffusionConfig:
     `sample_beta_start` to `sample_beta_end` over K steps, refused when its last γ lies above the
     training schedule's (`schedules.check_start`). `sample_clip` clips ŷ0 to the image range at
     every step, as DDPM's published sampler and common SR3 implementations do; false gives
-    Algorithm 2 exactly as printed.
+    Algorithm 2 exactly as printed. `sample_consistency` projects ŷ0 onto the images whose bicubic
+    downsampling equals the LR input at every step (`sr3model.consistency`): the output then has
+    the paper's consistency (Table 2) by construction.
     """
 
     steps: int = 2000
@@ -93,6 +95,9 @@ class DiffusionConfig:
     sample_beta_end: float = 0.1
     sample_sampler: str = "ddpm"
     sample_clip: bool = True  # clip ŷ0 to the image range while sampling (`samplers.clipped`)
+    # project ŷ0 onto the images whose downsampling is the LR input at every step
+    # (`sr3model.consistency`); configs written before the field existed load as false
+    sample_consistency: bool = False
 
     def __post_init__(self) -> None:
         _check(self.steps > 0 and self.sample_steps > 0, "diffusion steps must be positive")
@@ -137,6 +142,10 @@ class SR3Config:
     # the zero-initialised network starts at bicubic; false is the paper's baseline predicting HR.
     # Presets set it; configs written before it existed load as false.
     regression_skip: bool = False
+    # residual only: the diffused y0 is (HR − x) / residual_scale and the output x + residual_scale·ŷ0,
+    # so y0 has the spread the noise schedules, v-prediction and the samplers are made for; 1 is
+    # SRDiff's plain residual and what configs written before the field existed load as
+    residual_scale: float = 1.0
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -147,6 +156,7 @@ class SR3Config:
                f"hr_size {self.hr_size} is not divisible by the U-Net's down-sampling factor "
                f"{self.unet.downsampling_factor}")
         _check(self.hr_size % self.lr_size == 0, "hr_size must be a multiple of lr_size")
+        _check(self.residual_scale > 0, "residual_scale must be positive")
 
     @property
     def scale(self) -> int:
@@ -255,19 +265,33 @@ def _parse_value(raw: str, current: object) -> object:
 
 
 # -- presets -------------------------------------------------------------------------------------
-# What every preset's network predicts: v removes the colour shift an ε-network shows at the same
-# budget (benchmarks/bench_quality.py; README "Quality"). `--set diffusion.prediction=eps` with the
-# sr3 objective is the paper exactly.
-DEFAULT_PREDICTION = "v"
+# What every preset trains and samples, chosen by benchmarks/bench_quality.py and bench_grain.py
+# (README "Quality" and "Where the grain came from"): SRDiff's residual objective with a network
+# that predicts y0 itself (an ε- or v-network of the residual must cancel noise ten times its
+# signal to form ŷ0, and what it fails to cancel is grain), L1 loss, DDIM, every step's ŷ0 made
+# consistent with the LR input. `papers_method(config)` (jobs/train.py --paper) is the paper's:
+# objective sr3, ε, DDPM, no projection.
+DEFAULT_OBJECTIVE = "residual"
+DEFAULT_PREDICTION = "x0"
+DEFAULT_RESIDUAL_SCALE = 1.0
+DEFAULT_LOSS = 1
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_CONSISTENCY = True
+
+
+def _diffusion(**fields) -> DiffusionConfig:
+    return DiffusionConfig(prediction=DEFAULT_PREDICTION, loss=DEFAULT_LOSS, sample_sampler=DEFAULT_SAMPLER,
+                           sample_consistency=DEFAULT_CONSISTENCY, **fields)
 
 
 def _paper(name: str, lr: int, hr: int, channels: int, mult: tuple[int, ...], blocks: int,
            dropout: float) -> SR3Config:
     return SR3Config(
-        name=name, lr_size=lr, hr_size=hr, regression_skip=True,
+        name=name, lr_size=lr, hr_size=hr, objective=DEFAULT_OBJECTIVE, regression_skip=True,
+        residual_scale=DEFAULT_RESIDUAL_SCALE,
         unet=UNetConfig(channels=channels, channel_mult=mult, num_res_blocks=blocks,
                         dropout=dropout, checkpointing=hr >= 512),
-        diffusion=DiffusionConfig(prediction=DEFAULT_PREDICTION),
+        diffusion=_diffusion(),
         train=TrainConfig(batch_size=256 if hr <= 256 else 128))
 
 
@@ -277,15 +301,16 @@ PRESETS: dict[str, SR3Config] = {
     "faces-64-512": _paper("faces-64-512", 64, 512, 64, (1, 2, 4, 8, 8, 16, 16), 3, 0.0),
     "faces-256-1024": _paper("faces-256-1024", 256, 1024, 16, (1, 2, 4, 8, 16, 32, 32, 32), 2, 0.0),
     "peer-128": SR3Config(
-        name="peer-128", lr_size=16, hr_size=128, regression_skip=True,
+        name="peer-128", lr_size=16, hr_size=128, objective=DEFAULT_OBJECTIVE, regression_skip=True,
+        residual_scale=DEFAULT_RESIDUAL_SCALE,
         unet=UNetConfig(channels=64, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=2, dropout=0.2),
-        diffusion=DiffusionConfig(prediction=DEFAULT_PREDICTION)),
+        diffusion=_diffusion()),
     "tiny": SR3Config(
-        name="tiny", lr_size=16, hr_size=64, regression_skip=True,
+        name="tiny", lr_size=16, hr_size=64, objective=DEFAULT_OBJECTIVE, regression_skip=True,
+        residual_scale=DEFAULT_RESIDUAL_SCALE,
         unet=UNetConfig(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8,
                         attention_resolutions=(16,), attention_head_channels=32, dropout=0.0),
-        diffusion=DiffusionConfig(steps=1000, beta_start=1e-4, beta_end=2e-2, prediction=DEFAULT_PREDICTION,
-                                  sample_steps=50),
+        diffusion=_diffusion(steps=1000, beta_start=1e-4, beta_end=2e-2, sample_steps=50),
         train=TrainConfig(lr=5e-4, warmup_steps=100, batch_size=8, ema_decay=0.99)),
 }
 # Parameter counts the paper reports (Table A.1); the README and a test compare ours.
@@ -293,11 +318,21 @@ PAPER_PARAMS = {"faces-16-128": 550e6, "natural-64-256": 625e6, "faces-64-512": 
                 "faces-256-1024": 150e6}
 
 
-def preset(name: str, objective: str | None = None) -> SR3Config:
-    """A named preset, optionally with another objective (the regression baseline uses lr 1e-5)."""
+def papers_method(config: SR3Config) -> SR3Config:
+    """`config` trained and sampled as the paper does: objective sr3 (diffuse the HR image), the
+    network predicts ε (Algorithm 1), L1 loss, DDPM (Algorithm 2), no LR-consistency projection
+    (ŷ0 clipping stays on; `diffusion.sample_clip=false` is Algorithm 2 as printed)."""
+    diffusion = dataclasses.replace(config.diffusion, prediction="eps", loss=1, sample_sampler="ddpm",
+                                    sample_consistency=False)
+    return dataclasses.replace(config, objective="sr3", residual_scale=1.0, diffusion=diffusion)
+
+
+def preset(name: str, objective: str | None = None, *, paper: bool = False) -> SR3Config:
+    """A named preset, optionally the paper's method (`papers_method`) and / or with another
+    objective (the regression baseline uses lr 1e-5)."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    config = PRESETS[name]
+    config = papers_method(PRESETS[name]) if paper else PRESETS[name]
     if objective is not None and objective != config.objective:
         config = dataclasses.replace(config, objective=objective)
         if objective == "regression" and name in PAPER_PARAMS:

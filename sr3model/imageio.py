@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,18 +70,27 @@ def decode_image(data: bytes, *, draft_size: tuple[int, int] | None = None) -> I
     draft_size: (w, h) lower bound for JPEG reduced-size decoding, in stored (pre-EXIF) orientation;
     None decodes at full resolution. Raises ImageRejected for anything that is not a usable image.
     """
+    with rejecting(data):
+        image = Image.open(io.BytesIO(data))
+        if draft_size is not None:
+            image.draft("RGB", draft_size)
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        return to_rgb8(image)
+
+
+@contextmanager
+def rejecting(data: bytes) -> Iterator[None]:
+    """Decode `data` inside this block: whatever Pillow raises becomes ImageRejected with its reason
+    (empty, not_an_image, truncated, corrupt, decompression_bomb); Pillow's advisory warnings are
+    ignored. Shared by `decode_image` and decoders that keep more than 8-bit RGB (batch outputs)."""
     if not data:
         raise ImageRejected("empty", "zero-byte file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's advisory warnings (odd EXIF, ...) are not rejects
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
-            if draft_size is not None:
-                image.draft("RGB", draft_size)
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            return to_rgb8(image)
+            yield
         except ImageRejected:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:

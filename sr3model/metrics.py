@@ -11,6 +11,14 @@
   The ratio output/HR is 1 for an output as detailed as the photo; bicubic's own output sits far
   below (its detail is what the round trip keeps), grain above. Over a set, the ratio of summed
   energies (`detail_ratio` of the means), so flat patches do not dominate.
+- `flat_mask` / `flat_noise` / `flat_noise_ratio`: grain where the photo is flat. The same
+  high-frequency residual as the detail energy, summed only over the pixels where the HR is locally
+  flat: the HR's luminance gradient (central differences, [0, 1] units per pixel) stays below
+  `FLAT_GRADIENT` = 0.03 (≈ 7.7/255 per pixel) everywhere within the round trip's reach (a
+  (2·scale + 1)² window, so an edge's own ringing is not counted). The ratio output/HR is 1 for
+  the photo by definition, below 1 for smoother outputs (bicubic ≈ 0.1), above for grain the photo
+  does not have — which the detail ratio, dominated by the photo's textured parts, counts as
+  detail. Over a set, the ratio of summed energies, as `detail_ratio`.
 - `per_image` / `summarise`: the table every stage reports (training validation, the evaluate job,
   the promotion gate, benchmarks): per-output values, then set-level means (`detail_ratio` as a
   ratio of summed energies). `BASE_METRICS` names its columns.
@@ -29,6 +37,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -86,6 +95,39 @@ def detail_ratio(sr: torch.Tensor, hr: torch.Tensor, lr_size: int | tuple[int, i
     return detail_energy(sr, lr_size) / detail_energy(hr, lr_size).clamp_min(1e-12)
 
 
+FLAT_GRADIENT = 0.03  # [0, 1] luminance units per pixel: below it everywhere in the window = flat
+
+
+def flat_mask(hr: torch.Tensor, lr_size: int | tuple[int, int], threshold: float = FLAT_GRADIENT) -> torch.Tensor:
+    """(B, 1, H, W) bool: where the HR (B, 3, H, W) is locally flat — its luminance gradient
+    magnitude is below `threshold` at every pixel of the (2·scale + 1)² window around."""
+    lum = to_unit(hr).mean(dim=1, keepdim=True)  # (B, 1, H, W)
+    pad = F.pad(lum, (1, 1, 1, 1), mode="replicate")
+    gx = (pad[..., 1:-1, 2:] - pad[..., 1:-1, :-2]) / 2
+    gy = (pad[..., 2:, 1:-1] - pad[..., :-2, 1:-1]) / 2
+    scale = max(1, round(hr.shape[-2] / (lr_size if isinstance(lr_size, int) else lr_size[0])))
+    window = 2 * scale + 1
+    steepest = F.max_pool2d((gx.square() + gy.square()).sqrt(), window, stride=1, padding=scale)
+    return steepest < threshold
+
+
+def flat_noise(images: torch.Tensor, mask: torch.Tensor, lr_size: int | tuple[int, int]) -> torch.Tensor:
+    """Mean square of image − bicubic_up(bicubic_down(image)) on [0, 1] images over the pixels of
+    `mask` (B, 1, H, W), divided by all the image's pixels (so a set's sums weigh pixels equally), (B,)."""
+    unit = to_unit(images)
+    smooth = upsample(downsample(unit, lr_size), tuple(unit.shape[-2:]))
+    return ((unit - smooth).square() * mask).mean(dim=(1, 2, 3))
+
+
+def flat_noise_ratio(sr: torch.Tensor, hr: torch.Tensor, lr_size: int | tuple[int, int]) -> torch.Tensor:
+    """Grain of the output where the HR is flat, relative to the HR's own, per image (B,); 1 = the
+    photo's; NaN for an image without flat pixels (`summarise` pools a set instead)."""
+    mask = flat_mask(hr, lr_size)
+    hr_noise = flat_noise(hr, mask, lr_size)
+    ratio = flat_noise(sr, mask, lr_size) / hr_noise.clamp_min(1e-12)
+    return torch.where(mask.flatten(1).any(dim=1), ratio, torch.full_like(ratio, float("nan")))
+
+
 def diversity(samples: torch.Tensor) -> torch.Tensor:
     """Mean per-pixel std across samples (B, N, 3, H, W) → (B,); needs N ≥ 2."""
     if samples.ndim != 5 or samples.shape[1] < 2:
@@ -95,9 +137,12 @@ def diversity(samples: torch.Tensor) -> torch.Tensor:
 
 # -- the per-image table ---------------------------------------------------------------------------
 LOWER_IS_BETTER = frozenset({"consistency", "colour_error", "fid", "lpips"})
-# Per-output energies whose set-level ratio is `detail_ratio` (a mean of per-image ratios would be
-# dominated by the flattest patches): summed by `summarise`, never reported on their own.
+# Per-output energies whose set-level ratios are `detail_ratio` and `flat_noise_ratio` (a mean of
+# per-image ratios would be dominated by the flattest patches): summed by `summarise`, never
+# reported on their own.
 DETAIL_SR, DETAIL_HR = "_detail_sr", "_detail_hr"
+FLAT_SR, FLAT_HR = "_flat_sr", "_flat_hr"
+RATIOS = {"detail_ratio": (DETAIL_SR, DETAIL_HR), "flat_noise_ratio": (FLAT_SR, FLAT_HR)}
 
 
 def badness(metric: str, value: float) -> float:
@@ -115,7 +160,8 @@ def badness(metric: str, value: float) -> float:
 def per_image(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:
     """Outputs (B, N, 3, H, W) of LR (B, 3, h, w) against HR (B, 3, H, W): PSNR, SSIM, consistency,
     LR-PSNR, colour error per output (B·N,), the detail energies of output and HR (`DETAIL_SR`,
-    `DETAIL_HR`), and diversity per pair (B,) when N > 1."""
+    `DETAIL_HR`) and their energies where the HR is flat (`FLAT_SR`, `FLAT_HR`), and diversity
+    per pair (B,) when N > 1."""
     b, n = images.shape[:2]
     flat = images.reshape(b * n, *images.shape[2:])
     hr_n, lr_n = hr.repeat_interleave(n, dim=0), lr.repeat_interleave(n, dim=0)
@@ -123,6 +169,8 @@ def per_image(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[
     scores = {"psnr": psnr(flat, hr_n), "ssim": ssim(flat, hr_n), "consistency": consistency(flat, lr_n),
               "lr_psnr": lr_psnr(flat, lr_n), "colour_error": colour_error(flat, hr_n),
               DETAIL_SR: detail_energy(flat, lr_size), DETAIL_HR: detail_energy(hr_n, lr_size)}
+    mask = flat_mask(hr, lr_size).repeat_interleave(n, dim=0)
+    scores[FLAT_SR], scores[FLAT_HR] = flat_noise(flat, mask, lr_size), flat_noise(hr_n, mask, lr_size)
     if n > 1:
         scores["diversity"] = diversity(images)
     return scores
@@ -130,11 +178,16 @@ def per_image(images: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> dict[
 
 def summarise(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Set-level metrics from per-output values (of `per_image`, concatenated over batches): means,
-    and `detail_ratio` as the ratio of the summed energies."""
-    out = {k: float(v.double().mean()) for k, v in values.items() if k not in (DETAIL_SR, DETAIL_HR)}
-    if DETAIL_SR in values:
-        out["detail_ratio"] = float(values[DETAIL_SR].double().mean()
-                                    / values[DETAIL_HR].double().mean().clamp_min(1e-12))
+    and `detail_ratio` / `flat_noise_ratio` as ratios of the summed energies (NaN for a set without
+    a flat pixel)."""
+    hidden = {key for pair in RATIOS.values() for key in pair}
+    out = {k: float(v.double().mean()) for k, v in values.items() if k not in hidden}
+    for name, (sr_key, hr_key) in RATIOS.items():
+        if sr_key in values:
+            below = values[hr_key].double().mean()
+            if name == "detail_ratio":  # as before: a detail-free HR set divides by 1e-12
+                below = below.clamp_min(1e-12)
+            out[name] = float(values[sr_key].double().mean() / below) if below > 0 else float("nan")
     return out
 
 

@@ -5,7 +5,7 @@ Objectives (`SR3Config.objective`):
 | objective       | network input          | target / output                 | paper                 |
 | --------------- | ---------------------- | ------------------------------- | --------------------- |
 | `sr3`           | concat(x, y_t), γ      | ε (Algorithm 1); y0 by Alg. 2    | SR3 §2                |
-| `residual`      | concat(x, y_t), γ      | ε of y0 − x; output x + sample   | SRDiff (Li et al.)    |
+| `residual`      | concat(x, y_t), γ      | ε of y0 = (HR − x)/s; output x + s·sample | SRDiff (Li et al.) |
 | `regression`    | x, γ = 1               | y0 (or y0 − x, `regression_skip`), L_p loss, one step | SR3's baseline (§4) |
 | `unconditional` | y_t, γ                 | ε; samples from noise alone      | DDPM base of cascade  |
 
@@ -14,6 +14,9 @@ y0 (see `sr3model.diffusion`); the loss is on that target and `denoiser()` conve
 so samplers, ŷ0 clipping and tiling see ε̂ whatever the network predicts.
 
 x is always the LR image upsampled bicubically to HR size; images are (B, 3, H, W) in [-1, 1].
+s = `residual_scale` (1 = SRDiff's plain residual, and configs written before the field): HR − x
+of natural photos spreads ~0.1, a tenth of what the schedules, v-prediction and the samplers
+assume of y0 (README "Where the grain came from"). `to_y0` / `to_image` map between the two.
 `forward(hr, lr)` returns the training loss, so the module can be wrapped by DDP as it is.
 """
 
@@ -27,6 +30,7 @@ from torch import nn
 from .config import SR3Config
 from .diffusion import lp_loss, q_sample, sample_noise_level, target, to_eps
 from .resample import upsample
+from .consistency import consistent, project_clipped
 from .samplers import Callback, Denoiser, Generators, clipped, get_sampler, randn
 from .schedules import NoiseSchedule, inference_schedule, training_schedule
 from .unet import build_unet
@@ -56,6 +60,18 @@ class SR3(nn.Module):
         if lr is None:
             raise ValueError(f"a {self.config.objective!r} model needs an LR image")
         return upsample(lr, tuple(s * self.config.scale for s in lr.shape[-2:]))
+
+    def to_y0(self, hr: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """The diffused y0 of an HR image: HR, or (HR − x) / residual_scale for the residual objective."""
+        if self.config.objective != "residual":
+            return hr
+        return (hr - x) / self.config.residual_scale
+
+    def to_image(self, y0: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """The image of a (predicted) y0: the inverse of `to_y0`."""
+        if self.config.objective != "residual":
+            return y0
+        return x + self.config.residual_scale * y0
 
     def network_input(self, x: torch.Tensor | None, y_t: torch.Tensor | None) -> torch.Tensor:
         """What the U-Net sees: concat(x, y_t) on channels, or whichever of them is given."""
@@ -104,7 +120,7 @@ class SR3(nn.Module):
         if self.config.objective == "regression":
             ones = torch.ones(batch, device=hr.device)
             return lp_loss(self.net(x, ones), hr - x if self.config.regression_skip else hr, p)
-        y0 = hr - x if self.config.objective == "residual" else hr
+        y0 = self.to_y0(hr, x)
         if gamma is None or eps is None:
             drawn = self.draw_noise(y0, generator=generator)
             gamma, eps = drawn["gamma"], drawn["eps"]
@@ -122,7 +138,7 @@ class SR3(nn.Module):
                       schedule: NoiseSchedule | None = None, samples: int = 1,
                       batch: int | None = None, generator: Generators = None,
                       callback: Callback | None = None, denoiser: Denoiser | None = None,
-                      precision: str = "auto") -> torch.Tensor:
+                      precision: str = "auto", consistency: bool | None = None) -> torch.Tensor:
         """Samples (B, samples, 3, H, W) in [-1, 1] for LR images (B, 3, h, w).
 
         Unconditional models take `lr=None` and `batch=B`. `denoiser` replaces the plain network
@@ -130,18 +146,26 @@ class SR3(nn.Module):
         `schedule` defaults to the config's. `generator` is one generator or one per output row
         (B·samples, image-major), so each sample's noise can be its own. With the config's
         `diffusion.sample_clip`, ŷ0 stays in the image range at every step (`samplers.clipped`;
-        for the residual model, x + ŷ0). `precision` is the U-Net's (`denoiser`): bf16 autocast on
-        CUDA by default.
+        for the residual model, x + ŷ0). With `consistency` (None: the config's
+        `diffusion.sample_consistency`), every step's ŷ0 (x + ŷ0 for the residual model; the
+        regression output) is projected onto the images whose bicubic downsampling is the LR input
+        (`sr3model.consistency`), on the whole canvas even when `denoiser` tiles it. `precision` is
+        the U-Net's (`denoiser`): bf16 autocast on CUDA by default.
         """
         cfg = self.config
         if lr is not None and lr.shape[1] != 3:
             raise ValueError(f"expected RGB LR images (B, 3, h, w), got {tuple(lr.shape)}")
         x = self.condition(lr)
+        project = cfg.diffusion.sample_consistency if consistency is None else consistency
+        project = project and x is not None  # an unconditional model has no LR to be consistent with
         if x is not None:
             x = x.repeat_interleave(samples, dim=0)  # (B·samples, 3, H, W)
+            lr_rows = lr.float().repeat_interleave(samples, dim=0)  # (B·samples, 3, h, w)
         if cfg.objective == "regression":  # one step, γ = 1; the denoiser ignores y_t
             out = (denoiser or self.denoiser(precision))(x, None, torch.ones(x.shape[0], device=x.device))
             out = x + out if cfg.regression_skip else out
+            if project:
+                out = project_clipped(out.float(), lr_rows, -1.0, 1.0)
         else:
             n = (lr.shape[0] if lr is not None else (batch or 1)) * samples
             shape = (n, 3, cfg.hr_size, cfg.hr_size) if x is None else tuple(x.shape)
@@ -149,11 +173,15 @@ class SR3(nn.Module):
             y_T = randn(shape, generator=generator, device=device)
             run = get_sampler(sampler or cfg.diffusion.sample_sampler)
             denoise = denoiser or self.denoiser(precision)
-            if cfg.diffusion.sample_clip:
-                denoise = clipped(denoise, -1 - x, 1 - x) if cfg.objective == "residual" else clipped(denoise)
+            residual = cfg.objective == "residual"
+            offset, scale = (x, cfg.residual_scale) if residual else (None, 1.0)
+            if project:  # clip (when configured) alternated with the projection, ending consistent
+                bounds = (-1.0, 1.0) if cfg.diffusion.sample_clip else (None, None)
+                denoise = consistent(denoise, lr_rows, offset=offset, scale=scale, low=bounds[0], high=bounds[1])
+            elif cfg.diffusion.sample_clip:
+                denoise = clipped(denoise, (-1 - x) / scale, (1 - x) / scale) if residual else clipped(denoise)
             out = run(denoise, x, schedule or self.inference_schedule(),
                       generator=generator, callback=callback, y_T=y_T)
-            if cfg.objective == "residual":
-                out = out + x
+            out = self.to_image(out, x)
         out = out.float().clamp(-1, 1)
         return out.reshape(-1, samples, *out.shape[1:])

@@ -16,6 +16,8 @@ other size h × w (non-square too) is super-resolved as one picture:
    tile computes with zero padding never reach the output where a neighbour covers them. So
    overlapping tiles agree on one ε̂ at every level γ and the sample has no seams (the
    MultiDiffusion construction, Bar-Tal et al. 2023, applied to SR3's ε-network).
+5. LR-consistent sampling (`sr3model.consistency`) projects the blended ŷ0 of the whole canvas
+   onto the images whose downsampling is the whole (padded) LR image, outside the tiles.
 
 The regression objective goes through the same denoiser (it ignores y_t), so its tiled output is
 blended the same way. An image equal to one tile goes straight through the model.
@@ -106,11 +108,13 @@ def super_resolve_any(model, lr: torch.Tensor, *, tile: int | None = None, overl
                       tile_batch: int = 16, sampler: str | None = None,
                       schedule: NoiseSchedule | None = None, samples: int = 1,
                       generator: Generators = None, callback: Callback | None = None,
-                      precision: str = "auto") -> torch.Tensor:
+                      precision: str = "auto", consistency: bool | None = None) -> torch.Tensor:
     """`model.super_resolve` for LR images (B, 3, h, w) of any size → (B, samples, 3, s·h, s·w).
 
     `tile` and `overlap` are LR pixels (defaults: the model's `lr_size` and a quarter of the tile);
-    `tile_batch` is the number of tiles per network call."""
+    `tile_batch` is the number of tiles per network call. `consistency` (None: the config's) projects
+    ŷ0 onto the LR-consistent images on the whole (padded) canvas at every step, never per tile: a
+    tile's crop of a consistent canvas is not consistent with its LR crop near its borders."""
     cfg = model.config
     if not cfg.conditional:
         raise ValueError("tiling applies to super-resolution models, not the unconditional base")
@@ -125,7 +129,7 @@ def super_resolve_any(model, lr: torch.Tensor, *, tile: int | None = None, overl
         raise ValueError(f"overlap {overlap} must be in [0, tile={tile})")
     h, w = lr.shape[-2:]
     kwargs = dict(sampler=sampler, schedule=schedule, samples=samples, generator=generator, callback=callback,
-                  precision=precision)
+                  precision=precision, consistency=consistency)
     if (h, w) == (tile, tile):
         return model.super_resolve(lr, **kwargs)
     padded_h, padded_w = max(h, tile), max(w, tile)

@@ -10,6 +10,11 @@ Fixtures (registered in conftest.py):
   model, the bicubic baseline and a tiny regression model directory (Task 1, 6 test + 2 catch
   images, 4 per rater, 60 planned slots, display 1 s).
 
+`Oracle` tells the tests what a served image is: every response is the stored file's pixels with
+a fresh ±1 jitter (pipelines.study.images), so bytes never match; the one stored file within one
+level of the served pixels is it. `invited(server)` starts a rater session the default way, with
+a one-time invite from the admin endpoint.
+
 Missing system packages: these tests fail in CI (`CI` set) and wherever `make test` could have
 installed them (root with apt-get: `make system-deps`); elsewhere they skip with a message naming
 the packages — the only case where a skip is acceptable.
@@ -18,7 +23,6 @@ the packages — the only case where a skip is acceptable.
 from __future__ import annotations
 
 import glob
-import hashlib
 import http.client
 import json
 import os
@@ -28,13 +32,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,9 +156,8 @@ class Server:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-@contextmanager
-def serve(study: str, db: str, log_dir: Path, *extra: str) -> Iterator[Server]:
-    """`jobs/study.py serve` in a subprocess on a free port; stopped (SIGTERM) at the end."""
+def start_server(study: str, db: str, log_dir: Path, *extra: str) -> Server:
+    """`jobs/study.py serve` in a subprocess on a free port, not yet waited for."""
     port = free_port()
     log = log_dir / f"serve-{port}.log"
     env = {**os.environ, "SR3_STUDY_ADMIN_TOKEN": ADMIN_TOKEN}
@@ -161,27 +165,54 @@ def serve(study: str, db: str, log_dir: Path, *extra: str) -> Iterator[Server]:
                "--host", "127.0.0.1", "--port", str(port), *extra]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    server = Server(f"http://127.0.0.1:{port}", db, process, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the study server exited: {log.read_text()[-3000:]}")
-            try:
-                if Client(server.url).get("/healthz").status == 200:
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the study server did not answer within 60 s: {log.read_text()[-3000:]}")
-                time.sleep(0.1)
-        yield server
-    finally:
-        process.terminate()
+    return Server(f"http://127.0.0.1:{port}", db, process, log)
+
+
+def wait_healthy(server: Server, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the study server exited: {server.log.read_text()[-3000:]}")
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            if Client(server.url).get("/healthz").status == 200:
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the study server did not answer within {seconds:g} s: {server.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@contextmanager
+def serve(study: str, db: str, log_dir: Path, *extra: str) -> Iterator[Server]:
+    """`jobs/study.py serve` in a subprocess on a free port; stopped (SIGTERM) at the end."""
+    with servers(study, db, log_dir, 1, *extra) as started:
+        yield started[0]
+
+
+@contextmanager
+def servers(study: str, db: str, log_dir: Path, count: int, *extra: str,
+            started: Callable[[list[Server]], None] | None = None) -> Iterator[list[Server]]:
+    """`count` servers started at the same moment; `started(servers)` runs before they are waited
+    for (a test can line them up at a lock there)."""
+    running = [start_server(study, db, log_dir, *extra) for _ in range(count)]
+    try:
+        if started is not None:
+            started(running)
+        for server in running:
+            wait_healthy(server)
+        yield running
+    finally:
+        for server in running:
+            stop_server(server)
 
 
 @dataclass
@@ -234,6 +265,70 @@ class Client:
         self.connection.close()
 
 
+def invites(server: Server, count: int) -> list[str]:
+    made = Client(server.url).post("/admin/invites", {"count": count, "label": "test"}, headers=server.admin)
+    assert made.status == 200, made.body
+    return made.json()["invites"]
+
+
+def invited(server: Server, code: str | None = None) -> Client:
+    """A rater session started with a one-time invite (the default way in)."""
+    client = Client(server.url)
+    started = client.post("/api/session", {"invite": code or invites(server, 1)[0]})
+    assert started.status == 200, started.body
+    return client
+
+
+def fetch_images(client: Client, trial: dict) -> dict[str, Reply]:
+    """Every image of a trial, once each (as the page does)."""
+    replies = {slot: client.get(url) for slot, url in trial["images"].items()}
+    assert all(r.status == 200 for r in replies.values()), {s: r.status for s, r in replies.items()}
+    return replies
+
+
+# -- what a served image is ---------------------------------------------------------------------
+class Identity(NamedTuple):
+    name: str  # the stored file, images/<hex>.png
+    role: str  # real | lr | model | degraded
+    model: str | None
+    image: int  # the source image's index in study.json
+
+
+class Oracle:
+    """The stored file whose pixels are within one level of a served image's (see the module doc)."""
+
+    def __init__(self, uri: str) -> None:
+        from pipelines import storage
+        from pipelines.study.images import pixels
+        from pipelines.study.plan import Study
+
+        study, entries = Study.load(uri), []
+        for i, image in enumerate(study.images):
+            entries += [(image["real"], "real", None, i), (image["lr"], "lr", None, i)]
+            entries += [(name, "model", m, i) for m, name in image["outputs"].items()]
+            entries += [(image["degraded"], "degraded", None, i)] if image["degraded"] else []
+        self.groups: dict[tuple, tuple[np.ndarray, list[Identity]]] = {}
+        self.pixels: dict[str, np.ndarray] = {}  # stored file name → its (H, W, 3) uint8 pixels
+        for entry in entries:
+            self.pixels[entry[0]] = pixels(storage.read_bytes(storage.join(uri, entry[0])))
+            rgb = self.pixels[entry[0]].astype(np.int16)
+            stack, found = self.groups.setdefault(rgb.shape, (np.empty((0, *rgb.shape), np.int16), []))
+            self.groups[rgb.shape] = (np.concatenate([stack, rgb[None]]), found + [Identity(*entry)])
+        for stack, _ in self.groups.values():  # the oracle needs every pair of files to differ by > 2 levels
+            flat = stack.reshape(len(stack), -1)
+            for k in range(len(flat)):
+                assert (np.abs(flat - flat[k]).max(axis=1) > 2).sum() == len(flat) - 1
+
+    def identify(self, png: bytes) -> Identity:
+        from pipelines.study.images import pixels
+
+        rgb = pixels(png).astype(np.int16)
+        stack, found = self.groups[rgb.shape]
+        hits = np.flatnonzero(np.abs(stack - rgb).reshape(len(stack), -1).max(axis=1) <= 1)
+        assert len(hits) == 1, f"{len(hits)} stored files within one level of a served image"
+        return found[hits[0]]
+
+
 # -- one created study for the session ----------------------------------------------------------
 @dataclass
 class CreatedStudy:
@@ -242,27 +337,12 @@ class CreatedStudy:
     tracking_uri: str
     model_uri: str  # models:/tiny-study@champion
     regression: str  # the regression baseline's model directory
-    roles: dict[str, tuple[str, str | None]]  # sha256 of an image file → (role, model id)
+    oracle: Oracle
 
     def study(self):
         from pipelines.study.plan import Study
 
         return Study.load(self.uri)
-
-
-def image_roles(uri: str) -> dict[str, tuple[str, str | None]]:
-    """sha256 of each image file → ("real" | "lr" | "degraded" | "model", model id): the test's oracle."""
-    from pipelines import storage
-    from pipelines.study.plan import Study
-
-    study, roles = Study.load(uri), {}
-    for image in study.images:
-        named = [(image["real"], ("real", None)), (image["lr"], ("lr", None))]
-        named += [(name, ("model", m)) for m, name in image["outputs"].items()]
-        named += [(image["degraded"], ("degraded", None))] if image["degraded"] else []
-        for name, role in named:
-            roles[hashlib.sha256(storage.read_bytes(storage.join(uri, name))).hexdigest()] = role
-    return roles
 
 
 @pytest.fixture(scope="session")
@@ -290,4 +370,4 @@ def created_study(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Create
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
     assert code == 0
-    return CreatedStudy(uri, pairs, tracking, model_uri, regression, image_roles(uri))
+    return CreatedStudy(uri, pairs, tracking, model_uri, regression, Oracle(uri))

@@ -41,23 +41,28 @@ def test_regression_preset_uses_the_papers_learning_rate():
 
 def test_flat_params_cover_every_leaf():
     flat = preset("tiny").flat()
-    assert flat["unet.channels"] == 16 and flat["diffusion.steps"] == 1000 and flat["objective"] == "sr3"
+    assert flat["unet.channels"] == 16 and flat["diffusion.steps"] == 1000 and flat["objective"] == "residual"
 
 
 def test_configs_written_before_prediction_existed_load_as_the_papers_eps():
     import json
 
     old = json.loads(preset("tiny").to_json())
-    for field in ("prediction", "sample_schedule"):  # regression_skip: at the top level
+    for field in ("prediction", "sample_schedule", "sample_consistency"):  # the rest: at the top level
         del old["diffusion"][field]
-    del old["regression_skip"]
+    del old["regression_skip"], old["residual_scale"]
     config = SR3Config.from_dict(old)
     assert config.regression_skip is False  # an old regression model predicts HR itself
     assert config.diffusion.prediction == "eps"  # what an old checkpoint's network was trained for
     assert config.diffusion.sample_schedule == "log-snr"  # its sampling now respects the step budget
-    assert all(p.diffusion.prediction == "v" for p in PRESETS.values())  # new runs: v (bench_quality)
-    paper = override(preset("faces-16-128"), ["diffusion.prediction=eps"])
-    assert paper.diffusion.prediction == "eps" and paper.objective == "sr3"
+    assert config.residual_scale == 1.0 and config.diffusion.sample_consistency is False  # sampled as before
+    # new runs: what bench_quality chose (README "Quality"); the paper's method is one flag away
+    assert all((p.objective, p.diffusion.prediction, p.diffusion.loss, p.diffusion.sample_sampler,
+                p.diffusion.sample_consistency) == ("residual", "x0", 1, "ddim", True) for p in PRESETS.values())
+    paper = preset("faces-16-128", paper=True)
+    assert (paper.objective, paper.diffusion.prediction, paper.diffusion.sample_sampler,
+            paper.diffusion.sample_consistency, paper.residual_scale) == ("sr3", "eps", "ddpm", False, 1.0)
+    assert paper.unet == preset("faces-16-128").unet and paper.train == preset("faces-16-128").train
     for bad in ["diffusion.prediction=score", "diffusion.sample_schedule=cosine", "diffusion.sample_sampler=euler"]:
         with pytest.raises(ValueError):
             override(preset("tiny"), [bad])

@@ -202,9 +202,9 @@ def test_evaluate_job_end_to_end(ray_local, registered, tmp_path, monkeypatch, c
     model = "tiny-eval v1"
     assert set(found) == {"bicubic", model, "regression-baseline", "_meta"}
     assert set(found[model]) == {"psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio",
-                                "diversity", "lpips"}
+                                "flat_noise_ratio", "diversity", "lpips"}
     assert set(found["regression-baseline"]) == set(found["bicubic"]) == {
-        "psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio", "lpips"}
+        "psnr", "ssim", "consistency", "lr_psnr", "colour_error", "detail_ratio", "flat_noise_ratio", "lpips"}
     assert found["bicubic"]["detail_ratio"] < 0.6  # bicubic restores little high-frequency detail
     assert found[model]["diversity"] > 0  # two samples of a stochastic sampler differ
     assert found["bicubic"]["lr_psnr"] > 35

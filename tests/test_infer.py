@@ -1,7 +1,8 @@
 """The inference stage's policies without a Ray run: output names that cannot escape OUTPUT, the
 rerun rules and compaction of the manifest (real parquet files), the placement of sampling actors
 (an autoscaling cluster without GPU workers yet included), batches capped by output pixels, and
-the sampling path's imports (the pyfunc ships it; a GPU machine without Ray runs it)."""
+the sampling path's imports (the pyfunc ships it; a GPU machine without Ray runs it), and the
+fidelity settings as settings columns (manifests from before them still plan)."""
 
 from __future__ import annotations
 
@@ -159,3 +160,76 @@ def test_the_shared_sampling_path_needs_no_ray_mlflow_or_fsspec() -> None:
             "print([m for m in ('ray', 'mlflow', 'fsspec', 'gcsfs') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_fidelity_settings_make_outputs_stale_and_manifests_from_before_them_still_plan(tmp_path: Path) -> None:
+    """The settings that change an output's bytes (format, alpha, colour, strip_metadata, fallback)
+    are settings columns: another value makes an output stale. A manifest written before these
+    columns existed plans as before (its rows are compared on what they have); a would_lose reject
+    holds while --format and --fallback are the same and is retried when they change."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.images.fidelity import Fidelity
+
+    output = str(tmp_path / "out")
+    model = {"model_uri": "models:/m/2", "model_digest": "d2", "sampler": "ddpm", "steps": 4, "schedule": "0.0001,0.2",
+             "run_seed": 0, "tile": 16, "overlap": 4}
+
+    def current(**options) -> manifest.Current:
+        chosen = Fidelity.resolve(**options)
+        return manifest.Current({**model, **chosen.record()}, 1000, chosen.settings)
+
+    def listed(*names: str) -> list[storage.ListedFile]:
+        return [storage.ListedFile(f"gs://b/in/{n}", "gs://b/in", n, 10, "crc32c=A") for n in names]
+
+    row = {"source": "gs://b/in/new.png", "output": "new.png", "input_bytes": 10, "input_fingerprint": "10:crc32c=A",
+           "finished_at": manifest.now(), **current().record}
+    manifest.write_parts(output, [row], [manifest.reject_row("gs://b/in/big16.png", "would_lose", "16-bit", 10,
+                                                             "10:crc32c=A", settings=current(fmt="jpeg").refusal)])
+    before = pa.schema([f for f in manifest.MANIFEST_SCHEMA if f.name not in
+                        ("format", "alpha_mode", "colour_mode", "strip_metadata", "fallback", "input_mode")])
+    old = pa.Table.from_pylist([{**{k: v for k, v in row.items() if k in before.names}, "source": "gs://b/in/old.png",
+                                 "output": "old.png"}], schema=before)
+    pq.write_table(old, tmp_path / "out" / manifest.MANIFEST_DIR / "run-before.parquet")
+
+    found = manifest.plan(listed("new.png", "old.png"), output, "png", 1, current())
+    assert (found.todo, found.counts["skipped_done"], found.counts["stale"]) == ([], 2, 0)
+    for options in (dict(alpha="drop"), dict(colour="srgb"), dict(strip_metadata=True), dict(fallback="convert")):
+        found = manifest.plan(listed("new.png", "old.png"), output, "png", 1, current(**options))
+        assert (found.counts["stale"], found.counts["skipped_done"]) == (1, 1), options  # old.png: not compared
+    refused = manifest.plan(listed("big16.png"), output, "jpg", 1, current(fmt="jpeg"))
+    assert (refused.todo, refused.counts["skipped_rejected"], refused.counts["refused_before"]) == ([], 1, 1)
+    for options in (dict(fmt="jpeg", fallback="convert"), dict(fmt="png")):
+        again = manifest.plan(listed("big16.png"), output, "png", 1, current(**options))
+        assert [item["relpath"] for item in again.todo] == ["big16.png"] and again.counts["retried"] == 1, options
+
+
+def test_a_change_of_lr_consistency_makes_outputs_stale_and_rows_from_before_count_as_off(tmp_path: Path) -> None:
+    output = str(tmp_path / "out")
+    record = {"model_uri": "models:/m/2", "model_digest": "d2", "sampler": "ddpm", "steps": 4, "schedule": "log-snr",
+              "run_seed": 0, "tile": 16, "overlap": 4}
+    rows = [{"source": f"gs://b/in/{n}", "output": n, "input_bytes": 10, "input_fingerprint": "10:crc32c=A",
+             "finished_at": manifest.now(), **record, "consistency": flag}
+            for n, flag in (("on.png", True), ("off.png", False), ("before.png", None))]
+    manifest.write_parts(output, rows, [])
+    listed = [storage.ListedFile(f"gs://b/in/{n}", "gs://b/in", n, 10, "crc32c=A")
+              for n in ("on.png", "off.png", "before.png")]
+    with_it = manifest.plan(listed, output, "png", 1, manifest.Current({**record, "consistency": True}, 1000))
+    assert (with_it.counts["skipped_done"], with_it.counts["stale"]) == (1, 2)
+    without = manifest.plan(listed, output, "png", 1, manifest.Current({**record, "consistency": False}, 1000))
+    assert (without.counts["skipped_done"], without.counts["stale"]) == (2, 1)
+
+
+def test_lr_consistency_is_chosen_flag_then_stored_then_config() -> None:
+    from pipelines.sampling import choose_sampling
+    from sr3model import override, preset
+
+    off, on = (override(preset("tiny"), [f"diffusion.sample_consistency={v}"]) for v in ("false", "true"))
+    stored = {20: {"sampler": "ddim", "beta_start": 1e-4, "beta_end": 0.9, "consistency": False}}
+    assert choose_sampling(on, {}, steps=20).consistency is True  # the config's
+    assert choose_sampling(off, {}, steps=20).consistency is False
+    assert choose_sampling(on, stored, steps=20, sampler="ddim").consistency is False  # stored beats config
+    assert choose_sampling(on, stored, steps=20, sampler="ddpm").consistency is True  # stored for another sampler
+    assert choose_sampling(on, stored, steps=20, sampler="ddim", consistency=True).consistency is True  # the flag
+    assert choose_sampling(off, {}, steps=20, consistency=True).record()["consistency"] is True

@@ -2,11 +2,11 @@
 nothing about which image is real (names, URLs, sizes, headers, page source, timing); a session
 answers only its own issued trials, once; malformed and replayed requests get a 4xx and change
 nothing; image serving reaches nothing outside the study; admin endpoints need the token; invites
-are one-time; Task 2 has no LR; a study on object storage (the GCS emulator) is served as is."""
+are one-time; Task 2 has no LR; a study on object storage (the GCS emulator) is served as is.
+(Serving each image once, unique served bytes, open sessions and proxies: test_study_integrity.py.)"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from pipelines.study import db as D
-from study_support import ADMIN_TOKEN, Client, serve
+from study_support import ADMIN_TOKEN, Client, fetch_images, invited, serve
 
 pytestmark = pytest.mark.slow
 IMAGE = re.compile(r"^/img/([A-Za-z0-9_-]{32})/(left|lr|right)$")
@@ -41,18 +41,13 @@ def store(server, created_study):
 def _snapshot(store: D.StudyDB) -> tuple:
     with store.engine.connect() as conn:
         trials = conn.execute(select(D.trials).order_by(D.trials.c.id)).all()
-    return store.export(), store.counts(), trials
-
-
-def _session(server) -> Client:
-    client = Client(server.url)
-    assert client.post("/api/session", {}).status == 200
-    return client
+        served = conn.execute(select(D.served).order_by(D.served.c.trial_id, D.served.c.slot)).all()
+    return store.export(), store.counts(), trials, served
 
 
 def test_nothing_the_browser_receives_tells_the_real_image(server, created_study):
     study = created_study.study()
-    client = _session(server)
+    client = invited(server)
     received = [client.get(p) for p in ("/", "/trial", "/static/study.js", "/static/study.css")]
     real_sides, tokens = [], set()
     while True:
@@ -70,11 +65,11 @@ def test_nothing_the_browser_receives_tells_the_real_image(server, created_study
         assert left.status == right.status == 200 and len(left.body) == len(right.body)
         assert {k: v for k, v in left.headers.items() if k != "date"} == \
                {k: v for k, v in right.headers.items() if k != "date"}
-        assert left.headers["content-type"] == "image/png" and left.headers["cache-control"] == "no-store"
+        assert left.headers["content-type"] == "image/png" and left.headers["cache-control"] == "no-store, no-transform"
         assert not {"etag", "last-modified", "content-disposition"} & set(left.headers)
-        roles = {slot: created_study.roles[hashlib.sha256(r.body).hexdigest()] for slot, r in images.items()}
-        assert roles["lr"][0] == "lr" and sorted(roles[s][0] for s in ("left", "right"))[1] == "real"
-        real_sides.append("left" if roles["left"][0] == "real" else "right")
+        roles = {slot: created_study.oracle.identify(r.body).role for slot, r in images.items()}
+        assert roles["lr"] == "lr" and sorted(roles[s] for s in ("left", "right"))[1] == "real"
+        real_sides.append("left" if roles["left"] == "real" else "right")
         received += list(images.values())
         received.append(client.post("/api/answer", {"trial": trial["trial"], "choice": "left", "rt_ms": 400}))
     assert len(tokens) == study.trials_per_rater and set(real_sides) == {"left", "right"}
@@ -98,27 +93,28 @@ def test_nothing_the_browser_receives_tells_the_real_image(server, created_study
 
 
 def test_real_and_generated_images_take_the_same_time_to_serve(server, created_study):
-    """Paired: each repeat fetches both images of a trial back to back (alternating which first), so
-    machine load shifts both; the median difference must be a small fraction of a fetch."""
-    client = _session(server)
+    """Paired: each trial's two images are fetched back to back (alternating which first; each is
+    sent once), so machine load shifts both; the median difference over the trials of 8 sessions
+    must be a small fraction of a fetch."""
     differences, fetches = [], []
-    for _ in range(3):
-        trial = client.get("/api/trial").json()
-        for repeat in range(12):
+    for session in range(8):
+        client = invited(server)
+        while not (trial := client.get("/api/trial").json())["done"]:
             seconds = {}
-            for slot in (("left", "right") if repeat % 2 else ("right", "left")):
+            for slot in (("left", "right") if (session + trial["position"]) % 2 else ("right", "left")):
                 reply = client.get(trial["images"][slot])
-                role = created_study.roles[hashlib.sha256(reply.body).hexdigest()][0]
+                role = created_study.oracle.identify(reply.body).role
                 seconds["real" if role == "real" else "other"] = reply.seconds
             differences.append(seconds["real"] - seconds["other"])
             fetches += list(seconds.values())
-        client.post("/api/answer", {"trial": trial["trial"], "choice": "right", "rt_ms": 300})
+            client.get(trial["images"]["lr"])
+            assert client.post("/api/answer", {"trial": trial["trial"], "choice": "right", "rt_ms": 300}).status == 200
     typical, difference = statistics.median(fetches), statistics.median(differences)
-    assert abs(difference) < max(0.003, 0.5 * typical), (difference, typical)
+    assert len(differences) == 8 * 6 and abs(difference) < max(0.003, 0.5 * typical), (difference, typical)
 
 
 def test_a_session_answers_only_its_own_issued_trials_once(server, store):
-    a, b = _session(server), _session(server)
+    a, b = invited(server), invited(server)
     trial = a.get("/api/trial").json()
     assert b.post("/api/answer", {"trial": trial["trial"], "choice": "left", "rt_ms": 10}).status == 404
     assert b.get(trial["images"]["left"]).status == 404
@@ -128,6 +124,8 @@ def test_a_session_answers_only_its_own_issued_trials_once(server, store):
             D.trials.c.rater_id == rater_a["id"], D.trials.c.position == 3)).scalar_one()
     assert a.post("/api/answer", {"trial": future, "choice": "left", "rt_ms": 10}).status == 404, "not issued yet"
     assert a.get(f"/img/{future}/left").status == 404
+    assert a.post("/api/answer", {"trial": trial["trial"], "choice": "left", "rt_ms": 10}).status == 409, "unseen"
+    fetch_images(a, trial)
 
     racers = [Client(server.url) for _ in range(8)]
     statuses: list[tuple[int, str]] = []
@@ -155,8 +153,9 @@ def test_a_session_answers_only_its_own_issued_trials_once(server, store):
 
 
 def test_malformed_requests_get_a_4xx_and_change_nothing(server, store, created_study):
-    client = _session(server)
+    client = invited(server)
     trial = client.get("/api/trial").json()
+    fetch_images(client, trial)
     token, before = trial["trial"], _snapshot(store)
     stranger = Client(server.url)
     forged = Client(server.url)
@@ -196,7 +195,7 @@ def test_malformed_requests_get_a_4xx_and_change_nothing(server, store, created_
 
 
 def test_admin_endpoints_need_the_admin_token(server):
-    client = _session(server)
+    client = invited(server)
     for wrong in ({}, {"Authorization": "Bearer nope-nope-nope-nope"}, {"Authorization": f"Basic {ADMIN_TOKEN}"},
                   {"Authorization": ADMIN_TOKEN}, {"Cookie": f"admin={ADMIN_TOKEN}"}):
         assert client.get("/admin/export", headers=wrong).status == 401
@@ -247,9 +246,7 @@ def test_a_study_on_object_storage_is_served_as_is(created_study, gcs_bucket, tm
         if item.relpath == "study.json" or item.relpath.startswith("images/"):
             storage.write_bytes(storage.join(remote, item.relpath), Path(item.uri).read_bytes())
     with serve(remote, f"sqlite:///{tmp_path}/answers.db", tmp_path) as running:
-        rater = Client(running.url)
-        assert rater.post("/api/session", {}).status == 200
+        rater = invited(running)
         trial = rater.get("/api/trial").json()
-        for url in trial["images"].values():
-            reply = rater.get(url)
-            assert reply.status == 200 and hashlib.sha256(reply.body).hexdigest() in created_study.roles
+        for slot, reply in fetch_images(rater, trial).items():
+            assert created_study.oracle.identify(reply.body).role in ({"real", "model", "degraded"}, {"lr"})[slot == "lr"]

@@ -6,8 +6,9 @@ within its 95% intervals, exclude exactly the inattentive raters the catch trial
 HTML page, and (`--mlflow`) log the fool rates to each model version's evaluation run. Both
 databases must give the same answers.
 
-Simulated raters see images, not labels: they recognise each served image by its bytes (the
-test's oracle, built from the study's files). A rater is fooled when its next random draw falls
+Simulated raters see images, not labels: they recognise each served image by its pixels (the
+test's oracle, built from the study's files: served bytes are jittered afresh each time). Each
+rater starts with a one-time invite (invite-only is the default). A rater is fooled when its next random draw falls
 below its preference for that model; the draws come from a generator seeded by the rater's plan
 slot (looked up in the database by the harness), so the outcome does not depend on which thread
 got which slot, and the test is deterministic.
@@ -15,7 +16,6 @@ got which slot, and the test is deterministic.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -29,7 +29,7 @@ import pytest
 
 from job_support import load_job
 from pipelines.study.db import StudyDB
-from study_support import Client, serve
+from study_support import Client, Oracle, invites, serve
 
 pytestmark = pytest.mark.slow
 PREFERENCE = {"m0": 0.35, "m1": 0.10, "m2": 0.22}  # the simulated raters' fool rate per model
@@ -37,11 +37,11 @@ RATERS, INATTENTIVE = 50, 4
 FOUND: dict[str, dict] = {}  # backend → (fooled, trials) per model, to compare the two databases
 
 
-def simulated_rater(base: str, roles: dict, latencies: list[float], store: StudyDB,
+def simulated_rater(base: str, invite: str, oracle: Oracle, latencies: list[float], store: StudyDB,
                     attentive: bool = True) -> list[dict]:
     """One whole session; returns one entry per answered trial."""
     client = Client(base)
-    started = client.post("/api/session", {})
+    started = client.post("/api/session", {"invite": invite})
     assert started.status == 200
     draws, log = random.Random(store.rater(next(iter(client.cookies.values())))["slot"]), []
     latencies.append(started.seconds)
@@ -55,10 +55,10 @@ def simulated_rater(base: str, roles: dict, latencies: list[float], store: Study
         images = {slot: client.get(url) for slot, url in trial["images"].items()}
         assert all(r.status == 200 for r in images.values())
         latencies.extend(r.seconds for r in images.values())
-        seen = {slot: hashlib.sha256(r.body).hexdigest() for slot, r in images.items()}
-        real = "left" if roles[seen["left"]][0] == "real" else "right"
+        seen = {slot: oracle.identify(r.body) for slot, r in images.items()}
+        real = "left" if seen["left"].role == "real" else "right"
         other = "right" if real == "left" else "left"
-        kind, model = roles[seen[other]]
+        kind, model = seen[other].role, seen[other].model
         if not attentive:
             choice = "left"
         elif kind == "degraded":
@@ -86,14 +86,15 @@ def test_fifty_concurrent_raters_every_answer_once_and_the_preference_recovered(
     with serve(created_study.uri, db, tmp_path) as server, \
             (serve(created_study.uri, db, tmp_path) if backend == "postgresql" else nullcontext(server)) as second:
         store = StudyDB(db, study)  # the harness's own connection (tables made by the server)
+        codes = invites(server, RATERS + INATTENTIVE)
         started = time.perf_counter()
         with ThreadPoolExecutor(RATERS) as pool:  # on PostgreSQL, two server processes share the database
-            futures = [pool.submit(simulated_rater, (server, second)[i % 2].url, created_study.roles, latencies, store)
-                       for i in range(RATERS)]
+            futures = [pool.submit(simulated_rater, (server, second)[i % 2].url, codes[i], created_study.oracle,
+                                   latencies, store) for i in range(RATERS)]
             logs = [future.result(timeout=300) for future in futures]
         elapsed = time.perf_counter() - started
-        careless = [simulated_rater(server.url, created_study.roles, [], store, attentive=False)
-                    for _ in range(INATTENTIVE)]
+        careless = [simulated_rater(server.url, codes[RATERS + k], created_study.oracle, [], store, attentive=False)
+                    for k in range(INATTENTIVE)]
 
     per_session = study.trials_per_rater
     answers = RATERS * per_session
@@ -114,7 +115,8 @@ def test_fifty_concurrent_raters_every_answer_once_and_the_preference_recovered(
     assert len({(r["rater"], r["position"]) for r in rows}) == len(rows)
     assert {r["token"]: r["choice"] for r in rows} == {e["token"]: e["choice"] for e in everyone}
     assert {r["token"] for r in rows if r["picked"] == "model"} == {e["token"] for e in everyone if e["fooled"]}
-    assert counts == {"sessions": RATERS + INATTENTIVE, "finished": RATERS + INATTENTIVE, "answers": len(rows)}
+    assert counts == {"sessions": RATERS + INATTENTIVE, "finished": RATERS + INATTENTIVE, "answers": len(rows),
+                      "void": 0}
     assert all(r["shown"] == 1 for r in rows), "each trial issued once"
 
     report = tmp_path / "results"

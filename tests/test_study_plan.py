@@ -1,5 +1,6 @@
 """The study's pure parts: the trial plan's balance rules, the statistics against hand-computed
-values, the one-encoding rule for served images, and the web app's imports (no torch/Ray/MLflow)."""
+values, the one-encoding rule for stored images, the served images' jitter, how a request's client
+address and scheme are read behind proxies, and the web app's imports (no torch/Ray/MLflow)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipelines.study import images as I
+from pipelines.study.access import Access
 from pipelines.study.plan import Protocol, make_plan
 from pipelines.study.stats import bootstrap_raters, fool_rates, wilson
 
@@ -126,3 +128,61 @@ def test_the_web_app_imports_no_torch_ray_or_mlflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_jitter_changes_every_value_by_at_most_one_level_and_never_repeats():
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    photo[0, :4] = [0, 0, 0], [255, 255, 255], [0, 255, 0], [255, 0, 255]  # the clipped ends
+    served = [I.served_png(photo) for _ in range(50)]
+    assert len(set(served)) == 50 and len({len(s) for s in served}) == 1 == len({len(served[0]), len(I.encode(photo))})
+    for data in served:
+        change = I.pixels(data).astype(np.int16) - photo
+        assert set(np.unique(change)) <= {-1, 0, 1} and np.count_nonzero(change) > 0.5 * change.size
+    masked = {(I.pixels(d) >> 1).tobytes() for d in served}
+    assert len(masked) == 50, "no exact rule (here: the low bit dropped) recovers a common key"
+    assert np.array_equal(I.jitter(photo, np.random.default_rng(7)), I.jitter(photo, np.random.default_rng(7)))
+
+
+@pytest.mark.parametrize("peer, forwarded, trusted, expected", [
+    ("203.0.113.9", [], (), "203.0.113.9"),
+    ("203.0.113.9", ["198.51.100.1"], (), "203.0.113.9"),  # headers from an untrusted peer: ignored
+    ("127.0.0.1", ["198.51.100.1"], (), "127.0.0.1"),  # no trusted proxies: ignored
+    ("127.0.0.1", ["198.51.100.1"], ("127.0.0.1",), "198.51.100.1"),
+    ("127.0.0.1", ["6.6.6.6, 198.51.100.1"], ("127.0.0.1",), "198.51.100.1"),  # client-written entries: ignored
+    ("127.0.0.1", ["6.6.6.6", "198.51.100.1"], ("127.0.0.1",), "198.51.100.1"),  # the header repeated
+    ("10.1.2.3", ["198.51.100.1, 10.9.9.9"], ("10.0.0.0/8",), "198.51.100.1"),  # trusted hops skipped
+    ("10.1.2.3", ["10.4.4.4"], ("10.0.0.0/8",), "10.4.4.4"),  # all trusted: the leftmost
+    ("10.1.2.3", ["198.51.100.1, garbage"], ("10.0.0.0/8",), "10.1.2.3"),  # a broken hop: stop at the proxy
+    ("10.1.2.3", ["198.51.100.1:4431"], ("10.0.0.0/8",), "198.51.100.1"),
+    ("::1", ["2001:db8:1:2:3:4:5:6"], ("::1",), "2001:db8:1:2::/64"),
+    ("::1", ['"[2001:db8:1:2::9]:443"'], ("::1/128",), "2001:db8:1:2::/64"),
+    ("::ffff:10.0.0.1", ["198.51.100.1"], ("10.0.0.0/8",), "198.51.100.1"),  # IPv4-mapped peer
+    (None, ["198.51.100.1"], ("127.0.0.1",), "unknown"),
+])
+def test_the_client_address_is_the_rightmost_one_no_trusted_proxy_wrote(peer, forwarded, trusted, expected):
+    assert Access(trusted_proxies=trusted).client_address(peer, forwarded) == expected
+
+
+def test_https_is_believed_only_from_a_trusted_proxy():
+    proxied, direct = Access(trusted_proxies=("127.0.0.1",)), Access()
+    assert proxied.https("http", "127.0.0.1", ["https"]) and not direct.https("http", "127.0.0.1", ["https"])
+    assert not proxied.https("http", "203.0.113.9", ["https"]) and direct.https("https", "203.0.113.9", [])
+    assert not proxied.https("http", "127.0.0.1", ["https, http"]) and proxied.https("http", "127.0.0.1", ["http, https"])
+    assert Access(secure=True).cookie_secure("http", "203.0.113.9", [])
+    for bad in ({"per_address": 0}, {"trusted_proxies": ("10.0.0.300/8",)}, {"window_s": 0}):
+        with pytest.raises(ValueError):
+            Access(**bad)
+
+
+def test_serve_refuses_a_bad_proxy_or_limit_in_one_line(capsys, tmp_path):
+    from job_support import load_job
+
+    job = load_job("study")
+    for flags, said in ((["--trusted-proxy", "10.0.0.300/8"], "--trusted-proxy '10.0.0.300/8'"),
+                        (["--open", "--per-address", "0"], "--per-address 0")):
+        assert job.main(["serve", "--study", str(tmp_path / "none"), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("study: error: ") and said in err[0], err
+    with pytest.raises(SystemExit):
+        job.main(["serve", "--study", str(tmp_path), "--open", "--invite-only"])

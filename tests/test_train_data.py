@@ -104,3 +104,6 @@ def test_promotion_directions() -> None:
         "colour_error", 3)  # lower is better
     assert badness("detail_ratio", 0.9) < badness("detail_ratio", 1.2) < badness("detail_ratio", 0.5)  # → 1
     assert badness("detail_ratio", 0.0) == math.inf
+    # grain: above the photo's 1 is worse, anything at or below it is as good as the photo
+    assert badness("flat_noise_ratio", 1.2) < badness("flat_noise_ratio", 3.0)
+    assert badness("flat_noise_ratio", 0.2) == badness("flat_noise_ratio", 1.0) == 0.0

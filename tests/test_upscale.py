@@ -341,3 +341,83 @@ def test_cascade_of_a_tiny_base_and_one_stage(ray_local, registry, tmp_path: Pat
     np.testing.assert_array_equal(np.asarray(Image.open(output / finals[0])), first)
     assert job.main(["--base", stage_uri, "--stage", stage_uri, "--num-samples", "1", "--output",
                      str(tmp_path / "bad")]) == 2
+
+
+def test_a_mixed_folder_keeps_what_each_input_had_and_the_pyfunc_writes_the_same_files(
+        ray_local, photo_arrays, tmp_path: Path, monkeypatch, capsys) -> None:
+    """jobs/upscale.py on a folder of every input kind (tests/fidelity_support.py) with SR3's
+    untrained regression model (output = bicubic x), registered in MLflow: each output has the
+    mode, depth, profile and tags tests/test_fidelity.py's table says, the manifest records it, and
+    mlflow.pyfunc of the same version gives the same files. --format jpeg refuses what it cannot
+    hold (one error line, exit 2, the rest written; again on the rerun), --fallback convert then
+    writes those converted; another --alpha makes the outputs stale."""
+    import mlflow
+    import pandas as pd
+
+    from fidelity_support import TABLE, corpus, file_kind, zero_model
+    from pipelines.images import codecs
+    from sr3model.weights import save_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model_uri, _ = register_tiny(save_model(tmp_path / "zero", zero_model()), uri, "zero-up")
+    inputs = corpus(photo_arrays["coffee"][150:190, 250:290])
+    for name, data in inputs.items():
+        (tmp_path / "in" / "kinds").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / "kinds" / name).write_bytes(data)
+    run = ["--model", model_uri, "--input", str(tmp_path / "in"), "--workers", "1"]
+
+    output = tmp_path / "png"
+    assert _upscale(*run, "--output", str(output)) == 0
+    rows = {Path(row["source"]).name: row for row in _manifest(str(output))}
+    assert len(rows) == len(inputs)
+    for name, expected in TABLE.items():
+        written = (output / rows[name]["output"]).read_bytes()
+        assert file_kind(written) == ("png", *expected[:2]), name
+        assert (rows[name]["output_mode"], rows[name]["output_bits"]) == expected[:2], name
+        assert (rows[name]["format"], rows[name]["alpha_mode"], rows[name]["colour_mode"], rows[name]["fallback"]) == (
+            "png", "keep", "keep", "refuse")
+    assert (rows["rgba.png"]["alpha"], rows["scan16.tif"]["input_bits"], rows["grey16.png"]["input_mode"]) == (
+        "kept", 16, "I;16")
+    assert rows["adobe.png"]["output_profile"] == rows["adobe.png"]["input_profile"] == "Adobe RGB (1998)-like (test)"
+    assert (rows["camera.jpg"]["metadata"], rows["camera.jpg"]["conversions"]) == ("exif,xmp", "orientation 6 → 1")
+
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(model_uri)
+    names = sorted(inputs)
+    frame = pd.DataFrame({"lr": [inputs[n] for n in names], "name": [f"kinds/{n}" for n in names]})
+    for fmt in ("png", "tiff"):
+        if fmt == "tiff":
+            assert _upscale(*run, "--output", str(tmp_path / "tiff"), "--format", "tiff") == 0
+        out = served.predict(frame, params={"format": fmt, "steps": 1})
+        for name, mine in zip(names, out["sr"]):
+            theirs = (tmp_path / fmt / "kinds" / f"{Path(name).stem}.{'tif' if fmt == 'tiff' else 'png'}").read_bytes()
+            assert file_kind(mine) == file_kind(theirs), (fmt, name)
+            a, b = codecs.read(mine), codecs.read(theirs)
+            assert np.abs(a.pixels.astype(int) - b.pixels.astype(int)).max() <= 1, (fmt, name)
+            assert (a.icc, a.exif, a.xmp) == (b.icc, b.exif, b.xmp), (fmt, name)
+
+    jpeg = ["--output", str(tmp_path / "jpeg"), "--format", "jpeg"]
+    refused = {"rgba.png", "la.png", "rgb16.png", "scan16.tif", "grey16.png", "adobe16.tif", "palette.png"}
+    for _ in range(2):  # the rerun with the same flags refuses them again without reading them
+        capsys.readouterr()
+        assert _upscale(*run, *jpeg) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert line.startswith("upscale: error: 7 input(s) hold what --format jpeg cannot")
+        assert "--fallback convert" in line
+        rejects = _rejects(str(tmp_path / "jpeg"))
+        assert {Path(r["source"]).name for r in rejects if r["reason"] == "would_lose"} == refused
+    assert {Path(r["source"]).name for r in _manifest(str(tmp_path / "jpeg"))} == set(inputs) - refused
+    assert _upscale(*run, *jpeg, "--fallback", "convert") == 0
+    summary = _summary(str(tmp_path / "jpeg"))
+    assert (summary["retried"], summary["done"], summary["refused"]) == (7, 7, 0)
+    converted = {Path(r["source"]).name: r for r in _manifest(str(tmp_path / "jpeg"))}
+    assert converted["rgb16.png"]["conversions"] == "16 → 8 bits (jpeg)" and converted["rgba.png"]["alpha"] == (
+        "composited on white")
+
+    assert _upscale(*run, "--output", str(output), "--alpha", "drop") == 0
+    assert (_summary(str(output))["stale"], _summary(str(output))["done"]) == (len(inputs), 0)
+    capsys.readouterr()
+    assert _upscale(*run, "--output", str(output), "--strip-metadata", "--colour", "keep") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("upscale: error: --strip-metadata") and "--colour keep" in line

@@ -8,6 +8,7 @@
 | `lr_psnr`     | the same comparison in dB                                              | ↑      |
 | `colour_error`| mean |Δ| of per-channel means against HR, in 8-bit levels            | ↓      |
 | `detail_ratio`| high-frequency energy (image − bicubic round trip) over the HR's; 1 = as detailed as the photo; ratio of the set's means | → 1 |
+| `flat_noise_ratio` | the same energy only where the HR is locally flat, over the HR's there: grain the photo does not have (1 = the photo's, bicubic ≈ 0.1); ratio of the set's means | ↓ |
 | `diversity`   | σ across the N samples of one input (only when N > 1; SRDiff)          |        |
 | `fid`, `is`   | Fréchet Inception distance to the HR set; Inception score (torchmetrics + torch-fidelity) | ↓ ↑ |
 | `lpips`       | LPIPS-AlexNet against HR (`sr3model.metrics.LPIPS`, no torchvision)    | ↓      |

@@ -39,9 +39,10 @@ if TYPE_CHECKING:
     from pipelines.registry.models import ModelRef
 
 DIRECTION = {"psnr": "↑", "ssim": "↑", "consistency": "↓", "lr_psnr": "↑", "colour_error": "↓",
-             "detail_ratio": "→1", "diversity": "", "fid": "↓", "is": "↑", "lpips": "↓"}
+             "detail_ratio": "→1", "flat_noise_ratio": "↓", "diversity": "", "fid": "↓", "is": "↑", "lpips": "↓"}
 HEADINGS = {"psnr": "PSNR dB", "ssim": "SSIM", "consistency": "consistency ×1e-5", "lr_psnr": "LR-PSNR dB",
-            "colour_error": "colour error /255", "detail_ratio": "detail ratio", "diversity": "diversity σ",
+            "colour_error": "colour error /255", "detail_ratio": "detail ratio",
+            "flat_noise_ratio": "flat-region noise", "diversity": "diversity σ",
             "fid": "FID", "is": "IS", "lpips": "LPIPS"}
 MIN_DISPLAY = 128  # px: small patches are shown enlarged (pixelated) in the HTML
 

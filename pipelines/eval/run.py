@@ -147,8 +147,9 @@ def evaluate(model_uri: str, pairs: str, options: EvalOptions | None = None, *, 
     for note in perceptual.notes:
         say(note)
     ref = resolve_model(model_uri, uri)
-    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule))
-    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps))
+    chosen = sampling_for(ref, sampler=sampler, steps=steps, schedule=parse_schedule(schedule),
+                          consistency=o.consistency)
+    models = [(ref, chosen)] + [(b, sampling_for(b, sampler=sampler, steps=steps, consistency=o.consistency))
                                 for b in (resolve_model(u, uri) for u in baselines)]
     rows = max(1, min(grid_rows, len(data)))  # pairs shown in the report's grid
 
@@ -165,7 +166,8 @@ def evaluate(model_uri: str, pairs: str, options: EvalOptions | None = None, *, 
         regression = current.config().objective == "regression"
         say(f"{label}: " + ("regression, one pass" if regression else
                             f"{how.sampler}, {how.steps} steps, schedule {how.schedule_text} "
-                            f"({how.source}), {samples} sample(s) per pair"))
+                            f"({how.source}), LR consistency {'on' if how.consistency else 'off'}, "
+                            f"{samples} sample(s) per pair"))
         described[label] = {**current.record(), **({"objective": "regression"} if regression else how.record())}
     model_label, sampled_by = labels[0], []
     for label, running, images, workers_seen in sampled_methods(

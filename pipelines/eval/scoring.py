@@ -26,7 +26,8 @@ from pipelines.eval.measures import Running
 from pipelines.infer.placement import setup_actor
 from pipelines.sampling import Layout, Sampling, sample_batches
 
-ITEM_FIELDS = ("method", "trial", "start", "stop", "sampler", "steps", "beta_start", "beta_end", "keep")
+ITEM_FIELDS = ("method", "trial", "start", "stop", "sampler", "steps", "beta_start", "beta_end", "consistency",
+               "keep")
 
 
 def work_item(method: int, trial: int, start: int, stop: int, sampling, keep: bool) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def work_item(method: int, trial: int, start: int, stop: int, sampling, keep: bo
         return float("nan") if value is None else float(value)
     return {"method": method, "trial": trial, "start": start, "stop": stop, "sampler": sampling.sampler,
             "steps": int(sampling.steps), "beta_start": beta(sampling.beta_start),
-            "beta_end": beta(sampling.beta_end), "keep": bool(keep)}
+            "beta_end": beta(sampling.beta_end), "consistency": bool(sampling.consistency), "keep": bool(keep)}
 
 
 def item_sampling(item: dict[str, Any]):
@@ -44,7 +45,8 @@ def item_sampling(item: dict[str, Any]):
 
     start, end = float(item["beta_start"]), float(item["beta_end"])
     explicit = not (math.isnan(start) or math.isnan(end))
-    return Sampling(str(item["sampler"]), int(item["steps"]), start if explicit else None, end if explicit else None, "")
+    return Sampling(str(item["sampler"]), int(item["steps"]), start if explicit else None, end if explicit else None, "",
+                    bool(item.get("consistency", False)))
 
 
 @dataclass
@@ -173,7 +175,7 @@ class PairScorer:
             item = {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
             model = self.models[int(item["method"])]
             sampling = item_sampling(item)
-            key = (int(item["method"]), sampling.steps, sampling.beta_start, sampling.beta_end)
+            key = (int(item["method"]), sampling.steps, sampling.beta_start, sampling.beta_end)  # the schedule's
             if key not in self.schedules:
                 self.schedules[key] = sampling.schedule(model)
             result = score_item(model, self.data, int(item["start"]), int(item["stop"]), sampling=sampling,

@@ -201,6 +201,7 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], options: SearchOpti
     if config.objective == "regression":
         raise ValueError(f"{model_uri}: a regression model has no noise schedule to search")
     sampler = sampler or config.diffusion.sample_sampler
+    consistency = config.diffusion.sample_consistency if o.consistency is None else o.consistency
     from sr3model.schedules import start_limit
 
     gamma_t = start_limit(config.diffusion)
@@ -216,8 +217,9 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], options: SearchOpti
     say(f"{label_of(ref)}: {len(trials_at)} schedules over K in {steps} (γ_K in [{gamma_range[0]:.3g}, "
         f"{gamma_range[1]:.3g}]) on {len(data)} val pairs, {sampler}, scored by {metric}")
     whole = perceptual is not None
-    items = [scoring.work_item(0, t, start, min(start + batch_size, len(data)), Sampling(sampler, k, b1, bk, ""),
-                               whole) for t, (k, b1, bk) in enumerate(trials_at)
+    items = [scoring.work_item(0, t, start, min(start + batch_size, len(data)),
+                               Sampling(sampler, k, b1, bk, "", consistency), whole)
+             for t, (k, b1, bk) in enumerate(trials_at)
              for start in range(0, len(data), batch_size)]
 
     run_id = _start_parent(uri, experiment, o.run_name, ref, {
@@ -242,7 +244,8 @@ def search(model_uri: str, pairs: str, steps: Sequence[int], options: SearchOpti
             trial.run_id = _log_trial(client, experiment_id, run_id, sampler, metric, trial)
             trials.append(trial)
             if value is not None and (k not in best or better(metric, value, best[k]["value"])):
-                best[k] = {"sampler": sampler, "beta_start": b1, "beta_end": bk, "metric": metric, "value": value}
+                best[k] = {"sampler": sampler, "beta_start": b1, "beta_end": bk, "consistency": consistency,
+                           "metric": metric, "value": value}
             shown = "no score" if value is None else f"{value:.4g}"
             leader = f" (best {best[k]['value']:.4g})" if k in best else ""
             say(f"K={k} [{len([t for t in trials if t.steps == k])}/{len(candidates[k])}] β {b1:g}→{bk:.6g} "

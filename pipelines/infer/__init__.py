@@ -10,7 +10,8 @@
 | `manifest`  | manifest and rejects: rerun rules (stale, changed, retried), compaction         | no   |
 | `layout`    | output names under OUTPUT, names that cannot escape it                          | no   |
 
-The sampling itself is `pipelines.sampling` (shared with evaluation and the pyfunc); evaluation's
+The sampling itself is `pipelines.sampling`, and what outputs keep of their inputs (alpha, 16 bits,
+ICC profile, EXIF/XMP) `pipelines.images` — both shared with the pyfunc; evaluation's
 scoring actors (`pipelines.eval.scoring`) use this stage's placement. Modules marked "no" import
 neither Ray nor MLflow.
 """

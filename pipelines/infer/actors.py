@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.infer.placement import setup_actor
-from pipelines.sampling import (BYTES_PER_OUTPUT_PIXEL, Layout, Sampling, budget_max_batch_pixels, image_seed, largest_output_pixels,
-                                memory_budget, sample_batches)
+from pipelines.sampling import (BYTES_PER_OUTPUT_PIXEL, Layout, Sampling, budget_max_batch_pixels, image_seed,
+                                largest_output_pixels, memory_budget, quantise, sample_batches)
 
 
 class Upscaler:
@@ -46,8 +46,6 @@ class Upscaler:
         self.kill_on = options.get("kill_actor_on")  # test hook: (relpath, log file)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
-        from sr3model.imageio import to_uint8_batch
-
         keep = [k for k in batch if k != "pixels"]
         rows = len(batch["source"])
         todo = [i for i in range(rows) if not batch["reason"][i]]
@@ -59,22 +57,22 @@ class Upscaler:
             todo = [i for i in todo if i not in too_large]
         if self.kill_on and any(str(batch["relpath"][i]) == self.kill_on[0] for i in todo):
             _die(self.kill_on[1])
-        images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["height"][i]),
-                                                                      int(batch["width"][i]), 3) for i in todo]
+        bits = [int(batch["bits"][i]) if "bits" in batch else 8 for i in todo]  # 16: sampled from their float values
+        images = [np.frombuffer(batch["pixels"][i], np.uint16 if b == 16 else np.uint8).reshape(
+            int(batch["height"][i]), int(batch["width"][i]), 3) for i, b in zip(todo, bits)]
         names = [str(batch["relpath"][i]) for i in todo]
         found: dict[int, dict[str, Any]] = {j: {"out": [None] * self.samples, "pixels": 0, "seconds": 0.0}
                                             for j in range(len(todo))}
         for sampled in sample_batches(self.model, images, names, sampling=self.sampling, schedule=self.schedule,
                                       samples=self.samples, seed=self.seed, layout=self.layout):
-            pixels = to_uint8_batch(sampled.outputs) if sampled.outputs is not None else None
             touched = []
             for u, (j, k) in enumerate(sampled.units):
                 state = found[j]
                 state["pixels"] = max(state["pixels"], sampled.pixels)
                 state["seconds"] += sampled.seconds / len(sampled.units)
-                if pixels is None:
+                if sampled.outputs is None:
                     state.setdefault("reason", (sampled.reason, sampled.detail))
-                state["out"][k] = pixels[u] if pixels is not None else False
+                state["out"][k] = False if sampled.outputs is None else quantise(sampled.outputs[u:u + 1], bits[j])[0]
                 touched.append(j)
             complete = [j for j in dict.fromkeys(touched) if all(o is not None for o in found[j]["out"])]
             if complete:

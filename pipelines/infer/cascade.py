@@ -72,7 +72,8 @@ class CascadeSampler:
             else:
                 lr = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
                 out = super_resolve_any(model, lr, sampler=sampling.sampler, schedule=schedule,
-                                        generator=generators, tile_batch=self.options["batch_size"])
+                                        generator=generators, tile_batch=self.options["batch_size"],
+                                        consistency=sampling.consistency)
             previous = images
             images = to_uint8_batch(out[:, 0].cpu())
             seconds = (time.perf_counter() - started) / len(names)
@@ -103,9 +104,10 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
             keep_intermediate: bool = False, workers: int | None = None,
             num_gpus_per_worker: float | None = None, tracking_uri: str | None = None,
             progress: Callable[[str], None] = print, device: str = "auto",
-            ray_address: str | None = None) -> dict[str, Any]:
+            ray_address: str | None = None, consistency: bool | None = None) -> dict[str, Any]:
     """Generate `num_samples` images through the cascade into `output_uri`; returns the summary.
-    Connects to Ray (`pipelines.runtime.init_ray`) once the models are resolved and checked."""
+    Connects to Ray (`pipelines.runtime.init_ray`) once the models are resolved and checked.
+    `consistency`: the SR stages' LR-consistent sampling (None: each model's default)."""
     import ray
     import ray.data
 
@@ -121,7 +123,7 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
     if len(steps) not in (0, 1, len(refs)):
         raise ValueError(f"--steps: give one value, or one per model ({len(refs)}: base + {len(stage_uris)} stages)")
     per_model = [steps[0] if len(steps) == 1 else (steps[k] if steps else None) for k in range(len(refs))]
-    samplings = [sampling_for(ref, steps=k) for ref, k in zip(refs, per_model)]
+    samplings = [sampling_for(ref, steps=k, consistency=consistency) for ref, k in zip(refs, per_model)]
     size = refs[0].config().hr_size
     for k, (ref, sampling) in enumerate(zip(refs, samplings)):
         size = size if k == 0 else size * ref.config().scale

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import posixpath
 
-FORMATS = {"png": ("PNG", {"compress_level": 1}), "jpeg": ("JPEG", {"quality": 95}),
-           "webp": ("WEBP", {"quality": 95, "method": 4})}
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "tiff": "tif"}  # what each holds: images.fidelity.HOLDS
 MANIFEST_DIR, REJECTS_DIR, SUMMARY_NAME = "_manifest", "_rejects", "_SUMMARY.json"
 RESERVED = (MANIFEST_DIR, REJECTS_DIR, SUMMARY_NAME)
 

@@ -21,7 +21,8 @@ etag / generation / mtime, `input_fingerprint`) and this run's model and setting
 | mtime, a file rewritten with the same bytes — `input_hash` |                                        |
 | — is not a change: its new stamp is recorded)              |                                        |
 | another model (version / weights) or settings (sampler,    | reported as stale; redone with         |
-| steps, schedule, seed, tile, overlap)                      | `--redo-stale`                         |
+| steps, schedule, seed, tile, overlap, LR consistency,     | `--redo-stale`                         |
+| format, alpha, colour, strip_metadata, fallback)           |                                        |
 
 | the input was rejected before (same fingerprint) with …    | this run                               |
 | ---------------------------------------------------------- | -------------------------------------- |
@@ -31,10 +32,19 @@ etag / generation / mtime, `input_fingerprint`) and this run's model and setting
 | crashed                                                    |                                        |
 | too_large                                                  | retried if --max-output-pixels was raised |
 |                                                            | (or above an actor's budget: its limit) |
+| would_lose (the format cannot hold what the input has)     | retried if --format or --fallback changed; |
+|                                                            | else skipped, counted as `refused_before` |
 | output_collision                                           | decided again from the listing         |
 
-Rows written before these columns existed (no fingerprint, model digest, seed, tile) are compared
-on what they have (size, model URI, sampler, steps, schedule).
+Rows written before these columns existed (no fingerprint, model digest, seed, tile, fidelity
+settings) are compared on what they have (size, model URI, sampler, steps, schedule): an output
+written before outputs kept alpha, depth and profiles is not reported stale for it. Rows from
+before the consistency column were sampled without it (`BEFORE_THE_COLUMN`), so a run with it on
+redoes them as stale.
+
+Per output, the manifest also records what it kept or converted (`pipelines.images.fidelity`):
+input and output mode, bit depth and profile, what happened to alpha, which metadata it carries,
+and the conversions made.
 """
 
 from __future__ import annotations
@@ -64,22 +74,34 @@ MANIFEST_SCHEMA = pa.schema([
     ("model_digest", pa.string()),
     ("sampler", pa.string()), ("steps", pa.int32()), ("schedule", pa.string()),
     ("schedule_source", pa.string()), ("run_seed", pa.int64()), ("tile", pa.int32()), ("overlap", pa.int32()),
-    ("seed", pa.int64()),
+    ("consistency", pa.bool_()), ("seed", pa.int64()),
     ("input_width", pa.int32()), ("input_height", pa.int32()),
     ("output_width", pa.int32()), ("output_height", pa.int32()),
     ("input_bytes", pa.int64()), ("input_fingerprint", pa.string()), ("input_hash", pa.string()),
     ("tiles", pa.int32()), ("batch_pixels", pa.int64()), ("seconds", pa.float64()),
     ("finished_at", pa.string()),
+    # settings that change the bytes (pipelines.images.fidelity.Fidelity.record)
+    ("format", pa.string()), ("alpha_mode", pa.string()), ("colour_mode", pa.string()),
+    ("strip_metadata", pa.bool_()), ("fallback", pa.string()),
+    # what this output kept or converted (fidelity.assemble)
+    ("input_mode", pa.string()), ("input_bits", pa.int32()), ("input_profile", pa.string()),
+    ("output_mode", pa.string()), ("output_bits", pa.int32()), ("output_profile", pa.string()),
+    ("alpha", pa.string()), ("metadata", pa.string()), ("conversions", pa.string()),
 ])
 REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
                            ("input_bytes", pa.int64()), ("input_fingerprint", pa.string()),
-                           ("max_output_pixels", pa.int64()), ("finished_at", pa.string())])
+                           ("max_output_pixels", pa.int64()), ("finished_at", pa.string()),
+                           ("settings", pa.string())])  # what decided a would_lose (Fidelity.settings)
 PERMANENT = frozenset({"empty", "not_an_image", "truncated", "corrupt", "decompression_bomb", "unsupported_mode",
                        "unsafe_name"})
 RELISTED = frozenset({"output_collision"})  # decided again from each run's listing
 # Columns that make an output stale when they differ from this run's (compared when both are set).
 MODEL_COLUMNS = ("model_uri", "model_digest")
-SETTING_COLUMNS = ("sampler", "steps", "schedule", "run_seed", "tile", "overlap")
+SETTING_COLUMNS = ("sampler", "steps", "schedule", "run_seed", "tile", "overlap", "consistency",
+                   "format", "alpha_mode", "colour_mode", "strip_metadata", "fallback")
+# A setting that rows written before its column existed had, whatever they say (null there)
+BEFORE_THE_COLUMN = {"consistency": False}
+REFUSED = "would_lose"  # the chosen output cannot hold what the input has (fidelity._refuse)
 
 
 @dataclass(frozen=True)
@@ -88,13 +110,15 @@ class Current:
 
     record: dict[str, Any]  # MODEL_COLUMNS + SETTING_COLUMNS (+ model_name, model_version, schedule_source)
     max_output_pixels: int
+    refusal: str | None = None  # Fidelity.settings: a would_lose reject made under them still holds
 
 
 @dataclass
 class Plan:
     todo: list[dict[str, Any]]
     rejects: list[dict[str, Any]]  # rejected now, by name
-    counts: dict[str, int]  # listed, skipped_done, stale, redone_stale, changed, skipped_rejected, retried, touched
+    counts: dict[str, int]  # listed, skipped_done, stale, redone_stale, changed, skipped_rejected, retried, touched,
+    # refused_before (of skipped_rejected: would_lose under these settings)
     refresh: list[dict[str, Any]] = field(default_factory=list)  # manifest rows with a new fingerprint, same content
 
 
@@ -171,7 +195,7 @@ def plan(listed: Iterable[storage.ListedFile], output: str, fmt: str, samples: i
     rejected = {row["source"]: row for row in latest(read_table(output, REJECTS_DIR), "source").to_pylist()}
     todo, rejects, claimed = [], [], {}
     counts = dict.fromkeys(("listed", "skipped_done", "stale", "redone_stale", "changed", "skipped_rejected",
-                            "retried", "touched"), 0)
+                            "retried", "touched", "refused_before"), 0)
     prefix = exclude.rstrip("/") + "/" if exclude else None
     refresh: dict[str, str] = {}  # output → the new fingerprint of its unchanged input
     for item in listed:
@@ -182,8 +206,9 @@ def plan(listed: Iterable[storage.ListedFile], output: str, fmt: str, samples: i
         before = rejected.get(item.uri)
         if before and (_changed(before, item, fp) or before["reason"] in RELISTED):
             before = None  # a new file under the old name, or a reject the listing decides again
-        if before and _final(before, current.max_output_pixels):
+        if before and _final(before, current):
             counts["skipped_rejected"] += 1
+            counts["refused_before"] += before["reason"] == REFUSED
             continue
         try:
             names = output_names(item.relpath, fmt, samples)
@@ -267,24 +292,29 @@ def _stale_mask(table: pa.Table, record: dict[str, Any]) -> pa.ChunkedArray:
         if record.get(column) is None:
             continue
         values = table.column(column)
+        if column in BEFORE_THE_COLUMN:
+            values = pc.fill_null(values, pa.scalar(BEFORE_THE_COLUMN[column], values.type))
         differs = pc.and_(pc.is_valid(values), pc.not_equal(values, pa.scalar(record[column], values.type)))
         mask = pc.or_(mask, pc.fill_null(differs, False))
     return mask
 
 
-def _final(reject: dict[str, Any], max_output_pixels: int) -> bool:
+def _final(reject: dict[str, Any], current: Current) -> bool:
     """Whether an earlier reject still holds (not worth retrying this run)."""
     if reject["reason"] in PERMANENT:
         return True
     if reject["reason"] == "too_large":
-        return (reject.get("max_output_pixels") or 0) >= max_output_pixels
+        return (reject.get("max_output_pixels") or 0) >= current.max_output_pixels
+    if reject["reason"] == REFUSED:
+        return reject.get("settings") == current.refusal
     return False  # read_error, out_of_memory, sample_failed, write_failed, crashed: transient
 
 
 def reject_row(source: str, reason: str, detail: str, size: int, fp: str = "",
-               max_output_pixels: int | None = None) -> dict[str, Any]:
+               max_output_pixels: int | None = None, settings: str | None = None) -> dict[str, Any]:
     return {"source": source, "reason": reason, "detail": detail[:500], "input_bytes": int(size),
-            "input_fingerprint": fp or None, "max_output_pixels": max_output_pixels, "finished_at": now()}
+            "input_fingerprint": fp or None, "max_output_pixels": max_output_pixels, "finished_at": now(),
+            "settings": settings}
 
 
 def _write(output: str, folder: str, name: str, table: pa.Table) -> None:

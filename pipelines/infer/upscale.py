@@ -3,12 +3,15 @@
     driver: resolve --model (pinned version, weights → object store), list INPUT (with each file's
             fingerprint), plan against OUTPUT/_manifest and _rejects (pipelines.infer.manifest:
             done, stale, changed, retried)
-    from_items(to do) ─map_batches(bucket.decode_batch)──── CPU tasks: fetch (threads) + decode
+    from_items(to do) ─map_batches(bucket.decode_batch)──── CPU tasks: fetch (threads) + decode: the
+                                                            model's sRGB input and what the output
+                                                            keeps (pipelines.images.fidelity)
       ─map_batches(actors.Upscaler, actor pool)──────────── actors: the model loaded once each; GPU
                                                             actors (min 1 … max the cluster can
                                                             scale to) or single-threaded CPU actors
                                                             (pipelines.infer.placement)
-      ─map_batches(bucket.write_batch)───────────────────── CPU tasks: encode, atomic writes, manifest
+      ─map_batches(bucket.write_batch)───────────────────── CPU tasks: encode (alpha, depth, profile,
+                                                            metadata put back), atomic writes, manifest
     driver: iterates the small status rows (progress); inputs that came back from no batch (their
             batch was lost with a dead actor or node after its bounded retries: Ray Data is told to
             drop such blocks and go on) are sampled again, each alone, by a fresh pool; what still
@@ -31,6 +34,12 @@ fractional GPUs) with bounded restarts and retries; an input too large for an ac
 is rejected as `too_large` before sampling; encoding and writing run in `Placement.write_tasks`
 tasks with PUT threads inside each (`bucket.write_batch`). On a multi-node cluster a local
 --input/--output is refused unless `shared_fs` (`pipelines.runtime.refuse_node_local`).
+
+Fidelity (`pipelines.images.fidelity.Fidelity`): outputs keep their input's alpha, bit depth, ICC
+profile, EXIF/XMP and greyscale as the options say. An input whose output format cannot hold what
+it has (16 bits in JPEG/WebP, transparency in JPEG) is rejected as `would_lose` unless
+`fallback="convert"`; the summary's `refused` counts those — also the ones an earlier run refused
+under the same format and fallback — and `refused_message` is the job's one error line for them.
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ from typing import Any, Callable
 from pipelines import storage
 from pipelines.infer import bucket, manifest
 from pipelines.infer.actors import Upscaler
-from pipelines.infer.layout import FORMATS, SUMMARY_NAME, UnsafeName, output_names
+from pipelines.images.fidelity import Fidelity
+from pipelines.infer.layout import SUMMARY_NAME, UnsafeName, output_names
 from pipelines.infer.placement import ACTOR_RESTARTS, TASK_MAX_RETRIES, Placement, input_blocks, sampling_placement
 from pipelines.sampling import Layout, Sampling
 from pipelines.registry.models import ModelRef, parse_schedule, resolve_model, sampling_for
@@ -69,37 +79,47 @@ class UpscaleOptions(SamplingOptions):
     redo_stale: bool = False  # redo outputs of another model version or other settings
     shared_fs: bool = False  # a plain local --input/--output is on a file system every node mounts
     kill_actor_on: tuple[str, str] | None = None  # test hook: (relpath, log): sampling it SIGKILLs the actor
+    alpha: str = "keep"  # a fully opaque alpha: keep | drop (pipelines.images.fidelity)
+    colour: str | None = None  # keep | srgb (default: keep; srgb with strip_metadata)
+    strip_metadata: bool = False  # no EXIF, XMP or ICC profile in the outputs
+    fallback: str = "refuse"  # what an output format cannot hold: refuse (would_lose) | convert
 
 
 def upscale(model_uri: str, input_uri: str, output_uri: str, options: UpscaleOptions | None = None, *,
             progress: Callable[[str], None] = print, **fields: Any) -> dict[str, Any]:
     """Super-resolve every new (or changed, or with `redo_stale` stale) image under `input_uri`
     into `output_uri`; returns the summary (also OUTPUT/_SUMMARY.json). `fields` override `options`
-    (e.g. `upscale(m, i, o, steps=2)`). Connects to Ray (`ray_address`) once the flags are checked."""
+    (e.g. `upscale(m, i, o, steps=2)`); `alpha`, `colour`, `strip_metadata`, `fallback`: what outputs
+    keep (`Fidelity.resolve`). Connects to Ray (`ray_address`) once the flags are checked."""
     started = time.perf_counter()
     o = replace(options or UpscaleOptions(), **fields)
+    fidelity = Fidelity.resolve(o.fmt, alpha=o.alpha, colour=o.colour, strip_metadata=o.strip_metadata,
+                                fallback=o.fallback)
     _check(o)
     ref = resolve_model(model_uri, o.tracking_uri)
     config = ref.config()
     if not config.conditional:
         raise ValueError(f"{model_uri} is an unconditional model: use jobs/cascade.py --base")
-    chosen = sampling_for(ref, sampler=o.sampler, steps=o.steps, schedule=parse_schedule(o.schedule))
+    chosen = sampling_for(ref, sampler=o.sampler, steps=o.steps, schedule=parse_schedule(o.schedule),
+                          consistency=o.consistency)
     layout = Layout(o.batch_size, o.max_batch_pixels, o.tile, o.overlap)
     tile_px, overlap_px = layout.tiling(config)
     if not 0 <= overlap_px < tile_px:
         raise ValueError(f"--overlap {overlap_px}: must be in [0, tile = {tile_px})")
     progress(f"model {ref.label} ({config.name}, {config.objective}, ×{config.scale}); "
              f"{chosen.sampler}, {chosen.steps} steps, schedule {chosen.schedule_text} "
-             f"(from {chosen.source})")
+             f"(from {chosen.source}), LR consistency {'on' if chosen.consistency else 'off'}")
 
     listed = storage.list_files(input_uri)
     if not listed and not storage.exists(input_uri):
         raise FileNotFoundError(f"--input {input_uri}: no such file, folder or prefix")
     init_ray(o.ray_address)
     refuse_node_local({"--input": input_uri, "--output": output_uri}, shared_fs=o.shared_fs)
-    record = {**ref.record(), **chosen.record(), "run_seed": o.seed, "tile": tile_px, "overlap": overlap_px}
+    record = {**ref.record(), **chosen.record(), "run_seed": o.seed, "tile": tile_px, "overlap": overlap_px,
+              **fidelity.record()}
     exclude = _listed_style(output_uri) if _inside(output_uri, input_uri) else None
-    plan = manifest.plan(listed, output_uri, o.fmt, o.samples, manifest.Current(record, o.max_output_pixels),
+    plan = manifest.plan(listed, output_uri, o.fmt, o.samples,
+                         manifest.Current(record, o.max_output_pixels, fidelity.settings),
                          exclude=exclude, redo_stale=o.redo_stale)
     counts = plan.counts
     manifest.write_parts(output_uri, plan.refresh, plan.rejects)
@@ -111,15 +131,18 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, options: UpscaleOpt
              f"{len(plan.rejects)} rejected by name")
     statuses: Counter[str] = Counter()
     reasons: Counter[str] = Counter(r["reason"] for r in plan.rejects)
+    examples: dict[str, str] = {}
     placement = None
     if plan.todo:
         placement = sampling_placement(o.num_gpus_per_worker, o.workers, device=o.device,
                                        model_bytes=len(ref.weights), blocks=input_blocks(len(plan.todo), o.batch_size))
         progress(f"sampling on {placement.device}: {placement.min_actors}–{placement.max_actors} actors")
-        statuses, more = _run(ref, chosen, layout, o, plan.todo, output_uri, placement, record, progress)
+        statuses, more = _run(ref, chosen, layout, o, plan.todo, output_uri, fidelity, placement, record,
+                              progress, examples)
         reasons.update(more)
     files = manifest.compact(output_uri)
     failed = {r: n for r, n in reasons.items() if r in bucket.FAILED}
+    refused = reasons[manifest.REFUSED] + counts["refused_before"]
     summary = {
         "model": ref.pinned, "model_name": ref.name, "model_version": ref.version, **chosen.record(),
         "input": input_uri, "output": output_uri, "format": o.fmt, "samples": o.samples, "seed": o.seed,
@@ -130,6 +153,9 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, options: UpscaleOpt
         "rejected": sum(reasons.values()) - sum(failed.values()),
         "rejected_by_reason": dict(sorted((r, n) for r, n in reasons.items() if r not in failed)),
         "failed": sum(failed.values()), "failed_by_reason": dict(sorted(failed.items())),
+        **fidelity.record(), "refused": refused,
+        "refused_message": _refused_message(fidelity, reasons[manifest.REFUSED], counts["refused_before"],
+                                            examples.get(manifest.REFUSED)) if refused else "",
         "placement": asdict(placement) if placement else None, "manifest_files": files,
         "elapsed_s": round(time.perf_counter() - started, 3), "finished_at": manifest.now(),
     }
@@ -138,8 +164,6 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, options: UpscaleOpt
 
 
 def _check(o: UpscaleOptions) -> None:
-    if o.fmt not in FORMATS:
-        raise ValueError(f"--format {o.fmt!r}: choose from {sorted(FORMATS)}")
     if o.samples < 1 or o.batch_size < 1:
         raise ValueError("--samples and --batch-size must be ≥ 1")
     if o.tile is not None and o.tile < 1:
@@ -148,9 +172,19 @@ def _check(o: UpscaleOptions) -> None:
         raise ValueError(f"--max-batch-pixels {o.max_batch_pixels}: must be ≥ 1")
 
 
+def _refused_message(fidelity: Fidelity, now: int, before: int, example: str | None) -> str:
+    """The job's one error line for inputs the chosen output cannot hold (would_lose)."""
+    what = f"{now + before} input(s) hold what --format {fidelity.format} cannot"
+    if before:
+        what += f" ({before} refused by an earlier run under the same --format and --fallback)"
+    example = f" (first: {example})" if example else ""
+    return (f"{what}{example}; they were rejected as would_lose (OUTPUT/_rejects), the rest written: "
+            f"--format png or tiff keeps them, --fallback convert writes them converted")
+
+
 def _run(ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, todo: list[dict[str, Any]],
-         output: str, placement: Placement, record: dict[str, Any],
-         progress: Callable[[str], None]) -> tuple[Counter, Counter]:
+         output: str, fidelity: Fidelity, placement: Placement, record: dict[str, Any],
+         progress: Callable[[str], None], examples: dict[str, str]) -> tuple[Counter, Counter]:
     """Stream `todo` through the actors; then the inputs lost with their batch, each alone; then
     reject what is still lost (`crashed`) and delete outputs that no manifest row lists."""
     import ray
@@ -158,7 +192,7 @@ def _run(ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, tod
     model = ray.put((ref.config_json, ref.weights))
     seen: dict[str, tuple[str, str]] = {}  # source → (status, reason): once each, however often it came back
     said: Counter[str] = Counter()  # reasons printed so far
-    _stream(model, ref, chosen, layout, o, todo, output, placement, record, progress, seen, said)
+    _stream(model, ref, chosen, layout, o, todo, output, fidelity, placement, record, progress, seen, said, examples)
     lost = [item for item in todo if item["source"] not in seen]
     isolate = len(lost) <= max(ISOLATE_MAX, len(todo) // 4)
     if lost and isolate:
@@ -166,7 +200,8 @@ def _run(ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, tod
                  f"after its retries): sampling each alone")
         alone = sampling_placement(o.num_gpus_per_worker, o.workers, device=o.device,  # on the nodes left now
                                    model_bytes=len(ref.weights), blocks=len(lost))
-        _stream(model, ref, chosen, layout, o, lost, output, alone, record, progress, seen, said, rows_per_block=1)
+        _stream(model, ref, chosen, layout, o, lost, output, fidelity, alone, record, progress, seen, said, examples,
+                rows_per_block=1)
         lost = [item for item in todo if item["source"] not in seen]
     if lost:
         detail = (f"no result in its batch nor alone: the process sampling or writing it died each time (out of "
@@ -179,16 +214,17 @@ def _run(ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, tod
         manifest.write_parts(output, [], rejects)
         for item in lost:
             seen[item["source"]] = ("failed", "crashed")
-            _report(progress, said, item["source"], "crashed")
-    _sweep(output, [item for item in todo if seen[item["source"]][0] == "failed"], o.fmt, o.samples)
+            _report(progress, said, item["source"], "crashed", "crashed")
+    _sweep(output, [item for item in todo if seen[item["source"]][0] == "failed"], fidelity.format, o.samples)
     statuses = Counter(status for status, _ in seen.values())
     reasons = Counter(reason for _, reason in seen.values() if reason)
     return statuses, reasons
 
 
 def _stream(model, ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, todo: list[dict[str, Any]],
-            output: str, placement: Placement, record: dict[str, Any], progress: Callable[[str], None],
-            seen: dict[str, tuple[str, str]], said: Counter, rows_per_block: int | None = None) -> None:
+            output: str, fidelity: Fidelity, placement: Placement, record: dict[str, Any],
+            progress: Callable[[str], None], seen: dict[str, tuple[str, str]], said: Counter,
+            examples: dict[str, str], rows_per_block: int | None = None) -> None:
     """One pass of the Ray Data pipeline over `todo`; fills `seen`. A block whose task fails after
     its retries is dropped (the pass goes on); its inputs are simply not in `seen`."""
     import ray.data
@@ -202,25 +238,27 @@ def _stream(model, ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOp
     dataset = (
         ray.data.from_items(todo, override_num_blocks=input_blocks(len(todo), per_block))
         .map_batches(bucket.decode_batch, fn_kwargs={"max_output_pixels": o.max_output_pixels,
-                                                     "scale": ref.config().scale},
+                                                     "scale": ref.config().scale, "fidelity": fidelity},
                      batch_size=per_block, batch_format="numpy", **placement.decode_kwargs())
         .map_batches(Upscaler, fn_constructor_kwargs={"model": [model], "sampling": asdict(chosen),
                                                          "options": options},
                      batch_size=per_block, batch_format="numpy", **placement.map_kwargs())
-        .map_batches(bucket.write_batch, fn_kwargs={"output": output, "fmt": o.fmt, "record": record,
-                                                    "max_output_pixels": o.max_output_pixels},
+        .map_batches(bucket.write_batch, fn_kwargs={"output": output, "fmt": fidelity.format, "record": record,
+                                                    "max_output_pixels": o.max_output_pixels, "fidelity": fidelity},
                      batch_size=None, batch_format="numpy", **placement.write_kwargs())
     )
     dataset.context.max_errored_blocks = -1  # a lost block must not end the job: the driver retries its inputs
     shown = time.perf_counter()
     for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for source, status, reason in zip(rows["source"], rows["status"], rows["reason"]):
-            source, status, reason = str(source), str(status), str(reason)
+        for source, status, reason, detail in zip(rows["source"], rows["status"], rows["reason"], rows["detail"]):
+            source, status, reason, detail = str(source), str(status), str(reason), str(detail)
             if source in seen:
                 continue
             seen[source] = (status, reason)
             if reason:
-                _report(progress, said, source, reason)
+                examples.setdefault(reason, f"{source}: {detail}")
+                _report(progress, said, source, f"{reason}: {detail}" if reason == manifest.REFUSED else reason,
+                        reason)
         if time.perf_counter() - shown > 10:
             written = sum(1 for status, _ in seen.values() if status == "done")
             failed = sum(1 for status, _ in seen.values() if status == "failed")
@@ -228,10 +266,10 @@ def _stream(model, ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOp
             shown = time.perf_counter()
 
 
-def _report(progress: Callable[[str], None], said: Counter, source: str, reason: str) -> None:
+def _report(progress: Callable[[str], None], said: Counter, source: str, text: str, reason: str) -> None:
     said[reason] += 1
     if said[reason] <= 3:  # the first few of each reason; the summary counts them all
-        progress(f"{'failed' if reason in bucket.FAILED else 'rejected'} {source}: {reason}")
+        progress(f"{'failed' if reason in bucket.FAILED else 'rejected'} {source}: {text}")
 
 
 def _sweep(output: str, items: list[dict[str, Any]], fmt: str, samples: int) -> None:

@@ -15,7 +15,7 @@ the driver and ships the same bytes to every worker (through Ray's object store)
 MLflow access and an alias moved mid-run cannot mix two versions in one output.
 
 Sampling defaults, written by `jobs/search_schedule.py --apply` and read by `jobs/upscale.py`:
-a JSON mapping {steps K: {"sampler", "beta_start", "beta_end", "metric", "value"}} stored as the
+a JSON mapping {steps K: {"sampler", "beta_start", "beta_end", "consistency", "metric", "value"}} stored as the
 model version tag `sr3.sampling` (registry models) or as `sampling.json` in a model directory.
 `sampling_for` picks, per setting, the flag if given, else the stored schedule for the chosen
 (steps, sampler), else the model config's `diffusion.sample_*` values; the registered pyfunc
@@ -189,10 +189,11 @@ def _parse(text: str | None) -> dict[int, dict[str, Any]]:
 
 
 def sampling_for(ref: ModelRef, *, sampler: str | None = None, steps: int | None = None,
-                 schedule: tuple[float, float] | None = None) -> Sampling:
-    """Flags win; else the schedule stored for (steps, sampler) by the search; else the config's
-    (`pipelines.sampling.choose_sampling`, which the pyfunc shares)."""
-    return choose_sampling(ref.config(), ref.sampling, sampler=sampler, steps=steps, schedule=schedule)
+                 schedule: tuple[float, float] | None = None, consistency: bool | None = None) -> Sampling:
+    """Flags win; else the schedule (and LR consistency) stored for (steps, sampler) by the search;
+    else the config's (`pipelines.sampling.choose_sampling`, which the pyfunc shares)."""
+    return choose_sampling(ref.config(), ref.sampling, sampler=sampler, steps=steps, schedule=schedule,
+                           consistency=consistency)
 
 
 def parse_schedule(text: str | None) -> tuple[float, float] | None:

@@ -6,20 +6,27 @@ so `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` and `mlflow models serve` wo
 (`mlflow.pytorch.log_model` is not used: it exports with torch.export, which breaks the sampler loop.)
 
 One sampling path: `predict` samples through `pipelines.sampling`, as jobs/upscale.py does —
-the same decoding (`sr3model.imageio.decode_image`), tiling for sizes other than the model's,
-per-image noise seeded by `image_seed(seed, name, 0)` and the same choice of schedule: params, else
-the schedule `jobs/search_schedule.py --apply` stored with the registry version (tag `sr3.sampling`,
-read when the model is loaded), else the config's. So the same version, image, name and seed give
+the same decoding and encoding (`pipelines.images.fidelity.split` and `assemble`), tiling for sizes
+other than the model's, per-image noise seeded by `image_seed(seed, name, 0)` and the same choice
+of schedule: params, else the schedule `jobs/search_schedule.py --apply` stored with the registry
+version (tag `sr3.sampling`, read when the model is loaded), else the config's. So the same version, image, name and seed give
 the picture `jobs/upscale.py` writes for `name` (its path relative to --input).
 
-Input: a pandas DataFrame with a column `lr` of encoded LR images (PNG/JPEG/WebP bytes, any mode,
-any sizes), one row per image, and optionally `name` (default: the row number) — the name that
-seeds the noise; an unconditional model ignores `lr` and draws one sample per row.
-Output: a DataFrame with a column `sr` of PNG bytes (8-bit RGB) and the `height`/`width`.
+Input: a pandas DataFrame with a column `lr` of encoded LR images (PNG/JPEG/WebP/TIFF bytes, any
+mode, depth or profile, any sizes), one row per image, and optionally `name` (default: the row
+number) — the name that seeds the noise; an unconditional model ignores `lr` and draws one sample
+per row.
+Output: a DataFrame with a column `sr` of encoded images that keep what the input had, as the
+job's outputs do (`pipelines.images.fidelity`: alpha, 16-bit depth, ICC profile, EXIF/XMP,
+greyscale; unconditional samples are 8-bit RGB) and the `height`/`width`.
 Params (predict(..., params={...})): `seed` (default 0), `sampler` (default: stored, else the
 config's), `steps`, `schedule` ("START,END"), `batch_size` (outputs per sampler call, default 16),
-`tile`, `overlap` (LR pixels, for sizes other than the model's), `max_batch_pixels`. An image that
-fails to sample even alone raises (after its batch was retried in halves).
+`tile`, `overlap` (LR pixels, for sizes other than the model's), `max_batch_pixels`, `consistency`
+("on" / "off"; default: stored, else the config's `diffusion.sample_consistency`); what outputs
+keep, as the job's flags: `format` (png | jpeg | webp | tiff, default png), `alpha` (keep | drop),
+`colour` (keep | srgb; default keep, srgb with strip_metadata), `strip_metadata` (bool),
+`fallback` (refuse | convert). An image that fails to sample even alone, or that `format` cannot
+hold with `fallback` refuse, raises (after its batch was retried in halves).
 """
 
 from __future__ import annotations
@@ -85,29 +92,47 @@ def super_resolve_frame(model, frame: pd.DataFrame, params: dict[str, Any] | Non
     `stored`: the search's schedules per K, as `pipelines.registry.models.ModelRef.sampling`."""
     import torch
 
-    from pipelines.sampling import Layout, choose_sampling, image_seed, sample_batches
-    from sr3model.imageio import decode_image, encode_png, to_uint8_batch
+    from pipelines.images.fidelity import Carried, Fidelity, assemble, split
+    from pipelines.sampling import Layout, choose_sampling, image_seed, quantise, sample_batches
+    from sr3model.imageio import ImageRejected
 
     params = dict(params or {})
     cfg = model.config
     seed = int(params.get("seed") or 0)
     schedule = params.get("schedule") or None
     bounds = tuple(float(v) for v in schedule.split(",")) if schedule else None
+    consistency = str(params.get("consistency") or "").lower()
+    if consistency not in ("", "on", "off"):
+        raise ValueError(f"params consistency={consistency!r}: use on or off")
     sampling = choose_sampling(cfg, stored or {}, sampler=params.get("sampler") or None,
-                               steps=int(params.get("steps") or 0) or None, schedule=bounds)
+                               steps=int(params.get("steps") or 0) or None, schedule=bounds,
+                               consistency={"on": True, "off": False}.get(consistency))
     layout = Layout(int(params.get("batch_size") or DEFAULT_BATCH), int(params.get("max_batch_pixels") or 0) or None,
                     int(params.get("tile") or 0) or None,
                     None if params.get("overlap") in (None, "", -1) else int(params["overlap"]))
+    fidelity = Fidelity.resolve(params.get("format") or "png", alpha=params.get("alpha") or "keep",
+                                colour=params.get("colour") or None,
+                                strip_metadata=str(params.get("strip_metadata", "")).lower() in ("1", "true", "yes"),
+                                fallback=params.get("fallback") or "refuse")
     n = len(frame)
     names = [str(v) for v in frame["name"]] if "name" in frame else [str(i) for i in range(n)]
     outputs: list[np.ndarray | None] = [None] * n
+    parts = [Carried()] * n
+    alphas: list[np.ndarray | None] = [None] * n
     if cfg.conditional:
-        images = [np.asarray(decode_image(bytes(b))) for b in frame["lr"]]
+        images = []
+        for i, data in enumerate(frame["lr"]):
+            try:
+                found = split(bytes(data), fidelity)  # the job's decode (bucket.decode_batch)
+            except ImageRejected as error:
+                raise ValueError(f"row {names[i]}: {error.reason}: {error.detail}") from None
+            images.append(found.rgb)
+            parts[i], alphas[i] = found.carried, found.alpha
         for sampled in sample_batches(model, images, names, sampling=sampling, samples=1, seed=seed, layout=layout):
             if sampled.outputs is None:
                 raise ValueError(f"row {names[sampled.units[0][0]]}: {sampled.reason}: {sampled.detail}")
-            for (i, _), pixels in zip(sampled.units, to_uint8_batch(sampled.outputs)):
-                outputs[i] = pixels
+            for u, (i, _) in enumerate(sampled.units):
+                outputs[i] = quantise(sampled.outputs[u:u + 1], parts[i].bits)[0]
     else:
         device = next(model.parameters()).device
         schedule_ = sampling.schedule(model)
@@ -116,11 +141,9 @@ def super_resolve_frame(model, frame: pd.DataFrame, params: dict[str, Any] | Non
             generators = [torch.Generator(device=device).manual_seed(image_seed(seed, name, 0)) for name in rows]
             sr = model.super_resolve(None, batch=len(rows), sampler=sampling.sampler, schedule=schedule_,
                                      generator=generators)
-            outputs[start:start + len(rows)] = list(to_uint8_batch(sr[:, 0].cpu()))
-    from PIL import Image
-
-    pngs = [encode_png(Image.fromarray(np.ascontiguousarray(a))) for a in outputs]
-    return pd.DataFrame({"sr": pngs, "height": [a.shape[0] for a in outputs],
+            outputs[start:start + len(rows)] = list(quantise(sr[:, 0].cpu(), 8))
+    encoded = [assemble(a, alpha, carried, fidelity)[0] for a, alpha, carried in zip(outputs, alphas, parts)]
+    return pd.DataFrame({"sr": encoded, "height": [a.shape[0] for a in outputs],
                          "width": [a.shape[1] for a in outputs]})
 
 
@@ -134,7 +157,10 @@ def _signature():
         params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", ""),
                             ParamSpec("steps", "long", 0), ParamSpec("schedule", "string", ""),
                             ParamSpec("batch_size", "long", DEFAULT_BATCH), ParamSpec("tile", "long", 0),
-                            ParamSpec("overlap", "long", -1), ParamSpec("max_batch_pixels", "long", 0)]),
+                            ParamSpec("overlap", "long", -1), ParamSpec("max_batch_pixels", "long", 0),
+                            ParamSpec("format", "string", "png"), ParamSpec("alpha", "string", "keep"),
+                            ParamSpec("colour", "string", ""), ParamSpec("strip_metadata", "boolean", False),
+                            ParamSpec("fallback", "string", "refuse"), ParamSpec("consistency", "string", "")]),
     )
 
 

@@ -10,9 +10,10 @@ fool-rate study, run as a web app with answers in a real database.
 | module        | what                                                                     |
 | ------------- | ------------------------------------------------------------------------ |
 | `plan.py`     | the protocol (tasks, questions), the per-rater trial plans, `study.json`  |
-| `images.py`   | one encoding for every served image, opaque names, catch degradation     |
+| `images.py`   | one encoding for every stored image, opaque names, catch degradation, the per-response jitter |
 | `create.py`   | building a study from val pairs and models (Ray Data sampling)           |
-| `db.py`       | the database: tables, sessions, issuing and answering trials, export     |
+| `db.py`       | the database: schema, sessions, issuing trials, sending images once, answers, export |
+| `access.py`   | invites or open sessions (per-address limit), client address and https behind trusted proxies |
 | `app.py`      | the web app (rater pages, JSON API, token image route, admin endpoints)  |
 | `stats.py`    | fool rates, Wilson and rater-bootstrap intervals, catch exclusions       |
 | `results.py`  | the results job: JSON, the HTML page, MLflow metrics                     |

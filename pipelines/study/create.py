@@ -36,7 +36,7 @@ Say = Callable[[str], None]
 def create_study(models: Sequence[str], pairs: str, study: str, protocol: Protocol, *,
                  baselines: Sequence[str] = (), steps: int | None = None, sampler: str | None = None,
                  schedule: str | None = None, batch_size: int = 8, workers: int | None = None,
-                 tracking_uri: str | None = None, progress: Say = print) -> Study:
+                 tracking_uri: str | None = None, progress: Say = print, consistency: bool | None = None) -> Study:
     """Sample every model's output for the chosen val pairs and write the study (module docstring)."""
     if storage.exists(storage.join(study, STUDY_FILE)):
         raise ValueError(f"{study} already holds a study ({STUDY_FILE}); choose a new --study URI")
@@ -70,7 +70,7 @@ def create_study(models: Sequence[str], pairs: str, study: str, protocol: Protoc
                 out = storage.join(staging, f"out-{model_id}")
                 progress(f"{model_id}: sampling {uri} through pipelines.infer.upscale")
                 summary = _upscale(uri, test_lr, out, steps=steps, sampler=sampler, schedule=schedule,
-                                   seed=protocol.seed, batch_size=batch_size, workers=workers,
+                                   seed=protocol.seed, batch_size=batch_size, workers=workers, consistency=consistency,
                                    tracking_uri=tracking_uri, progress=lambda m: progress(f"{model_id}: {m}"))
                 if summary["done"] != protocol.images or summary["rejected"]:
                     raise ValueError(f"{uri}: sampled {summary['done']} of {protocol.images} images "
@@ -80,7 +80,7 @@ def create_study(models: Sequence[str], pairs: str, study: str, protocol: Protoc
                 described[model_id] = {"kind": kind, "label": _label(summary, uri), "uri": summary["model"],
                                        "given": uri, **{key: summary[key] or "" for key in (
                                            "model_name", "model_version", "sampler", "steps", "schedule",
-                                           "schedule_source")}}
+                                           "schedule_source")}, "consistency": bool(summary.get("consistency"))}
             shapes = {a.shape for a in outputs[model_id]}
             if shapes != {hr[0].shape}:
                 raise ValueError(f"{uri}: outputs of shape {sorted(shapes)}, the pairs' HR is {hr[0].shape}")

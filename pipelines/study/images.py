@@ -1,10 +1,25 @@
-"""Images as the study serves them: one encoding for all, opaque names, the degraded catch copy.
+"""Images as the study serves them: one encoding for all, opaque names, the degraded catch copy,
+and a fresh invisible jitter on every response.
 
-Every served image — real photo, model output, bicubic, LR, degraded catch copy — is decoded to
+Every stored image — real photo, model output, bicubic, LR, degraded catch copy — is decoded to
 8-bit RGB and written the same way: a PNG with no metadata chunks (no text, time, gamma, ICC or
 pHYs) and zlib level 0 (stored blocks), so a file's size depends on its width and height only:
 the real photo and any output of the same size are byte-for-byte the same length. Names are
 `images/<32 random hex>.png`, unrelated to the source, the model or the role.
+
+What is served is never the stored file (`served_png`): each response re-encodes the pixels after
+adding an independent random d ∈ {−1, 0, +1} to every channel value (clipped to 0…255; drawn from
+a generator seeded by `secrets`). Why: with two or more models, a source's real photo appears in
+trials against each of them, while each output appears only against the photo; identical bytes
+would let a script that collects files across trials (several sessions, colluding raters) find the
+photo by the hash, bytes or size that recurs. With the jitter no two served files are the same
+(3^(H·W·3) equally likely patterns of change), the size stays a function of width and height, and
+no exact rule recovers a common key: any per-value function unchanged by every ±1 step is constant
+on 0…255 (the steps connect all levels), so masking low bits or quantising does not undo it. A
+change of at most one level in 255 is far below what a rater can see (PSNR ≈ 50 dB against the
+stored image). What it does not stop: a script that matches pixels approximately can still see
+that two served images are nearly the same photo; that needs many sessions (one rater never sees a
+source twice), which invite-only sessions and the per-address limit keep away.
 """
 
 from __future__ import annotations
@@ -34,6 +49,24 @@ def decode(data: bytes) -> np.ndarray:
     from sr3model.imageio import decode_image
 
     return np.asarray(decode_image(data))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    """A stored study image (the encoding above) → (H, W, 3) uint8, without the project's
+    decoder (the web app stays free of torch)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """rgb + d, d ∈ {−1, 0, +1} independently per channel value, clipped: a change of ≤ 1 level."""
+    step = rng.integers(-1, 2, size=rgb.shape, dtype=np.int16)
+    return np.clip(rgb.astype(np.int16) + step, 0, 255).astype(np.uint8)
+
+
+def served_png(rgb: np.ndarray) -> bytes:
+    """The bytes of one response: a fresh jitter (unpredictable seed), then the study's encoding."""
+    return encode(jitter(rgb, np.random.default_rng(secrets.randbits(128))))
 
 
 def opaque_name() -> str:

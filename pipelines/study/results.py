@@ -1,6 +1,7 @@
 """`jobs/study.py results`: the study's answers → fool rates, an HTML page (the paper's Fig. 11), MLflow.
 
-    REPORT/results.json   pipelines.study.stats.fool_rates + the study's protocol
+    REPORT/results.json   pipelines.study.stats.fool_rates + the study's protocol + the void trials
+                          (an image asked for twice, pipelines.study.db: never counted), per reason
     REPORT/index.html     fool rate per model with both 95% intervals, excluded raters, and per
                           model the `top` source images with the highest and the lowest fool
                           rates (LR | real photo | model output, fool rate k/n)
@@ -41,20 +42,23 @@ def results(study_uri: str, db_url: str, *, report_uri: str | None = None, log_m
     study = Study.load(study_uri)
     db = StudyDB(db_url, study)
     try:
-        rows = db.export()
+        rows, voided = db.export(), db.voided()
     finally:
         db.close()
     if not rows:
         raise ValueError(f"no answers for study {study.id} in {db_url}")
     found = fool_rates(rows, study.models, max_catch_misses=max_catch_misses)
     doc = {"study": study_uri, "study_id": study.id, "task": study.task, "question": study.question,
-           "protocol": study.doc["protocol"], **found}
+           "protocol": study.doc["protocol"], **found, "void": _void_summary(voided)}
     report_uri = report_uri or storage.join(study_uri, "results")
     for model, entry in found["models"].items():
         rate = "—" if entry["fool_rate"] is None else f"{100 * entry['fool_rate']:.1f}%"
         low, high = entry["bootstrap95"]
         say(f"task {study.task} {entry['label']}: fool rate {rate} ({entry['fooled']}/{entry['trials']} trials, "
             f"{entry['raters']} raters; 95% CI over raters {100 * low:.1f}–{100 * high:.1f}%)")
+    if voided:
+        say(f"{doc['void']['trials']} void trials (never counted) of {doc['void']['raters']} raters: "
+            + ", ".join(f"{n} {reason}" for reason, n in doc["void"]["by_reason"].items()))
     for entry in found["excluded"]:
         say(f"excluded rater #{entry['rater']} (slot {entry['slot']}): missed {entry['catch_missed']} of "
             f"{entry['catch_answered']} catch trials")
@@ -66,6 +70,13 @@ def results(study_uri: str, db_url: str, *, report_uri: str | None = None, log_m
     if log_mlflow:
         doc["mlflow"] = _log(study, found, tracking_uri, say)
     return doc
+
+
+def _void_summary(voided: list[dict[str, Any]]) -> dict[str, Any]:
+    reasons: dict[str, int] = {}
+    for row in voided:
+        reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+    return {"trials": len(voided), "raters": len({row["rater"] for row in voided}), "by_reason": reasons}
 
 
 def _copy_images(study: Study, found: dict[str, Any], folder: Path, top: int) -> dict[str, dict[int, dict]]:
@@ -127,7 +138,8 @@ def _page(study: Study, doc: dict[str, Any], shown: dict[str, dict[int, dict]], 
         f"</head><body><h1>2AFC study {esc(study.id)}: Task {study.task}</h1>"
         f"<p>Question: “{esc(study.question)}” Images shown for {study.display_seconds:g} s.</p>"
         f"<p>{doc['answers']} answers from {raters['answered']} raters ({raters['finished']} finished, "
-        f"{raters['included']} included). Fool rate = fraction of trials in which the rater picked the "
+        f"{raters['included']} included; {doc['void']['trials']} void trials — an image asked for twice — "
+        "not counted). Fool rate = fraction of trials in which the rater picked the "
         "model's output over the real photo (50% = indistinguishable).</p>"
         "<table><tr><th>model</th><th>fool rate</th><th>95% CI, bootstrap over raters</th>"
         "<th>95% CI, Wilson</th><th>fooled/trials</th><th>raters</th><th>median response ms</th></tr>"

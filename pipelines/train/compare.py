@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sr3model.metrics import DETAIL_HR, DETAIL_SR, badness
+from sr3model.metrics import RATIOS, badness  # RATIOS: (numerator, denominator) keys of summed energies
 
 Table = Mapping[str, np.ndarray]  # per-pair values of one version (`Running.per_pair`)
 # metric → (tolerance on Δ badness, the unit it is stated in)
@@ -45,8 +45,6 @@ GUARDS: dict[str, tuple[float, str]] = {
 }
 POINT_GUARDS: dict[str, tuple[float, str]] = {"fid": (1.0, "")}
 TOLERANCES = {**GUARDS, **POINT_GUARDS, "psnr": (0.5, "dB"), "ssim": (0.01, ""), "consistency": (1.0, "×1e-5")}
-# Ratios of summed energies: (numerator, denominator) keys of the per-pair table.
-RATIOS = {"detail_ratio": (DETAIL_SR, DETAIL_HR), "flat_noise_ratio": ("_flat_sr", "_flat_hr")}
 
 
 @dataclass(frozen=True)

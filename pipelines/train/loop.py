@@ -308,7 +308,8 @@ class Meter:
 @torch.no_grad()
 def validate(model: SR3, ema: EMA, val: dict[str, torch.Tensor], lc: LoopConfig, step: int,
              logger) -> dict[str, float]:
-    """EMA weights, a fast sampler: PSNR, SSIM, consistency, LR-PSNR, colour error, detail ratio;
+    """EMA weights, a fast sampler: PSNR, SSIM, consistency, LR-PSNR, colour error, detail ratio,
+    flat-region noise (the model's own LR-consistency setting);
     grid LR | bicubic | output | HR."""
     tick = time.perf_counter()
     lr, hr = val["lr"], val["hr"]

@@ -119,12 +119,12 @@ class LoopConfig:
 
 
 def build_config(preset_name: str, objective: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 batch_size: int | None = None) -> SR3Config:
-    """The run's model config: a preset, optionally another objective, `--set` overrides and the
-    global batch size."""
+                 batch_size: int | None = None, *, paper: bool = False) -> SR3Config:
+    """The run's model config: a preset (with `paper`, the paper's method: `papers_method`),
+    optionally another objective, `--set` overrides and the global batch size."""
     from sr3model.config import override, preset
 
-    config = override(preset(preset_name, objective), overrides)
+    config = override(preset(preset_name, objective, paper=paper), overrides)
     if batch_size:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch_size))
     return config

@@ -1,6 +1,8 @@
 // The raters' pages: instructions (Start) and the trial loop. No inline script (the CSP forbids it).
 // A trial: fetch /api/trial -> load its images while hidden -> show them all at once for
 // data-display-ms -> hide them (src removed) -> accept one choice (buttons or keys) -> POST /api/answer.
+// The server sends each image of a trial once: a pair that fails to load (or a reload after its
+// images came) is void, and the page goes on to the next trial, saying so.
 // window.studyLog keeps, per trial, when the images were shown and hidden (performance.now() ms).
 "use strict";
 (function () {
@@ -20,16 +22,22 @@
   }
 
   if (body.dataset.page === "instructions") {
+    const invite = new URLSearchParams(location.search).get("invite");
+    if (!invite && body.dataset.open !== "1") {
+      message("This study is by invitation: please open the link you were sent.");
+      $("start").disabled = true;
+      return;
+    }
     $("start").addEventListener("click", async () => {
       $("start").disabled = true;
-      const invite = new URLSearchParams(location.search).get("invite");
       const response = await post("/api/session", invite ? {invite: invite} : {});
       if (response.ok) {
         location.assign("/trial");
       } else {
         message(response.status === 403 ? "This invitation is not valid or was used already."
-                                        : "The study could not start; please reload the page.");
-        $("start").disabled = false;
+                : response.status === 429 ? "Too many sessions were started from your network; please try again later."
+                : "The study could not start; please reload the page.");
+        $("start").disabled = response.status === 429;
       }
     });
     return;
@@ -44,6 +52,7 @@
   let current = null;
   let accepting = false;
   let promptAt = 0;
+  let failures = 0;  // pairs in a row that could not be shown
 
   function hideImages() {
     for (const slot of slots) {
@@ -83,9 +92,18 @@
     try {
       await Promise.all(slots.map((slot, i) => load(images[i], trial.images[slot])));
     } catch (error) {
-      message("The images could not be loaded; please reload the page.");
+      hideImages();
+      failures += 1;
+      if (failures >= 3) {
+        message("The images could not be loaded; please reload the page.");
+        return;
+      }
+      message("A pair of images could not be shown; it is skipped.");
+      setTimeout(next, 1000);  // the server voids this trial when asked for the next one
       return;
     }
+    failures = 0;
+    $("message").hidden = true;
     requestAnimationFrame(() => {
       for (const img of images) img.style.visibility = "visible";
       stage.dataset.state = "showing";
