@@ -20,8 +20,8 @@
   test gets it healed: killed nodes started again, stopped servers running.
 
 Markers: `slow` (starts Ray clusters or servers; runs in CI), `cluster` (takes the multi-node
-cluster; runs in CI) and `long` (minutes each: skipped unless SR3_LONG_TESTS=1 or `-m long`; the
-nightly run, README "Faults survived").
+cluster; runs in CI) and `long` (minutes each: skipped unless SR3_LONG_TESTS=1, as `make
+test-cluster` sets; the nightly run, README "Faults survived").
 
 Environment variables that gcsfs and Ray read at import or start time are set here at import,
 before any test module imports them.
@@ -127,10 +127,10 @@ LONG_ENV = "SR3_LONG_TESTS"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`long` tests run only when asked for: SR3_LONG_TESTS=1, or a -m expression naming `long`."""
-    if os.environ.get(LONG_ENV) == "1" or "long" in (config.getoption("markexpr") or ""):
+    """`long` tests run only when asked for: SR3_LONG_TESTS=1 (`make test-cluster`)."""
+    if os.environ.get(LONG_ENV) == "1":
         return
-    skip = pytest.mark.skip(reason=f"long cluster fault test: {LONG_ENV}=1 (or -m long) runs it")
+    skip = pytest.mark.skip(reason=f"long cluster fault test: {LONG_ENV}=1 (make test-cluster) runs it")
     for item in items:
         if "long" in item.keywords:
             item.add_marker(skip)
@@ -141,13 +141,13 @@ def cluster_session(tmp_path_factory: pytest.TempPathFactory):
     from cluster_support import GIB, ClusterEnv, GcsServer, MlflowServer, RayCluster
 
     root = tmp_path_factory.mktemp("cluster")
-    gcs = GcsServer(root / "gcs").start()
-    tracking = MlflowServer(root / "mlflow").start()
-    ray_cluster = None
+    gcs, tracking, ray_cluster = GcsServer(root / "gcs"), MlflowServer(root / "mlflow"), None
     try:
+        gcs.start()
+        tracking.start()
         ray_cluster = RayCluster.start(root / "ray", {"node_a": 1, "node_b": 1}, memory=2 * GIB)
         yield ClusterEnv(ray_cluster, gcs, tracking)
-    finally:
+    finally:  # each stops only the processes it started, also after a failed start
         if ray_cluster is not None:
             ray_cluster.stop()
         tracking.stop()

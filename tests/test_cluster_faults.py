@@ -15,7 +15,8 @@ the head (`python jobs/NAME.py` with RAY_ADDRESS), the way `ray job submit` runs
 | MLflow server stopped and started again after step 3         | train       | test_mlflow_restart_mid_training… (long)          |
 | the node running training workers killed after 2 checkpoints | train       | test_worker_node_killed_mid_training… (long)      |
 
-`long` tests take minutes each and run when SR3_LONG_TESTS=1 (or `-m long`); the others in CI.
+`long` tests take minutes each and run when SR3_LONG_TESTS=1 (`make test-cluster`); the others in
+`make test`.
 """
 
 from __future__ import annotations

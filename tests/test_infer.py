@@ -123,12 +123,12 @@ def test_actors_are_sized_per_node_with_bounded_restarts_and_writers_that_scale_
     # finite: Ray Data's defaults are -1 (forever) for all three
     assert 0 <= ACTOR_RESTARTS < 10 and 0 <= TASK_RETRIES < 10 and 0 <= TASK_MAX_RETRIES < 10
     assert [Placement("cuda", 1, 1, 1, n, 0).write_tasks for n in (1, 2, 3, 8)] == [1, 1, 2, 4]
-    # On CPU the decode step must fuse into the actors (Ray Data's own rule): separate decode tasks
-    # would wait for a CPU the actors hold. Before GPU actors it stays a CPU task of its own.
-    from ray.data._internal.logical.rules.operator_fusion import are_remote_args_compatible
-
-    actor_args = {k: v for k, v in bounded.map_kwargs().items() if k != "compute"}
-    assert are_remote_args_compatible(bounded.decode_kwargs(), actor_args)
+    # Before CPU actors (which hold every CPU) decode tasks must reserve none (one that asked for a
+    # CPU would wait forever) and be bounded in number and retries; they cannot carry the actors'
+    # `max_restarts` (Ray refuses it for a task, so Ray Data cannot fuse the two steps).
+    decode = bounded.decode_kwargs()
+    assert (decode["num_cpus"], decode["max_retries"], decode["compute"].size) == (0, TASK_MAX_RETRIES, 2)
+    assert "max_restarts" not in decode and "max_task_retries" not in decode
     gpu = Placement("cuda", 1, 1, 1, 2, 0)
     assert gpu.decode_kwargs() == {"num_cpus": 1, "max_retries": TASK_MAX_RETRIES}
 

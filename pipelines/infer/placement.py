@@ -32,8 +32,8 @@ and a batch waits for its actor's restart, which never comes when its node is go
 nodes are full); what is lost goes back to the driver (`pipelines.infer.upscale`), which retries
 those inputs once, each alone, and rejects what still fails. (Ray 2.60 takes `max_restarts`,
 `max_task_retries` and `max_retries` only through `map_batches`' `**ray_remote_args`, which it
-calls deprecated; no named parameter replaces them yet.) On CPU, decoding runs inside the actors
-(`decode_kwargs`: the same remote args, so Ray Data fuses the two steps).
+calls deprecated; no named parameter replaces them yet.) Before CPU actors the decode tasks reserve
+no CPU (`decode_kwargs`), as the write tasks do.
 
 Writing scales with sampling: `write_tasks` encode-and-write tasks (one per WRITE_ACTORS sampling
 actors), each PUTting its outputs in `bucket.PUT_THREADS` threads (`pipelines.infer.bucket.write_batch`);
@@ -84,11 +84,15 @@ class Placement:
                 "max_restarts": ACTOR_RESTARTS, "max_task_retries": TASK_RETRIES}
 
     def decode_kwargs(self) -> dict[str, Any]:
-        """`num_cpus` and bounded retries for the decode tasks before the actors. For CPU actors the
-        very remote args of the actors, so that Ray Data fuses decoding into them (separate decode
-        tasks would wait forever for a CPU that the actors hold); before GPU actors, CPU tasks."""
+        """`num_cpus`, `compute` and bounded retries for the decode tasks before the actors. Before
+        CPU actors (which hold every CPU) they reserve none, `max_actors` at a time (a task that
+        reserved a CPU would wait forever for one; Ray Data cannot fuse them into the actors, whose
+        `max_restarts` a task refuses); before GPU actors, one CPU each."""
+        import ray.data
+
         if self.device == "cpu":
-            return {k: v for k, v in self.map_kwargs().items() if k != "compute"}
+            return {"compute": ray.data.TaskPoolStrategy(size=max(1, self.max_actors)), "num_cpus": 0,
+                    "max_retries": TASK_MAX_RETRIES}
         return {"num_cpus": 1, "max_retries": TASK_MAX_RETRIES}
 
     @property
