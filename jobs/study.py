@@ -23,11 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-import secrets  # noqa: E402
 
 from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
-
-ADMIN_ENV = "SR3_STUDY_ADMIN_TOKEN"
+from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
 
 def _default_db(study: str) -> str | None:
@@ -58,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     create.add_argument("--display-seconds", type=float, default=3.0, help="how long images are shown (default 3)")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--steps", type=int, help="refinement steps (default: each model's)")
-    create.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: each model's")
+    create.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: each model's")
     create.add_argument("--schedule", metavar="START,END", help="linear β schedule (default: stored, else config)")
     add_consistency_flag(create)
     create.add_argument("--batch-size", type=int, default=8)
@@ -69,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--db", help="SQLAlchemy URL (default: sqlite:///STUDY/answers.db for a local study)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--admin-token", help=f"admin token (default: ${ADMIN_ENV}, else a new one, printed)")
+    serve.add_argument("--admin-token", help="admin token (default: $SR3_STUDY_ADMIN_TOKEN, else a new one, printed)")
     who = serve.add_mutually_exclusive_group()
     who.add_argument("--invite-only", action="store_true",
                      help="sessions need a one-time invite (POST /admin/invites): the default")
@@ -98,51 +96,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import run_job
+
+    return run_job("study", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    from pipelines.cli import from_args
 
     def say(message: str) -> None:
         print(f"study: {message}", flush=True)
 
-    try:
-        if args.command == "create":
-            from pipelines.runtime import init_ray
-            from pipelines.study.create import create_study
-            from pipelines.study.plan import Protocol
+    if args.command == "create":
+        from pipelines.study.create import StudyOptions, create_study
 
-            protocol = Protocol(args.task, args.images, args.per_rater, args.catch, args.raters,
-                                args.display_seconds, args.seed)
-            protocol.check(len(args.model) + len(args.baseline))  # before starting Ray
-            init_ray(args.ray_address)
-            create_study(args.model, args.pairs, args.study, protocol, baselines=args.baseline, steps=args.steps,
-                         sampler=args.sampler, schedule=args.schedule, batch_size=args.batch_size,
-                         workers=args.workers, progress=say, consistency=consistency_flag(args.consistency))
-            say(f"next: python jobs/study.py serve --study {args.study}")
-        elif args.command == "serve":
-            from pipelines.study.access import Access
-            from pipelines.study.app import serve
+        options = from_args(StudyOptions, args, baselines=tuple(args.baseline),
+                            consistency=consistency_flag(args.consistency))
+        create_study(args.model, args.pairs, args.study, options, progress=say)
+        say(f"next: python jobs/study.py serve --study {args.study}")
+    elif args.command == "serve":
+        from pipelines.study.app import ServeOptions, serve_study
 
-            access = Access(open=args.open, per_address=args.per_address, window_s=args.per_address_hours * 3600,
-                            trusted_proxies=tuple(args.trusted_proxy), secure=args.secure)
-            token = args.admin_token or os.environ.get(ADMIN_ENV)
-            if not token:
-                token = secrets.token_urlsafe(24)
-                say(f"admin token (set {ADMIN_ENV} to choose one): {token}")
-            from sqlalchemy.engine import make_url
+        serve_study(args.study, args.db, from_args(ServeOptions, args, trusted_proxy=tuple(args.trusted_proxy)),
+                    say=say)
+    else:
+        from pipelines.study.results import results
 
-            shown = make_url(args.db).render_as_string(hide_password=True)
-            say(f"serving {args.study} on http://{args.host}:{args.port}/ (answers: {shown}; "
-                + (f"open sessions, at most {access.per_address} per address in {args.per_address_hours:g} h"
-                   if access.open else "invite-only: POST /admin/invites") + ")")
-            serve(args.study, args.db, args.host, args.port, admin_token=token, access=access)
-        else:
-            from pipelines.study.results import results
-
-            doc = results(args.study, args.db, report_uri=args.report, log_mlflow=args.mlflow,
-                          max_catch_misses=args.max_catch_misses, top=args.top, say=say)
-            say(f"report: {doc['report']}/index.html (results.json beside it)")
-    except (FileNotFoundError, ValueError) as error:
-        print(f"study: error: {error}", file=sys.stderr)
-        return 2
+        doc = results(args.study, args.db, report_uri=args.report, log_mlflow=args.mlflow,
+                      max_catch_misses=args.max_catch_misses, top=args.top, say=say)
+        say(f"report: {doc['report']}/index.html (results.json beside it)")
     return 0
 
 

@@ -233,7 +233,10 @@ def test_evaluate_job_end_to_end(ray_local, registered, tmp_path, monkeypatch, c
     (run,) = client.search_runs([client.get_experiment_by_name("sr3-eval").experiment_id])
     assert run.data.tags["sr3.model_name"] == "tiny-eval" and run.data.tags["sr3.model_version"] == version
     assert run.data.tags["sr3.model_uri"] == f"models:/tiny-eval/{version}"
-    assert run.data.params["sampler"] == "ddpm" and run.data.params["steps"] == "2"
+    from train_support import tiny_config
+
+    default_sampler = tiny_config().diffusion.sample_sampler  # the model's own: no --sampler given
+    assert run.data.params["sampler"] == default_sampler and run.data.params["steps"] == "2"
     assert run.data.params["schedule"] == "log-snr"  # the config's default schedule, nothing stored yet
     assert run.data.metrics["tiny-eval v1/diversity"] == pytest.approx(found[model]["diversity"])
     assert run.data.metrics["bicubic/psnr"] == pytest.approx(found["bicubic"]["psnr"])

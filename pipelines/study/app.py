@@ -37,8 +37,11 @@ import hashlib
 import hmac
 import html
 import io
+import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any, Literal
@@ -266,3 +269,46 @@ def serve(study_uri: str, db_url: str, host: str = "127.0.0.1", port: int = 8000
     app = create_app(study_uri, db_url, admin_token, access)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, server_header=False,
                 proxy_headers=False)
+
+
+ADMIN_ENV = "SR3_STUDY_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `jobs/study.py serve` lets a user choose (field names are its flags)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str | None = None  # default: $SR3_STUDY_ADMIN_TOKEN, else a new one, printed
+    open: bool = False  # anyone may start a session (else invite-only)
+    per_address: int = 3  # open sessions per client address per window
+    per_address_hours: float = 24.0
+    trusted_proxy: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For/-Proto are believed
+    secure: bool = False  # always mark the session cookie Secure
+
+    @property
+    def access(self) -> Access:
+        return Access(open=self.open, per_address=self.per_address, window_s=self.per_address_hours * 3600,
+                      trusted_proxies=tuple(self.trusted_proxy), secure=self.secure)
+
+
+def serve_study(study_uri: str, db_url: str, options: ServeOptions | None = None, *,
+                say: Callable[[str], None] = print) -> None:
+    """`serve` with the admin token chosen (flag, else $SR3_STUDY_ADMIN_TOKEN, else a new one, said)
+    and what is served said first (the database URL without its password)."""
+    import secrets
+
+    from sqlalchemy.engine import make_url
+
+    o = options or ServeOptions()
+    access = o.access  # a bad proxy or limit fails here, before anything is served
+    token = o.admin_token or os.environ.get(ADMIN_ENV)
+    if not token:
+        token = secrets.token_urlsafe(24)
+        say(f"admin token (set {ADMIN_ENV} to choose one): {token}")
+    shown = make_url(db_url).render_as_string(hide_password=True)
+    say(f"serving {study_uri} on http://{o.host}:{o.port}/ (answers: {shown}; "
+        + (f"open sessions, at most {access.per_address} per address in {o.per_address_hours:g} h"
+           if access.open else "invite-only: POST /admin/invites") + ")")
+    serve(study_uri, db_url, o.host, o.port, admin_token=token, access=access)

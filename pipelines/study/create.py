@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.pairs.store import read_part
+from pipelines.runtime import SamplingOptions, init_ray
 from pipelines.study import images as I
 from pipelines.study.plan import FORMAT_VERSION, QUESTIONS, STUDY_FILE, Protocol, Study, make_plan
 
@@ -33,11 +34,35 @@ BICUBIC = "bicubic"
 Say = Callable[[str], None]
 
 
-def create_study(models: Sequence[str], pairs: str, study: str, protocol: Protocol, *,
-                 baselines: Sequence[str] = (), steps: int | None = None, sampler: str | None = None,
-                 schedule: str | None = None, batch_size: int = 8, workers: int | None = None,
-                 tracking_uri: str | None = None, progress: Say = print, consistency: bool | None = None) -> Study:
-    """Sample every model's output for the chosen val pairs and write the study (module docstring)."""
+@dataclass(frozen=True)
+class StudyOptions(SamplingOptions):
+    """What `jobs/study.py create` lets a user choose (field names are its flags): how the models are
+    sampled (`SamplingOptions`: None = each model's own) and the protocol (`plan.Protocol`)."""
+
+    baselines: tuple[str, ...] = ()  # bicubic, or model URIs sampled like any model
+    task: int = 1
+    images: int = 100
+    per_rater: int = 50
+    catch: int = 3
+    raters: int = 50
+    display_seconds: float = 3.0
+    seed: int = 0
+
+    @property
+    def protocol(self) -> Protocol:
+        return Protocol(self.task, self.images, self.per_rater, self.catch, self.raters, self.display_seconds,
+                        self.seed)
+
+
+def create_study(models: Sequence[str], pairs: str, study: str, options: StudyOptions | None = None, *,
+                 progress: Say = print, **fields: Any) -> Study:
+    """Sample every model's output for the chosen val pairs and write the study (module docstring).
+    `fields` override `options`. The protocol is checked before Ray is connected (`ray_address`)."""
+    o = replace(options or StudyOptions(), **fields)
+    protocol, baselines = o.protocol, o.baselines
+    protocol.check(len(models) + len(baselines))
+    if any(uri != BICUBIC for uri in (*models, *baselines)):
+        init_ray(o.ray_address)
     if storage.exists(storage.join(study, STUDY_FILE)):
         raise ValueError(f"{study} already holds a study ({STUDY_FILE}); choose a new --study URI")
     entries = [("model", uri) for uri in models] + [("baseline", uri) for uri in baselines]
@@ -69,9 +94,11 @@ def create_study(models: Sequence[str], pairs: str, study: str, protocol: Protoc
             else:
                 out = storage.join(staging, f"out-{model_id}")
                 progress(f"{model_id}: sampling {uri} through pipelines.infer.upscale")
-                summary = _upscale(uri, test_lr, out, steps=steps, sampler=sampler, schedule=schedule,
-                                   seed=protocol.seed, batch_size=batch_size, workers=workers, consistency=consistency,
-                                   tracking_uri=tracking_uri, progress=lambda m: progress(f"{model_id}: {m}"))
+                summary = _upscale(uri, test_lr, out, steps=o.steps, sampler=o.sampler, schedule=o.schedule,
+                                   seed=protocol.seed, batch_size=o.batch_size, workers=o.workers,
+                                   consistency=o.consistency, device=o.device,
+                                   num_gpus_per_worker=o.num_gpus_per_worker, tracking_uri=o.tracking_uri,
+                                   progress=lambda m: progress(f"{model_id}: {m}"))
                 if summary["done"] != protocol.images or summary["rejected"]:
                     raise ValueError(f"{uri}: sampled {summary['done']} of {protocol.images} images "
                                      f"(rejected: {summary['rejected_by_reason']})")
