@@ -158,6 +158,7 @@ def run(args: argparse.Namespace, url: str) -> int:
     import ray.data
 
     from pipelines import storage
+    from pipelines.images import codecs
     from pipelines.infer import bucket
     from pipelines.infer.placement import Placement
 
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace, url: str) -> int:
         del ready
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in found.items()), flush=True)
         best = {k: max(best[k], found[k]) for k in names}
-    png = len(bucket.encode(np.frombuffer(SimulatedSampler(args.size, 0).pixels, np.uint8)
+    png = len(codecs.encode(np.frombuffer(SimulatedSampler(args.size, 0).pixels, np.uint8)
                             .reshape(args.size, args.size, 3), "png"))
     print(f"\n{args.actors} simulated actors × {1000 / args.sample_ms:.1f} images/s, {args.size}² PNG outputs "
           f"({png / 1024:.0f} KiB), +{args.latency_ms:.0f} ms round trip to fake-gcs-server; "
