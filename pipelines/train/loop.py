@@ -14,7 +14,9 @@
                                                                                clock, agreed at log steps), + last
 
 MLflow calls of rank 0 are buffered and sent by a background thread (`RunLogger(background=True)`):
-a tracking server that restarts does not stall training; the last step waits for them (bounded). The host never waits for the device between log steps: `train_step` returns device tensors, the
+a tracking server that restarts does not stall training; the last step waits for them (bounded).
+
+The host never waits for the device between log steps: `train_step` returns device tensors, the
 loop adds them up on the device (`Meter`) and reads them with one all-reduce when it logs (which
 also carries the checkpoint clock's vote). `micro_batch` splits each worker's batch (the global
 batch / workers) into chunks whose gradients accumulate: the same update, less activation memory.
