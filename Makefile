@@ -8,7 +8,7 @@ export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT ?= false
 # Jobs and tests that start `python` or `ray` by name get the project's environment.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps demo test bench
+.PHONY: install system-deps demo test test-cluster bench
 install: $(VENV)/.installed
 
 # The 2AFC study's tests need a real browser and a real database server: Debian's chromium,
@@ -39,6 +39,11 @@ demo: install
 
 test: install system-deps
 	$(PY) -m pytest tests
+
+# The multi-node fault tests, the long ones included (README "Faults survived"; nightly in CI).
+# `make test` runs the short ones of them and skips the `long` ones.
+test-cluster: install
+	SR3_LONG_TESTS=1 $(PY) -m pytest -m cluster tests/test_cluster_faults.py
 
 bench: install
 	$(PY) benchmarks/bench_unet.py --preset peer-128 --batch-size 2

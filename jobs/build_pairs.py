@@ -22,6 +22,8 @@ MAX_REJECT_LINES = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from pipelines.runtime import add_shared_fs_flag
+
     parser = argparse.ArgumentParser(description="Build SR3 LR/HR pairs with Ray Data.")
     parser.add_argument("--input", action="append", required=True, help="folder or file URI; repeatable")
     parser.add_argument("--output", required=True, help="output folder URI")
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-versions", type=int, default=2,
                         help="committed versions kept: the new one and the previous ones (default 2)")
     parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
+    add_shared_fs_flag(parser, "--input/--output")
     return parser.parse_args(argv)
 
 
@@ -55,7 +58,7 @@ def _main(argv: list[str] | None) -> int:
     summary = build_pairs(args.input, args.output, args.recipe, args.hr_size, args.scale,
                           val_fraction=args.val_fraction, patches_per_image=args.patches_per_image, seed=args.seed,
                           limit=args.limit, max_read_errors=args.max_read_errors, keep_versions=args.keep_versions,
-                          ray_address=args.ray_address)
+                          ray_address=args.ray_address, shared_fs=args.shared_fs)
     rejects = read_part(args.output, "rejects").to_pylist()
     for row in rejects[:MAX_REJECT_LINES]:
         print(f"rejected {row['source']}: {row['reason']} ({row['detail']})")

@@ -32,6 +32,8 @@ import argparse  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from pipelines.runtime import add_shared_fs_flag
+
     parser = argparse.ArgumentParser(description="Train SR3 with Ray Train and MLflow.")
     parser.add_argument("--pairs", required=True, help="jobs/build_pairs.py output URI (train/, val/)")
     parser.add_argument("--preset", required=True, help="config preset, e.g. tiny, faces-16-128")
@@ -56,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--cpus-per-worker", type=float, help="default 0.5 on CPU, 1 with GPUs")
-    parser.add_argument("--storage", help="checkpoint root URI (local, gs://, s3://); default ~/ray_results")
+    parser.add_argument("--storage", help="checkpoint root URI (local, gs://, s3://); default ~/ray_results, "
+                                          "refused on a multi-node cluster")
+    add_shared_fs_flag(parser, "--storage/--pairs/--val-pairs")
     parser.add_argument("--checkpoint-every", type=int,
                         help="checkpoint every N steps (default: every 5000 steps or 30 minutes, whichever first)")
     parser.add_argument("--checkpoint-minutes", type=float,

@@ -34,7 +34,7 @@ import argparse  # noqa: E402
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
 from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
-from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
+from pipelines.runtime import add_sampling_worker_flags, add_shared_fs_flag  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "it (exit status 2, the rest written) or write it converted (8 bits, alpha on white)")
     add_consistency_flag(parser)
     add_sampling_worker_flags(parser)
+    add_shared_fs_flag(parser, "--input/--output")
     return parser.parse_args(argv)
 
 

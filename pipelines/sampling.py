@@ -25,6 +25,10 @@ ship this file and a GPU machine without Ray can run it.
   the cap runs alone. The default cap (`default_max_batch_pixels`) gives a quarter of the device's
   memory to the canvases, ~`BYTES_PER_OUTPUT_PIXEL` each; `batch_size` also bounds the tiles per
   network call, hence the activations.
+- Budget: an actor that knows its memory budget (its share of its node's memory on CPU, of its
+  GPU's memory with a fractional GPU: `memory_budget`) caps its batches by it, and an output that
+  alone would need more than ALONE_FRACTION of it (`largest_output_pixels`) is not sampled at all:
+  the caller rejects it as `too_large` before it can exhaust the actor's memory.
 - Failures: a batch that raises is split in halves and each half retried, down to single units
   (`sample_batches`); a unit that fails alone comes back with its reason — `out_of_memory` or
   `sample_failed` — and the detail, and the rest go on.
@@ -45,6 +49,7 @@ import torch
 Unit = tuple[int, int]  # (image index, sample index)
 BYTES_PER_OUTPUT_PIXEL = 10 * 3 * 4  # ~10 live fp32 RGB canvases per output while sampling
 MEMORY_FRACTION = 0.25  # of the device's memory given to one actor's canvases by default
+ALONE_FRACTION = 0.5  # of an actor's budget one output sampled alone may take (weights, activations: the rest)
 TRANSIENT_FAILURES = ("out_of_memory", "sample_failed")
 
 
@@ -181,6 +186,25 @@ def default_max_batch_pixels(device: str, actors_per_node: int | None = None) ->
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, actors_per_node or os.cpu_count() or 1)
     return max(1, int(total * MEMORY_FRACTION) // BYTES_PER_OUTPUT_PIXEL)
+
+
+def memory_budget(device: str, gpus: float = 1.0, memory_bytes: int = 0) -> int:
+    """Bytes one sampling actor may use: on a GPU `gpus` (its fraction) × the device's memory; on
+    CPU `memory_bytes` (its share of its node, from the placement), else this machine's memory."""
+    if str(device).startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return int(total * min(1.0, gpus or 1.0))
+    return int(memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def budget_max_batch_pixels(budget: int) -> int:
+    """The default canvas cap of an actor with `budget` bytes: MEMORY_FRACTION of it."""
+    return max(1, int(budget * MEMORY_FRACTION) // BYTES_PER_OUTPUT_PIXEL)
+
+
+def largest_output_pixels(budget: int) -> int:
+    """Output pixels of the largest output an actor with `budget` bytes samples (alone)."""
+    return max(1, int(budget * ALONE_FRACTION) // BYTES_PER_OUTPUT_PIXEL)
 
 
 def plan_batches(sizes: Sequence[tuple[int, int]], samples: int, scale: int, batch_size: int,

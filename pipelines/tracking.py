@@ -13,6 +13,16 @@ both to the rank-0 worker (`RunLogger`) through the train loop config.
   with the same name continues the same MLflow run and its metric steps.
 - Params: MLflow refuses to change a logged param, so a resumed run logs only params it does not
   have yet and returns the ones whose value differs (the caller prints them).
+- A tracking server that is briefly gone (a restart, a deploy) must not stall or fail training:
+  the rank-0 worker's `RunLogger(…, background=True)` **buffers** — every metric, image, text and
+  tag goes out from one background thread in the order it was logged (each call through MLflow's
+  client, which itself retries a request for ~4 minutes; a call that still fails is tried again,
+  3 times in all, then dropped with a warning), so the loop never waits for the server; metrics
+  keep the time they were logged at. `flush` / `close` wait until everything logged so far is in
+  MLflow: the loop closes it (bounded) at its last step, before the driver registers the model.
+  Not covered: a worker that dies while the server is away loses the calls it still held (those
+  after the last checkpoint are logged again when the steps are; earlier ones are not). Drivers
+  log in the foreground (their calls retry the same way and block meanwhile).
 - Datasets: every run that reads a pairs dataset records its identity (`pipelines.pairs.store`):
   params `data.id`, `data.fingerprint`, `data.pairs`, `data.train`, `data.val`, `data.recipe`,
   `data.hr_size`, `data.scale` and tags `sr3.data.id`, `sr3.data.fingerprint`, `sr3.data.uri`
@@ -24,8 +34,10 @@ both to the rank-0 worker (`RunLogger`) through the train loop config.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -137,27 +149,93 @@ def run_metrics(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 class RunLogger:
-    """Metrics and images of one run, from the rank-0 training worker."""
+    """Metrics and images of one run (the rank-0 training worker, evaluation, the study). With
+    `background`, calls are buffered and sent in order by one thread (module docstring)."""
 
-    def __init__(self, uri: str, run_id: str):
+    ATTEMPTS = 3  # tries of one call in the background (each with MLflow's own ~4 minutes of retries)
+    PAUSE_S = 5.0  # before the second try; twice that before the third
+
+    def __init__(self, uri: str, run_id: str, *, background: bool = False, say: Callable[[str], None] = print):
         self.uri, self.run_id = uri, run_id
         self.client = _client(uri)
+        self.say = say
+        self._pending: deque[Callable[[], Any]] | None = deque() if background else None
+        self._changed = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self.dropped = 0  # calls given up on (see ATTEMPTS)
+        if background:
+            threading.Thread(target=self._send, name="mlflow-run-logger", daemon=True).start()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000)  # the time of the step, however late it reaches the server
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
                  if v is not None and np.isfinite(v)]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._call(self.client.log_batch, self.run_id, metrics=batch)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """An (H, W, 3) uint8 image as a PNG artifact at `artifact_file` (e.g. val/step_100.png)."""
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        self._call(self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._call(self.client.log_text, self.run_id, text, artifact_file)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._call(self.client.set_tag, self.run_id, key, value)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most `timeout_s`) until every call made so far has been sent; whether it was."""
+        if self._pending is None:
+            return True
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._changed:
+            while self._pending or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(left if left is None else min(left, 1.0))
+        return True
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """`flush`, then stop the background thread."""
+        sent = self.flush(timeout_s)
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        return sent
+
+    def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self._pending is None:
+            function(*args, **kwargs)
+            return
+        with self._changed:
+            self._pending.append(lambda: function(*args, **kwargs))
+            self._changed.notify_all()
+
+    def _send(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending and not self._closed:
+                    self._changed.wait()
+                if not self._pending:
+                    return
+                call = self._pending[0]
+                self._busy = True
+            for attempt in range(1, self.ATTEMPTS + 1):
+                try:
+                    call()
+                    break
+                except Exception as error:  # noqa: BLE001 — the server is away: later, or give up on this call
+                    if attempt == self.ATTEMPTS:
+                        self.dropped += 1
+                        self.say(f"warning: MLflow call dropped after {attempt} tries: {type(error).__name__}: "
+                                 f"{' '.join(str(error).split())[:300]}")
+                    else:
+                        time.sleep(self.PAUSE_S * attempt)
+            with self._changed:
+                self._pending.popleft()
+                self._busy = False
+                self._changed.notify_all()

@@ -13,6 +13,15 @@
   folders; `photo_arrays` holds the RGB arrays they were written from.
 - `odd_files` (session): one folder of bad and unusual files (`write_odd_files`), with the reject
   reason each must get (None = must decode to an 8-bit RGB image).
+- `cluster` (function; the cluster itself lives for the session): a real multi-node Ray cluster on
+  this machine — a head without CPUs and worker nodes `node_a`, `node_b` (1 CPU, 2 GiB each) as
+  separate `ray start` processes — with storage on its own fake-gcs-server (filesystem backend,
+  so it can be stopped and started) and a real `mlflow server` (tests/cluster_support.py). Each
+  test gets it healed: killed nodes started again, stopped servers running.
+
+Markers: `slow` (starts Ray clusters or servers; runs in CI), `cluster` (takes the multi-node
+cluster; runs in CI) and `long` (minutes each: skipped unless SR3_LONG_TESTS=1, as `make
+test-cluster` sets; the nightly run, README "Faults survived").
 
 Environment variables that gcsfs and Ray read at import or start time are set here at import,
 before any test module imports them.
@@ -112,6 +121,45 @@ def ray_local(gcs_server: str) -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+LONG_ENV = "SR3_LONG_TESTS"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`long` tests run only when asked for: SR3_LONG_TESTS=1 (`make test-cluster`)."""
+    if os.environ.get(LONG_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"long cluster fault test: {LONG_ENV}=1 (make test-cluster) runs it")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cluster_session(tmp_path_factory: pytest.TempPathFactory):
+    from cluster_support import GIB, ClusterEnv, GcsServer, MlflowServer, RayCluster
+
+    root = tmp_path_factory.mktemp("cluster")
+    gcs, tracking, ray_cluster = GcsServer(root / "gcs"), MlflowServer(root / "mlflow"), None
+    try:
+        gcs.start()
+        tracking.start()
+        ray_cluster = RayCluster.start(root / "ray", {"node_a": 1, "node_b": 1}, memory=2 * GIB)
+        yield ClusterEnv(ray_cluster, gcs, tracking)
+    finally:  # each stops only the processes it started, also after a failed start
+        if ray_cluster is not None:
+            ray_cluster.stop()
+        tracking.stop()
+        gcs.stop()
+
+
+@pytest.fixture()
+def cluster(cluster_session, monkeypatch: pytest.MonkeyPatch):
+    """The session's multi-node cluster, healed; this process's gs:// calls go to its storage."""
+    cluster_session.heal()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", cluster_session.gcs.url)
+    return cluster_session
 
 
 @pytest.fixture(scope="session")

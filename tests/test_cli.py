@@ -73,3 +73,21 @@ def test_only_input_errors_become_one_line(capsys) -> None:
     assert capsys.readouterr().err == "job: error: pairs missing\n"
     with pytest.raises(ZeroDivisionError):
         run_job("job", bug, [])
+
+
+def test_node_local_paths_are_refused_on_several_nodes_unless_shared() -> None:
+    """The policy of `pipelines.runtime.refuse_node_local` (on a real cluster:
+    tests/test_cluster_faults.py)."""
+    from pipelines.cli import UserError
+    from pipelines.runtime import refuse_node_local
+
+    flags = {"--storage": "/data/runs", "--pairs": "gs://b/pairs", "--val-pairs": None}
+    refuse_node_local(flags, nodes=1)  # one node: every path is shared
+    refuse_node_local({"--output": "gs://b/out", "--input": "s3://b/in"}, nodes=3)
+    with pytest.raises(UserError, match=r"^--storage /data/runs: a local path on a 3-node cluster .* --shared-fs"):
+        refuse_node_local(flags, nodes=3)
+    with pytest.raises(UserError, match=r"^--output file:///x: a local path"):
+        refuse_node_local({"--output": "file:///x"}, nodes=2)
+    refuse_node_local(flags, shared_fs=True, nodes=3)
+    with pytest.raises(UserError, match=r"^--storage not given: its default /root/ray_results is a local path"):
+        refuse_node_local({"--storage": "/root/ray_results"}, shared_fs=True, defaulted={"--storage"}, nodes=2)

@@ -72,7 +72,7 @@ def test_sampling_actors_placement_on_gpus_cpus_and_an_autoscaling_cluster_witho
     assert place_sampling_actors({"CPU": 16, "GPU": 4, "memory": 64 * gib}) == Placement("cuda", 1, 1, 4, 4, 0)
     assert place_sampling_actors({"CPU": 16, "GPU": 4}, 0.5) == Placement("cuda", 0.5, 1, 8, 8, 0)
     cpu = {"CPU": 8, "memory": 64 * gib}
-    assert place_sampling_actors(cpu, model_bytes=10 ** 6, blocks=100) == Placement("cpu", 0, 8, 8, 8, 1)
+    assert place_sampling_actors(cpu, model_bytes=10 ** 6, blocks=100) == Placement("cpu", 0, 8, 8, 8, 1, 8 * gib)
     assert place_sampling_actors(cpu, model_bytes=10 ** 6, blocks=3).max_actors == 3  # few batches: 2 threads each
     assert place_sampling_actors(cpu, model_bytes=4 * gib, blocks=100).max_actors == 2  # 32 GiB / 16 GiB
     assert place_sampling_actors(cpu, model_bytes=40 * gib, blocks=100).max_actors == 1  # never 0
@@ -84,13 +84,64 @@ def test_sampling_actors_placement_on_gpus_cpus_and_an_autoscaling_cluster_witho
     assert place_sampling_actors(head, scalable=scalable, blocks=100) == Placement("cuda", 1, 1, 1, 8, 0)
     assert place_sampling_actors(head, scalable=scalable, blocks=3).max_actors == 3  # no more than the work
     assert place_sampling_actors(head, None, 4, scalable=scalable).max_actors == 4  # --workers caps the pool
-    assert place_sampling_actors(head, scalable=scalable, device="cpu") == Placement("cpu", 0, 1, 1, 1, 1)
+    assert place_sampling_actors(head, scalable=scalable, device="cpu") == Placement("cpu", 0, 1, 1, 1, 1, 16 * gib)
     assert place_sampling_actors(head, device="cuda") == Placement("cuda", 1, 1, 1, 1, 0)  # asked for, none seen
-    assert place_sampling_actors(head) == Placement("cpu", 0, 1, 1, 1, 1)  # no GPU now or ever
+    assert place_sampling_actors(head) == Placement("cpu", 0, 1, 1, 1, 1, 16 * gib)  # no GPU now or ever
     with pytest.raises(ValueError):
         place_sampling_actors(head, 1, device="cpu")
     strategy = Placement("cuda", 1, 1, 1, 8, 0).map_kwargs()
     assert (strategy["compute"].min_size, strategy["compute"].max_size, strategy["num_gpus"]) == (1, 8, 1)
+
+
+def test_actors_are_sized_per_node_with_bounded_restarts_and_writers_that_scale_with_them() -> None:
+    """Cluster totals would put 3-thread actors on 2-CPU nodes and give each actor a share of all
+    the cluster's memory; an actor lives on one node."""
+    from pipelines.infer.placement import (ACTOR_RESTARTS, TASK_MAX_RETRIES, TASK_RETRIES, Placement,
+                                           place_sampling_actors)
+
+    gib = 2 ** 30
+    nodes = [{"CPU": 2, "memory": 8 * gib}] * 3
+    totals = {"CPU": 6, "memory": 24 * gib}
+    two = place_sampling_actors(totals, None, 2, nodes=nodes)
+    assert (two.threads, two.max_actors, two.memory_bytes) == (2, 2, 8 * gib)  # not 6 // 2 = 3 threads
+    assert two.map_kwargs()["num_cpus"] == 2  # the actor reserves the CPUs its threads use
+    one_each = place_sampling_actors(totals, nodes=nodes, blocks=100)
+    assert (one_each.max_actors, one_each.threads, one_each.memory_bytes) == (6, 1, 4 * gib)  # half a node each
+    big, small = {"CPU": 8, "memory": 64 * gib}, {"CPU": 4, "memory": 8 * gib}
+    mixed = place_sampling_actors({"CPU": 12, "memory": 72 * gib}, None, 3, nodes=[big, small])
+    assert mixed.threads == 4 and mixed.memory_bytes == 8 * gib  # 2 + 1 actors; the small node's share
+    # model copies per node: 12 GiB nodes hold one 1 GiB model (×4 of it in half the memory), not 36/2/4 = 4
+    assert place_sampling_actors({"CPU": 12, "memory": 36 * gib}, model_bytes=gib, blocks=100,
+                                 nodes=[{"CPU": 4, "memory": 12 * gib}] * 3).max_actors == 3
+    # GPUs: an actor's GPUs lie on one node: 0.75 GPU per actor on three 1-GPU nodes is 3 actors (not 3 / 0.75)
+    assert place_sampling_actors({"GPU": 3}, 0.75, nodes=[{"GPU": 1}] * 3) == Placement("cuda", 0.75, 1, 3, 3, 0)
+    assert place_sampling_actors({"GPU": 4}, 0.5, nodes=[{"GPU": 2}] * 2) == Placement("cuda", 0.5, 1, 8, 8, 0)
+    bounded = Placement("cpu", 0, 2, 2, 2, 1, gib)
+    assert (bounded.map_kwargs()["max_restarts"], bounded.map_kwargs()["max_task_retries"]) == (ACTOR_RESTARTS,
+                                                                                                TASK_RETRIES)
+    assert bounded.write_kwargs()["max_retries"] == TASK_MAX_RETRIES
+    # finite: Ray Data's defaults are -1 (forever) for all three
+    assert 0 <= ACTOR_RESTARTS < 10 and 0 <= TASK_RETRIES < 10 and 0 <= TASK_MAX_RETRIES < 10
+    assert [Placement("cuda", 1, 1, 1, n, 0).write_tasks for n in (1, 2, 3, 8)] == [1, 1, 2, 4]
+    # Before CPU actors (which hold every CPU) decode tasks must reserve none (one that asked for a
+    # CPU would wait forever) and be bounded in number and retries; they cannot carry the actors'
+    # `max_restarts` (Ray refuses it for a task, so Ray Data cannot fuse the two steps).
+    decode = bounded.decode_kwargs()
+    assert (decode["num_cpus"], decode["max_retries"], decode["compute"].size) == (0, TASK_MAX_RETRIES, 2)
+    assert "max_restarts" not in decode and "max_task_retries" not in decode
+    gpu = Placement("cuda", 1, 1, 1, 2, 0)
+    assert gpu.decode_kwargs() == {"num_cpus": 1, "max_retries": TASK_MAX_RETRIES}
+
+
+def test_memory_budget_of_an_actor_caps_its_batches_and_its_largest_output() -> None:
+    from pipelines.sampling import (BYTES_PER_OUTPUT_PIXEL, budget_max_batch_pixels, largest_output_pixels,
+                                    memory_budget)
+
+    gib = 2 ** 30
+    assert memory_budget("cpu", memory_bytes=4 * gib) == 4 * gib
+    assert budget_max_batch_pixels(4 * gib) == gib // BYTES_PER_OUTPUT_PIXEL  # a quarter for the canvases
+    assert largest_output_pixels(4 * gib) == 2 * gib // BYTES_PER_OUTPUT_PIXEL  # 17.9 M pixels: 4230²
+    assert largest_output_pixels(4 * gib) < 8192 * 8192  # the default --max-output-pixels would need ~7.5 GiB
 
 
 def test_batches_grouped_by_size_and_capped_by_output_pixels() -> None:

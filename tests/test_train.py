@@ -99,6 +99,38 @@ def test_tracking_uri_is_absolute_and_params_do_not_change(tmp_path: Path, monke
     assert MlflowClient(uri).get_experiment_by_name("exp").artifact_location == f"file://{tmp_path}/mlartifacts"
 
 
+def test_run_logger_in_the_background_sends_in_order_and_never_blocks_the_caller(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """Training's rank 0 buffers its MLflow calls (a tracking server that restarts must not stall a
+    step): everything arrives, in order; against a server that is not there, a call returns at once
+    and is dropped, with a warning, after its tries. The server restart itself:
+    tests/test_cluster_faults.py."""
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id, _ = tracking.start_or_resume(uri, "exp", "buffered")
+    logger = tracking.RunLogger(uri, run_id, background=True)
+    for step in range(1, 21):
+        logger.log_metrics({"loss": 1.0 / step}, step=step)
+    logger.set_tag("sr3.note", "after the metrics")
+    assert logger.close(timeout_s=120) and logger.dropped == 0
+    assert tracking.run_metrics(uri, run_id, "loss") == [(s, 1.0 / s) for s in range(1, 21)]
+    assert tracking.run_tags(uri, run_id)["sr3.note"] == "after the metrics"
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking.RunLogger, "PAUSE_S", 0.0)
+    said: list[str] = []
+    away = tracking.RunLogger("http://127.0.0.1:9", run_id, background=True, say=said.append)  # nothing listens
+    tick = time.perf_counter()
+    away.log_metrics({"loss": 1.0}, step=1)
+    assert time.perf_counter() - tick < 0.5  # the caller goes on
+    assert away.close(timeout_s=120) and away.dropped == 1
+    assert said and said[0].startswith("warning: MLflow call dropped after 3 tries")
+    blocking = tracking.RunLogger("http://127.0.0.1:9", run_id)  # a driver's logger: the call itself fails
+    with pytest.raises(Exception):
+        blocking.log_metrics({"loss": 1.0}, step=1)
+
+
 # -- on a real local Ray ---------------------------------------------------------------------------
 
 def _weights(checkpoint: str) -> dict[str, torch.Tensor]:

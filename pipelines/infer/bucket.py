@@ -6,9 +6,10 @@
                    (read_error after `storage.read_bytes`' retries, too_large, would_lose, the
                    decoder's reasons)
     write_batch    sampled rows → images encoded by `encode_row` (`fidelity.assemble`) and written
-                   atomically, then one manifest part and one rejects part for the batch; a row
-                   whose encoding or writing fails is rejected (`write_failed`) and the others are
-                   still written
+                   atomically, PUT_THREADS rows at a time (object-store PUTs are latency-bound: one
+                   task keeps that many in flight), then one manifest part and one rejects part for
+                   the batch; a row whose encoding or writing fails is rejected (`write_failed`) and
+                   the others are still written
 
 Durability: a batch's manifest part is written only after all of that batch's images, so an output
 listed in the manifest is complete. A run killed midway leaves at most images without manifest
@@ -28,7 +29,8 @@ from pipelines.images.fidelity import Carried, Fidelity, assemble, split
 from pipelines.infer.layout import output_names
 
 FETCH_THREADS = 16
-FAILED = frozenset({"out_of_memory", "sample_failed", "write_failed"})  # the job's own failures
+PUT_THREADS = 8  # rows encoded and PUT at once in one write task (benchmarks/bench_write.py)
+FAILED = frozenset({"out_of_memory", "sample_failed", "write_failed", "crashed"})  # the job's own failures
 
 
 def decode_batch(batch: dict[str, np.ndarray], max_output_pixels: int, scale: int,
@@ -91,7 +93,8 @@ def encode_row(batch: dict[str, np.ndarray], i: int, fidelity: Fidelity) -> list
 
 
 def write_batch(batch: dict[str, np.ndarray], output: str, fmt: str, record: dict[str, Any],
-                max_output_pixels: int | None = None, fidelity: Fidelity | None = None) -> dict[str, list]:
+                max_output_pixels: int | None = None, fidelity: Fidelity | None = None,
+                put_threads: int = PUT_THREADS) -> dict[str, list]:
     """Encode and write a batch of results, then its manifest and rejects parts (Ray Data task).
 
     Rows hold `samples` outputs packed in `out` (N × H × W × 3 uint8 bytes, uint16 where `bits` is
@@ -99,27 +102,41 @@ def write_batch(batch: dict[str, np.ndarray], output: str, fmt: str, record: dic
     outputs keep (default: `fmt` with the defaults of `Fidelity`); `tiled` False: sampled whole (the manifest's
     tile and overlap stay empty, so another --tile does not make the output stale). `record` holds the model and sampling
     columns of the manifest; a batch column of the same name overrides it per row (the cascade).
-    Returns one small row per source: status ("done" | "rejected" | "failed"), reason and detail."""
+    Returns one small row per source: status ("done" | "rejected" | "failed"), reason and detail.
+    A `limit` column (an actor's budget in output pixels) is the limit a `too_large` row records."""
     rows, rejects, status = [], [], {"source": [], "status": [], "reason": [], "detail": []}
     fidelity = fidelity or Fidelity(fmt)
     stamp = manifest.now()
-    for i, source in enumerate(batch["source"]):
-        source, reason, detail = str(source), str(batch["reason"][i]), str(batch["detail"][i])
-        fp = str(batch["input_fingerprint"][i]) if "input_fingerprint" in batch else ""
-        if not reason:
-            try:
-                rows.extend(_write_row(batch, i, output, fidelity, record, fp, stamp))
-            except Exception as error:  # noqa: BLE001 — e.g. an output too wide for WebP; the rest go on
-                reason, detail = "write_failed", f"{type(error).__name__}: {error}"
+    count = len(batch["source"])
+
+    def fingerprint(i: int) -> str:
+        return str(batch["input_fingerprint"][i]) if "input_fingerprint" in batch else ""
+
+    def write(i: int) -> tuple[list[dict[str, Any]], str, str]:
+        reason, detail = str(batch["reason"][i]), str(batch["detail"][i])
         if reason:
-            limit = max_output_pixels if reason == "too_large" else None
-            rejects.append(manifest.reject_row(source, reason, detail, int(batch["input_bytes"][i]), fp, limit,
-                                               fidelity.settings if reason == "would_lose" else None))
+            return [], reason, detail
+        try:
+            return _write_row(batch, i, output, fidelity, record, fingerprint(i), stamp), "", ""
+        except Exception as error:  # noqa: BLE001 — e.g. an output too wide for WebP; the rest go on
+            return [], "write_failed", f"{type(error).__name__}: {error}"
+
+    with ThreadPoolExecutor(max(1, min(put_threads, count))) as pool:
+        written = list(pool.map(write, range(count)))
+    for i, (done, reason, detail) in enumerate(written):
+        source = str(batch["source"][i])
+        rows.extend(done)
+        if reason:
+            limit = None
+            if reason == "too_large":
+                limit = int(batch["limit"][i]) if "limit" in batch and int(batch["limit"][i]) else max_output_pixels
+            rejects.append(manifest.reject_row(source, reason, detail, int(batch["input_bytes"][i]), fingerprint(i),
+                                               limit, fidelity.settings if reason == "would_lose" else None))
         status["source"].append(source)
         status["reason"].append(reason)
         status["detail"].append(detail if reason else "")
         status["status"].append("done" if not reason else "failed" if reason in FAILED else "rejected")
-    manifest.write_parts(output, rows, rejects)
+    manifest.write_parts(output, rows, rejects)  # after every image of the batch: listed means complete
     return status
 
 

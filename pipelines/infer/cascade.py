@@ -29,7 +29,7 @@ import numpy as np
 from pipelines import storage
 from pipelines.infer import bucket, manifest
 from pipelines.infer.layout import EXTENSIONS, SUMMARY_NAME
-from pipelines.infer.placement import WRITE_CPUS, WRITE_TASKS, setup_actor, input_blocks, sampling_placement
+from pipelines.infer.placement import setup_actor, input_blocks, sampling_placement
 from pipelines.sampling import Sampling, image_seed
 from pipelines.registry.models import resolve_model, sampling_for
 from pipelines.runtime import init_ray
@@ -151,8 +151,7 @@ def cascade(base_uri: str, stage_uris: list[str], num_samples: int, output_uri: 
                             "threads": placement.threads, "device": placement.device, "ext": EXTENSIONS[fmt]}},
                 batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=True, **placement.map_kwargs())
             .map_batches(bucket.write_batch, fn_kwargs={"output": output_uri, "fmt": fmt, "record": record},
-                         batch_size=None, batch_format="numpy", num_cpus=WRITE_CPUS,
-                         compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS))
+                         batch_size=None, batch_format="numpy", **placement.write_kwargs())
         )
         for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             statuses.update(str(s) for s in rows["status"])

@@ -5,7 +5,8 @@
     OUTPUT/_rejects/*.parquet    one row per rejected input (REJECT_SCHEMA), the latest per source
 
 Write tasks add small `part-*` files (one per written batch); `compact` folds a run's parts into
-one `run-*` file at the end of the run, and merges all files into one `compact-*` file when more
+one `run-*` file at the end of the run (the latest row per output / source: a batch written twice,
+by a task retried after its node died, leaves one row), and merges all files into one `compact-*` file when more
 than MAX_FILES accumulate, so planning reads a handful of files however many runs came before.
 Compaction writes the merged file before deleting what it merged: a crash in between leaves
 duplicate rows, which readers resolve (latest `finished_at` wins).
@@ -27,8 +28,10 @@ etag / generation / mtime, `input_fingerprint`) and this run's model and setting
 | ---------------------------------------------------------- | -------------------------------------- |
 | empty, not_an_image, truncated, corrupt, decompression_bomb, | skipped                              |
 | unsupported_mode, unsafe_name (PERMANENT)                  |                                        |
-| read_error, out_of_memory, sample_failed, write_failed     | retried                                |
+| read_error, out_of_memory, sample_failed, write_failed,    | retried                                |
+| crashed                                                    |                                        |
 | too_large                                                  | retried if --max-output-pixels was raised |
+|                                                            | (or above an actor's budget: its limit) |
 | would_lose (the format cannot hold what the input has)     | retried if --format or --fallback changed; |
 |                                                            | else skipped, counted as `refused_before` |
 | output_collision                                           | decided again from the listing         |
@@ -304,7 +307,7 @@ def _final(reject: dict[str, Any], current: Current) -> bool:
         return (reject.get("max_output_pixels") or 0) >= current.max_output_pixels
     if reject["reason"] == REFUSED:
         return reject.get("settings") == current.refusal
-    return False  # read_error, out_of_memory, sample_failed, write_failed: transient
+    return False  # read_error, out_of_memory, sample_failed, write_failed, crashed: transient
 
 
 def reject_row(source: str, reason: str, detail: str, size: int, fp: str = "",
@@ -340,7 +343,7 @@ def compact(output: str, max_files: int = MAX_FILES) -> dict[str, int]:
         names = parquet_files(output, folder)
         parts = [n for n in names if posixpath.basename(n).startswith("part-")]
         if len(parts) > 1 or (parts and len(names) > max_files):
-            _merge(output, folder, parts, schema, "run", None)
+            _merge(output, folder, parts, schema, "run", key)
             names = parquet_files(output, folder)
         if len(names) > max_files:
             _merge(output, folder, names, schema, "compact", key)

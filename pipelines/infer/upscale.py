@@ -12,7 +12,12 @@
                                                             (pipelines.infer.placement)
       ─map_batches(bucket.write_batch)───────────────────── CPU tasks: encode (alpha, depth, profile,
                                                             metadata put back), atomic writes, manifest
-    driver: iterates the small status rows (progress), compacts the manifest, writes _SUMMARY.json
+    driver: iterates the small status rows (progress); inputs that came back from no batch (their
+            batch was lost with a dead actor or node after its bounded retries: Ray Data is told to
+            drop such blocks and go on) are sampled again, each alone, by a fresh pool; what still
+            does not come back is rejected as `crashed`; outputs of inputs that did not end up
+            written are deleted unless the manifest lists them; compacts the manifest, writes
+            _SUMMARY.json
 
 Memory stays bounded: Ray Data streams blocks between the stages with backpressure; inside an
 actor, outputs are sampled in batches grouped by size and capped by output pixels
@@ -23,6 +28,12 @@ Sampling: `pipelines.registry.models.sampling_for` (flags, else the schedule sto
 these steps, else the model config) through `pipelines.sampling` — the path the pyfunc and
 the evaluation share. A failed image (out of memory, a sampling error) is rejected with its
 reason and retried on the next run; the summary counts it under `failed`.
+
+Cluster scale: the actors are sized per node (`pipelines.infer.placement`: threads, memory budget,
+fractional GPUs) with bounded restarts and retries; an input too large for an actor's memory budget
+is rejected as `too_large` before sampling; encoding and writing run in `Placement.write_tasks`
+tasks with PUT threads inside each (`bucket.write_batch`). On a multi-node cluster a local
+--input/--output is refused unless `shared_fs` (`pipelines.runtime.refuse_node_local`).
 
 Fidelity (`pipelines.images.fidelity.Fidelity`): outputs keep their input's alpha, bit depth, ICC
 profile, EXIF/XMP and greyscale as the options say. An input whose output format cannot hold what
@@ -44,13 +55,14 @@ from pipelines import storage
 from pipelines.infer import bucket, manifest
 from pipelines.infer.actors import Upscaler
 from pipelines.images.fidelity import Fidelity
-from pipelines.infer.layout import SUMMARY_NAME
-from pipelines.infer.placement import WRITE_CPUS, WRITE_TASKS, Placement, input_blocks, sampling_placement
+from pipelines.infer.layout import SUMMARY_NAME, UnsafeName, output_names
+from pipelines.infer.placement import ACTOR_RESTARTS, TASK_MAX_RETRIES, Placement, input_blocks, sampling_placement
 from pipelines.sampling import Layout, Sampling
 from pipelines.registry.models import ModelRef, parse_schedule, resolve_model, sampling_for
-from pipelines.runtime import SamplingOptions, init_ray
+from pipelines.runtime import SamplingOptions, init_ray, refuse_node_local
 
 DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
+ISOLATE_MAX = 256  # inputs lost with their batch retried one by one (or a quarter of the run's); beyond, rejected
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ class UpscaleOptions(SamplingOptions):
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS  # larger outputs are rejected (too_large)
     max_batch_pixels: int | None = None  # output pixels sampled together (default: from the device's memory)
     redo_stale: bool = False  # redo outputs of another model version or other settings
+    shared_fs: bool = False  # a plain local --input/--output is on a file system every node mounts
+    kill_actor_on: tuple[str, str] | None = None  # test hook: (relpath, log): sampling it SIGKILLs the actor
     alpha: str = "keep"  # a fully opaque alpha: keep | drop (pipelines.images.fidelity)
     colour: str | None = None  # keep | srgb (default: keep; srgb with strip_metadata)
     strip_metadata: bool = False  # no EXIF, XMP or ICC profile in the outputs
@@ -100,6 +114,7 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, options: UpscaleOpt
     if not listed and not storage.exists(input_uri):
         raise FileNotFoundError(f"--input {input_uri}: no such file, folder or prefix")
     init_ray(o.ray_address)
+    refuse_node_local({"--input": input_uri, "--output": output_uri}, shared_fs=o.shared_fs)
     record = {**ref.record(), **chosen.record(), "run_seed": o.seed, "tile": tile_px, "overlap": overlap_px,
               **fidelity.record()}
     exclude = _listed_style(output_uri) if _inside(output_uri, input_uri) else None
@@ -122,8 +137,8 @@ def upscale(model_uri: str, input_uri: str, output_uri: str, options: UpscaleOpt
         placement = sampling_placement(o.num_gpus_per_worker, o.workers, device=o.device,
                                        model_bytes=len(ref.weights), blocks=input_blocks(len(plan.todo), o.batch_size))
         progress(f"sampling on {placement.device}: {placement.min_actors}–{placement.max_actors} actors")
-        statuses, more = _stream(ref, chosen, layout, o, plan.todo, output_uri, fidelity, placement, record,
-                                 progress, examples)
+        statuses, more = _run(ref, chosen, layout, o, plan.todo, output_uri, fidelity, placement, record,
+                              progress, examples)
         reasons.update(more)
     files = manifest.compact(output_uri)
     failed = {r: n for r, n in reasons.items() if r in bucket.FAILED}
@@ -167,47 +182,111 @@ def _refused_message(fidelity: Fidelity, now: int, before: int, example: str | N
             f"--format png or tiff keeps them, --fallback convert writes them converted")
 
 
-def _stream(ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, todo: list[dict[str, Any]],
-            output: str, fidelity: Fidelity, placement: Placement, record: dict[str, Any],
-            progress: Callable[[str], None], examples: dict[str, str]) -> tuple[Counter, Counter]:
+def _run(ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, todo: list[dict[str, Any]],
+         output: str, fidelity: Fidelity, placement: Placement, record: dict[str, Any],
+         progress: Callable[[str], None], examples: dict[str, str]) -> tuple[Counter, Counter]:
+    """Stream `todo` through the actors; then the inputs lost with their batch, each alone; then
+    reject what is still lost (`crashed`) and delete outputs that no manifest row lists."""
     import ray
-    import ray.data
 
     model = ray.put((ref.config_json, ref.weights))
+    seen: dict[str, tuple[str, str]] = {}  # source → (status, reason): once each, however often it came back
+    said: Counter[str] = Counter()  # reasons printed so far
+    _stream(model, ref, chosen, layout, o, todo, output, fidelity, placement, record, progress, seen, said, examples)
+    lost = [item for item in todo if item["source"] not in seen]
+    isolate = len(lost) <= max(ISOLATE_MAX, len(todo) // 4)
+    if lost and isolate:
+        progress(f"{len(lost)} input(s) came back from no batch (their actor or its node died, or a task failed "
+                 f"after its retries): sampling each alone")
+        alone = sampling_placement(o.num_gpus_per_worker, o.workers, device=o.device,  # on the nodes left now
+                                   model_bytes=len(ref.weights), blocks=len(lost))
+        _stream(model, ref, chosen, layout, o, lost, output, fidelity, alone, record, progress, seen, said, examples,
+                rows_per_block=1)
+        lost = [item for item in todo if item["source"] not in seen]
+    if lost:
+        detail = (f"no result in its batch nor alone: the process sampling or writing it died each time (out of "
+                  f"memory? a crash? a lost node?); actors restart ≤ {ACTOR_RESTARTS} times, tasks retry "
+                  f"≤ {TASK_MAX_RETRIES}" if isolate else
+                  f"lost with its batch, one of {len(lost)} of {len(todo)} (too many to retry one by one: is a "
+                  f"service the job needs down?)")
+        rejects = [manifest.reject_row(item["source"], "crashed", detail, item["input_bytes"],
+                                       item["input_fingerprint"]) for item in lost]
+        manifest.write_parts(output, [], rejects)
+        for item in lost:
+            seen[item["source"]] = ("failed", "crashed")
+            _report(progress, said, item["source"], "crashed", "crashed")
+    _sweep(output, [item for item in todo if seen[item["source"]][0] == "failed"], fidelity.format, o.samples)
+    statuses = Counter(status for status, _ in seen.values())
+    reasons = Counter(reason for _, reason in seen.values() if reason)
+    return statuses, reasons
+
+
+def _stream(model, ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, todo: list[dict[str, Any]],
+            output: str, fidelity: Fidelity, placement: Placement, record: dict[str, Any],
+            progress: Callable[[str], None], seen: dict[str, tuple[str, str]], said: Counter,
+            examples: dict[str, str], rows_per_block: int | None = None) -> None:
+    """One pass of the Ray Data pipeline over `todo`; fills `seen`. A block whose task fails after
+    its retries is dropped (the pass goes on); its inputs are simply not in `seen`."""
+    import ray.data
+
     batch = layout.batch_size
     options = {"samples": o.samples, "seed": o.seed, "batch_size": batch, "max_batch_pixels": layout.max_batch_pixels,
                "tile": layout.tile, "overlap": layout.overlap, "device": placement.device,
-               "threads": placement.threads}
+               "threads": placement.threads, "gpus": placement.gpus, "memory_bytes": placement.memory_bytes,
+               "kill_actor_on": o.kill_actor_on}
+    per_block = rows_per_block or batch
     dataset = (
-        ray.data.from_items(todo, override_num_blocks=input_blocks(len(todo), batch))
+        ray.data.from_items(todo, override_num_blocks=input_blocks(len(todo), per_block))
         .map_batches(bucket.decode_batch, fn_kwargs={"max_output_pixels": o.max_output_pixels,
                                                      "scale": ref.config().scale, "fidelity": fidelity},
-                     batch_size=batch, batch_format="numpy", num_cpus=1)
+                     batch_size=per_block, batch_format="numpy", **placement.decode_kwargs())
         .map_batches(Upscaler, fn_constructor_kwargs={"model": [model], "sampling": asdict(chosen),
                                                          "options": options},
-                     batch_size=batch, batch_format="numpy", **placement.map_kwargs())
+                     batch_size=per_block, batch_format="numpy", **placement.map_kwargs())
         .map_batches(bucket.write_batch, fn_kwargs={"output": output, "fmt": fidelity.format, "record": record,
                                                     "max_output_pixels": o.max_output_pixels, "fidelity": fidelity},
-                     batch_size=None, batch_format="numpy", num_cpus=WRITE_CPUS,
-                     compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS))
+                     batch_size=None, batch_format="numpy", **placement.write_kwargs())
     )
-    statuses: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
+    dataset.context.max_errored_blocks = -1  # a lost block must not end the job: the driver retries its inputs
     shown = time.perf_counter()
     for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        statuses.update(str(s) for s in rows["status"])
-        for source, reason, detail in zip(rows["source"], rows["reason"], rows["detail"]):
+        for source, status, reason, detail in zip(rows["source"], rows["status"], rows["reason"], rows["detail"]):
+            source, status, reason, detail = str(source), str(status), str(reason), str(detail)
+            if source in seen:
+                continue
+            seen[source] = (status, reason)
             if reason:
-                reasons[str(reason)] += 1
-                examples.setdefault(str(reason), f"{source}: {detail}")
-                if reasons[str(reason)] <= 3:
-                    said = f"{reason}: {detail}" if reason == manifest.REFUSED else reason
-                    progress(f"{'failed' if reason in bucket.FAILED else 'rejected'} {source}: {said}")
+                examples.setdefault(reason, f"{source}: {detail}")
+                _report(progress, said, source, f"{reason}: {detail}" if reason == manifest.REFUSED else reason,
+                        reason)
         if time.perf_counter() - shown > 10:
-            progress(f"{sum(statuses.values())}/{len(todo)} processed ({statuses['done']} written, "
-                     f"{statuses['failed']} failed)")
+            written = sum(1 for status, _ in seen.values() if status == "done")
+            failed = sum(1 for status, _ in seen.values() if status == "failed")
+            progress(f"{len(seen)}/{len(todo)} processed ({written} written, {failed} failed)")
             shown = time.perf_counter()
-    return statuses, reasons
+
+
+def _report(progress: Callable[[str], None], said: Counter, source: str, text: str, reason: str) -> None:
+    said[reason] += 1
+    if said[reason] <= 3:  # the first few of each reason; the summary counts them all
+        progress(f"{'failed' if reason in bucket.FAILED else 'rejected'} {source}: {text}")
+
+
+def _sweep(output: str, items: list[dict[str, Any]], fmt: str, samples: int) -> None:
+    """Delete outputs of inputs that failed (a task that died between its PUTs and its manifest
+    part, a row whose second sample could not be written) unless a manifest row lists them (an
+    earlier run's output stays)."""
+    if not items:
+        return
+    listed = set(manifest.read_table(output, manifest.MANIFEST_DIR, ["output"]).column("output").to_pylist())
+    for item in items:
+        try:
+            names = output_names(item["relpath"], fmt, samples)
+        except UnsafeName:
+            continue
+        for name in names:
+            if name not in listed and storage.exists(storage.join(output, name)):
+                storage.remove(storage.join(output, name))
 
 
 def _listed_style(uri: str) -> str:

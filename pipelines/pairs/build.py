@@ -43,7 +43,7 @@ from ray.data.datasource.datasink import WriteResult
 from pipelines import storage
 from pipelines.pairs import store as pair_store
 from pipelines.cli import UserError
-from pipelines.runtime import init_ray
+from pipelines.runtime import init_ray, refuse_node_local
 from pipelines.pairs.transforms import (
     PAIR_COLUMNS,
     REJECT_COLUMNS,
@@ -165,12 +165,14 @@ def build_pairs(
     keep_versions: int = pair_store.DEFAULT_KEEP,
     progress: Callable[[str], None] = print,
     ray_address: str | None = None,
+    shared_fs: bool = False,
 ) -> dict[str, Any]:
     """Build pairs from every file under `inputs` into a new version of `output` and commit it;
     returns the committed `_SUMMARY.json` dict.
 
     Checks the flags and inputs first, then connects to the Ray cluster (`pipelines.runtime.init_ray`:
-    `ray_address`, else RAY_ADDRESS, else a local Ray; a process already connected keeps its connection)."""
+    `ray_address`, else RAY_ADDRESS, else a local Ray; a process already connected keeps its connection).
+    On a multi-node cluster a plain local --input or --output is refused unless `shared_fs`."""
     spec = PairSpec(recipe, hr_size, scale, val_fraction, patches_per_image, seed)
     if keep_versions < 1 or not 0 <= max_read_errors <= 1:
         raise UserError("--keep-versions must be at least 1 and --max-read-errors in [0, 1]")
@@ -178,6 +180,9 @@ def build_pairs(
         if not storage.exists(uri):
             raise UserError(f"--input {uri}: nothing there")
     init_ray(ray_address)
+    for uri in inputs:
+        refuse_node_local({"--input": uri}, shared_fs=shared_fs)
+    refuse_node_local({"--output": output}, shared_fs=shared_fs)
     started = time.perf_counter()
     files = list_sources(inputs)
     found = len(files)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines import storage, tracking
 from pipelines.cli import UserError
 from pipelines.pairs import store as pair_store
-from pipelines.runtime import init_ray
+from pipelines.runtime import init_ray, refuse_node_local
 from pipelines.train.data import decode_pairs  # noqa: F401  (public here, as before)
 from pipelines.train.options import Cadence, LoopConfig, TrainOptions
 
@@ -154,6 +154,21 @@ def preflight(pairs: str, config: SR3Config, options: TrainOptions) -> Plan:
                 o.storage_uri or DEFAULT_STORAGE)
 
 
+def check_shared(pairs: str, options: TrainOptions, plan: Plan, uri: str) -> None:
+    """On a multi-node cluster every worker must reach the same pairs, checkpoint root and tracking
+    store: a plain local path among them is refused (`pipelines.runtime.refuse_node_local`) unless
+    `shared_fs`; the default --storage (~/ray_results) and the default tracking store
+    (./mlflow.db, which rank 0 would write on its own node) always."""
+    o = options
+    database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    defaulted = {"--storage"} if o.storage_uri is None else set()
+    if not o.tracking_uri and not os.environ.get(tracking.TRACKING_ENV):
+        defaulted.add("MLFLOW_TRACKING_URI")
+    refuse_node_local({"--storage": plan.storage_uri, "--pairs": pairs, "--val-pairs": o.val_pairs,
+                       "--resume-from": o.resume_from, "MLFLOW_TRACKING_URI": database},
+                      shared_fs=o.shared_fs, defaulted=defaulted)
+
+
 def train_files(pairs: str, summary: dict[str, Any]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
     """The pinned version's train file URIs and their row-group sizes (read from the footers when
     the summary does not list them)."""
@@ -231,9 +246,10 @@ def train(pairs: str, config: SR3Config, options: TrainOptions | None = None, *,
     o = (options or TrainOptions()).with_(**fields)
     plan = preflight(pairs, config, o)
     init_ray(o.ray_address)
+    uri = tracking.tracking_uri(o.tracking_uri)
+    check_shared(pairs, o, plan, uri)
     data = pair_store.identity(pairs, plan.summary)
     run_name = o.run_name or default_run_name(config)
-    uri = tracking.tracking_uri(o.tracking_uri)
     run_id, resumed = tracking.start_or_resume(uri, o.experiment, run_name,
                                                tags={"sr3.storage": storage.join(plan.storage_uri, run_name)})
     conflicts = tracking.log_params(uri, run_id, {**config.flat(), **run_params(pairs, o, plan)})

@@ -13,6 +13,9 @@
                                                                                or `checkpoint_minutes` (rank 0's
                                                                                clock, agreed at log steps), + last
 
+MLflow calls of rank 0 are buffered and sent by a background thread (`RunLogger(background=True)`):
+a tracking server that restarts does not stall training; the last step waits for them (bounded).
+
 The host never waits for the device between log steps: `train_step` returns device tensors, the
 loop adds them up on the device (`Meter`) and reads them with one all-reduce when it logs (which
 also carries the checkpoint clock's vote). `micro_batch` splits each worker's batch (the global
@@ -58,6 +61,9 @@ from sr3model.imageio import decode_png, from_uint8, to_tensor, to_uint8_batch
 from sr3model.model import SR3
 from sr3model.resample import upsample
 from sr3model.training import make_optimizer, train_step
+
+FINAL_FLUSH_S = 900.0  # at most this long the last step waits for buffered MLflow calls (server away)
+
 
 def unwrap(model: torch.nn.Module) -> SR3:
     return getattr(model, "module", model)
@@ -107,7 +113,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0 and lc.tracking_uri and lc.run_id:
         from pipelines.tracking import RunLogger
 
-        logger = RunLogger(lc.tracking_uri, lc.run_id)
+        logger = RunLogger(lc.tracking_uri, lc.run_id, background=True)  # a tracking outage never stalls a step
     val = load_val(lc, device) if rank == 0 and lc.pairs and lc.val_images else None
 
     epoch, position = (0, 0) if state is None else (int(state.get("data_epoch", 0)), int(state.get("data_position", 0)))
@@ -157,6 +163,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             with meter.paused(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 report.update(validate_safely(unwrap(model), ema, val, lc, done, logger))
         if last:  # the final metrics (validation's included) as the run's result; every rank reports
+            if logger is not None and not logger.close(FINAL_FLUSH_S):
+                print(f"warning: MLflow did not take every metric within {FINAL_FLUSH_S:.0f} s of the last step")
             ray.train.report(report)
     batches.close()
 
