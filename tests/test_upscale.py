@@ -87,7 +87,9 @@ def test_folder_odd_inputs_any_size_and_incremental_rerun(ray_local, registry, o
     assert set(by_output) == expected and len(rows) == len(expected)
     assert all(row["model_name"] == "tiny-up" and row["model_version"] == "1" and row["model_uri"] == "models:/tiny-up/1"
                for row in rows)
-    assert all(row["steps"] == 2 and row["sampler"] == "ddpm" for row in rows)
+    from train_support import tiny_config
+
+    assert all(row["steps"] == 2 and row["sampler"] == tiny_config().diffusion.sample_sampler for row in rows)
     wide = by_output["wide_s0.png"]
     assert (wide["output_width"], wide["output_height"], wide["tiles"]) == (144, 80, 6)
     # Batches are capped by output pixels: two 64×64 outputs (8192 px) fit under 9000 and are sampled
