@@ -21,6 +21,7 @@ from PIL import Image
 
 from job_support import load_job
 from model_support import register_tiny, save_tiny
+from train_support import tiny_config
 from pictures import assert_same_picture, picture_psnr
 from pipelines import storage
 from pipelines.infer import layout, manifest
@@ -87,7 +88,6 @@ def test_folder_odd_inputs_any_size_and_incremental_rerun(ray_local, registry, o
     assert set(by_output) == expected and len(rows) == len(expected)
     assert all(row["model_name"] == "tiny-up" and row["model_version"] == "1" and row["model_uri"] == "models:/tiny-up/1"
                for row in rows)
-    from train_support import tiny_config
 
     assert all(row["steps"] == 2 and row["sampler"] == tiny_config().diffusion.sample_sampler for row in rows)
     wide = by_output["wide_s0.png"]
@@ -194,7 +194,9 @@ def test_gcs_bucket_and_the_schedule_stored_by_the_search(ray_local, registry, g
     for path in (tmp_path / "in").iterdir():
         storage.write_bytes(storage.join(gcs_bucket, "photos", "x", path.name), path.read_bytes())
     storage.write_bytes(storage.join(gcs_bucket, "photos", "x", "broken.png"), b"\x89PNG\r\n\x1a\n broken")
-    store_sampling(resolve_model(model_uri, uri), {3: {"sampler": "ddpm", "beta_start": 2e-3, "beta_end": 0.99995,
+
+    sampler = tiny_config().diffusion.sample_sampler  # stored for the model's own sampler, so it is used
+    store_sampling(resolve_model(model_uri, uri), {3: {"sampler": sampler, "beta_start": 2e-3, "beta_end": 0.99995,
                                                        "metric": "ssim", "value": 0.5}}, uri)
     output = storage.join(gcs_bucket, "photos", "x4")  # inside the input prefix: its files are not inputs
 
@@ -248,7 +250,7 @@ def test_model_aware_reruns_with_two_registered_versions_and_the_pyfunc_gives_th
     register_tiny(save_tiny(root / "v2", "sr3", 1), uri, "tiny-rerun")  # @champion → version 2
     ref = resolve_model(model_uri, uri)
     assert ref.version == "2"
-    store_sampling(ref, {3: {"sampler": "ddpm", "beta_start": 3e-3, "beta_end": 0.99993, "metric": "ssim", "value": 0.5}},
+    store_sampling(ref, {3: {"sampler": tiny_config().diffusion.sample_sampler, "beta_start": 3e-3, "beta_end": 0.99993, "metric": "ssim", "value": 0.5}},
                    uri)
     put("p01.png", photo_arrays["coffee"][32:48, :16])  # another picture, the same number of bytes
     assert _upscale(*run) == 0

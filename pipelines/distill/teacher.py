@@ -220,9 +220,11 @@ def teacher_outputs(ref: ModelRef, sampling: Sampling, pairs: str, output: str, 
         f"version {version}")
     model = ray.put((ref.config_json, ref.weights))
     options = {"samples": samples, "seed": seed, "batch_size": batch_size, "max_batch_pixels": None, "tile": None,
-               "overlap": None, "device": placement.device, "threads": placement.threads}
+               "overlap": None, "device": placement.device, "threads": placement.threads, "gpus": placement.gpus,
+               "memory_bytes": placement.memory_bytes}
     dataset = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
-               .map_batches(read_pairs, batch_size=1, batch_format="numpy", num_cpus=1)
+               # as the upscale job's decode: before CPU actors (which hold every CPU) a task reserving a CPU waits forever
+               .map_batches(read_pairs, batch_size=1, batch_format="numpy", **placement.decode_kwargs())
                .map_batches(Upscaler, fn_constructor_kwargs={"model": [model], "sampling": asdict(sampling),
                                                              "options": options},
                             batch_size=batch_size, batch_format="numpy", **placement.map_kwargs()))
