@@ -22,8 +22,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,42 +34,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cluster_support import free_ports, stop_group
 from train_support import HR, write_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the process group this test started (start_new_session), then SIGKILL what is left."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # also reaches children that outlived the leader
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     root = Path(f"/tmp/sr3h{os.getpid()}")  # short: Ray's unix socket paths are length-limited
-    gcs, dashboard, node, objects, agent, agent_grpc, metrics, env_agent, client = _free_ports(9)
+    gcs, dashboard, node, objects, agent, agent_grpc, metrics, env_agent, client = free_ports(9)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     # A job's `python` is whatever the node's PATH finds, as on a cluster image: make it this
@@ -99,14 +72,14 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, di
             time.sleep(2)
         yield address, env
     finally:
-        _stop_group(process, grace_s=5)  # a clean Ray shutdown takes ~30 s; the group is ours alone
+        stop_group(process, grace_s=5)  # a clean Ray shutdown takes ~30 s; the group is ours alone
         shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
@@ -127,7 +100,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        _stop_group(process, grace_s=10)  # the server and its uvicorn worker: our own group
+        stop_group(process, grace_s=10)  # the server and its uvicorn worker: our own group
 
 
 def _submit(address: str, env: dict[str, str], runtime_env: dict, args: list[str]) -> str:
