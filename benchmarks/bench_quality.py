@@ -10,9 +10,10 @@ Data (the quickstart's): 16→64 patch pairs of 12 photos bundled with scikit-im
 (`pipelines.quickstart.TRAIN_PHOTOS`, `--patches` crops each, the pair builder's own transforms),
 and for evaluation 8 crops each of two photos never seen in training (`HOLDOUT_PHOTOS`: coffee,
 chelsea). Every arm is the `tiny` preset with its objective / prediction (`--set` overrides every
-arm, e.g. `--set diffusion.loss=2`), trained by the same bare `sr3model.training.train_step` loop
-(Adam + warm-up, EMA, flips) for `--steps` steps of the same random batches, from the same initial
-weights; its EMA weights are evaluated. The defaults are the quickstart's budget: 400 steps at
+arm, e.g. `--set diffusion.loss=2`; the training levels are the preset's log-SNR spacing except
+for the paper's `sr3-eps` and `residual-x0-linear`, which keep the paper's linear β schedule),
+trained by the same bare `sr3model.training.train_step` loop (Adam + warm-up, EMA, flips) for
+`--steps` steps of the same random batches, from the same initial weights; its EMA weights are evaluated. The defaults are the quickstart's budget: 400 steps at
 batch 8, lr 2e-3, the preset's sampler with 20 steps.
 
 Evaluation: `sr3model.metrics.scores`, the table every stage reports: PSNR, SSIM, LR-PSNR
@@ -58,13 +59,14 @@ from sr3model.resample import upsample  # noqa: E402
 from sr3model.training import make_optimizer, train_step  # noqa: E402
 from sr3model.weights import save_model  # noqa: E402
 
-ARMS = {  # name → config overrides of the tiny preset
-    "sr3-eps": ["objective=sr3", "diffusion.prediction=eps"],
+ARMS = {  # name → config overrides of the tiny preset (training levels log-SNR-spaced unless "linear")
+    "sr3-eps": ["objective=sr3", "diffusion.prediction=eps", "diffusion.schedule=linear"],  # the paper's
     "sr3-v": ["objective=sr3", "diffusion.prediction=v"],
     "sr3-x0": ["objective=sr3", "diffusion.prediction=x0"],
     "residual-eps": ["objective=residual", "diffusion.prediction=eps"],
     "residual-v": ["objective=residual", "diffusion.prediction=v"],
     "residual-x0": ["objective=residual", "diffusion.prediction=x0"],
+    "residual-x0-linear": ["objective=residual", "diffusion.prediction=x0", "diffusion.schedule=linear"],
     "regression": ["objective=regression"],
 }
 COLUMNS = ("psnr", "ssim", "lr_psnr", "colour_error", "detail_ratio", "flat_noise_ratio", "diversity")

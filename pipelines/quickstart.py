@@ -24,10 +24,10 @@ TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistr
                 "motorcycle_left", "motorcycle_right", "colorwheel", "camera", "brick", "grass", "moon")
 HOLDOUT_PHOTOS = ("coffee", "chelsea")
 MODEL_NAME, ALIAS = "sr3-quickstart", "champion"
-# The `tiny` preset as it is: its objective, prediction, loss, sampler and LR consistency are what
+# The `tiny` preset as it is: its objective, prediction, loss, training levels, sampler and LR consistency are what
 # benchmarks/bench_quality.py found best at this budget (README "Quality"). A registered champion
 # is reused only when it was trained with these.
-REUSE_KEYS = ("objective", "residual_scale", "diffusion.prediction", "diffusion.loss")
+REUSE_KEYS = ("objective", "residual_scale", "diffusion.prediction", "diffusion.loss", "diffusion.schedule")
 
 
 def say(message: str) -> None:

@@ -30,6 +30,7 @@ OBJECTIVES = ("sr3", "regression", "residual", "unconditional")
 PREDICTIONS = ("eps", "v", "x0")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m", "distilled")  # `sr3model.samplers.SAMPLERS`, named here without torch
 SAMPLE_SCHEDULES = ("log-snr", "linear", "student")
+TRAIN_SCHEDULES = ("linear", "log-snr")  # how the training levels are spaced (`schedules.training_schedule`)
 STUDENT_STEPS = (1, 2, 4)  # what jobs/distill.py distils into (sr3model.distill)
 # The metric table's columns (`sr3model.metrics.per_image`) and the perceptual metrics that need
 # local weights, named here too so that jobs offer them without importing torch.
@@ -66,8 +67,13 @@ class UNetConfig:
 class DiffusionConfig:
     """Noise schedule and loss (SR3 §2, §2.5, Appendix A).
 
-    Training uses a linear β schedule of `steps` steps from `beta_start` to `beta_end`; the noise
-    level γ is drawn per image from the piecewise-uniform p(γ). The network predicts `prediction`:
+    Training uses a schedule of `steps` levels over the range of the linear β schedule from
+    `beta_start` to `beta_end` (γ from 1 − β_start down to Π(1 − β_t)); the noise level γ is drawn
+    per image from the piecewise-uniform p(γ) (SR3 §2.4). `schedule="linear"` is the paper's
+    (β linear in t; configs written before the field existed load as it); `"log-snr"` spaces the
+    same range uniformly in log-SNR, the spacing the default inference schedule samples with, so
+    the clean levels where an output's fine texture is decided get as many training draws as the
+    sampler gives them steps (README "Where the grain came from"). The network predicts `prediction`:
     `eps` (the paper: ε), `v` (√γ·ε − √(1−γ)·y0, Salimans & Ho 2022) or `x0` (y0 itself); the loss
     is the L_p error on that target and `SR3.denoiser()` turns any of them into ε̂ for the samplers.
     Checkpoints written before the field existed load as `eps` (the dataclass default); the
@@ -88,6 +94,7 @@ class DiffusionConfig:
     steps: int = 2000
     beta_start: float = 1e-6
     beta_end: float = 1e-2
+    schedule: str = "linear"  # linear | log-snr: how the training levels are spaced over that range
     loss: int = 1  # p of the L_p norm of the loss (the paper uses 1 or 2)
     prediction: str = "eps"  # eps | v | x0: what the network predicts (the default keeps old checkpoints)
     sample_steps: int = 100
@@ -108,6 +115,7 @@ class DiffusionConfig:
         _check(self.loss in (1, 2), "diffusion.loss must be 1 (L1) or 2 (L2)")
         _check(self.prediction in PREDICTIONS, f"diffusion.prediction must be one of {PREDICTIONS}")
         _check(self.sample_sampler in SAMPLER_NAMES, f"diffusion.sample_sampler must be one of {SAMPLER_NAMES}")
+        _check(self.schedule in TRAIN_SCHEDULES, f"diffusion.schedule must be one of {TRAIN_SCHEDULES}")
         _check(self.sample_schedule in SAMPLE_SCHEDULES,
                f"diffusion.sample_schedule must be one of {SAMPLE_SCHEDULES}")
 
@@ -320,11 +328,12 @@ DEFAULT_RESIDUAL_SCALE = 1.0
 DEFAULT_LOSS = 1
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_CONSISTENCY = True
+DEFAULT_TRAIN_SCHEDULE = "log-snr"
 
 
 def _diffusion(**fields) -> DiffusionConfig:
     return DiffusionConfig(prediction=DEFAULT_PREDICTION, loss=DEFAULT_LOSS, sample_sampler=DEFAULT_SAMPLER,
-                           sample_consistency=DEFAULT_CONSISTENCY, **fields)
+                           sample_consistency=DEFAULT_CONSISTENCY, schedule=DEFAULT_TRAIN_SCHEDULE, **fields)
 
 
 def _paper(name: str, lr: int, hr: int, channels: int, mult: tuple[int, ...], blocks: int,
@@ -363,10 +372,11 @@ PAPER_PARAMS = {"faces-16-128": 550e6, "natural-64-256": 625e6, "faces-64-512": 
 
 def papers_method(config: SR3Config) -> SR3Config:
     """`config` trained and sampled as the paper does: objective sr3 (diffuse the HR image), the
-    network predicts ε (Algorithm 1), L1 loss, DDPM (Algorithm 2), no LR-consistency projection
-    (ŷ0 clipping stays on; `diffusion.sample_clip=false` is Algorithm 2 as printed)."""
+    network predicts ε (Algorithm 1) at levels of the linear β schedule, L1 loss, DDPM (Algorithm 2),
+    no LR-consistency projection (ŷ0 clipping stays on; `diffusion.sample_clip=false` is Algorithm 2
+    as printed)."""
     diffusion = dataclasses.replace(config.diffusion, prediction="eps", loss=1, sample_sampler="ddpm",
-                                    sample_consistency=False)
+                                    sample_consistency=False, schedule="linear")
     return dataclasses.replace(config, objective="sr3", residual_scale=1.0, diffusion=diffusion)
 
 

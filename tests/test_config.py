@@ -48,7 +48,7 @@ def test_configs_written_before_prediction_existed_load_as_the_papers_eps():
     import json
 
     old = json.loads(preset("tiny").to_json())
-    for field in ("prediction", "sample_schedule", "sample_consistency"):  # the rest: at the top level
+    for field in ("prediction", "sample_schedule", "sample_consistency", "schedule"):  # the rest: at the top level
         del old["diffusion"][field]
     del old["regression_skip"], old["residual_scale"]
     config = SR3Config.from_dict(old)
@@ -56,13 +56,17 @@ def test_configs_written_before_prediction_existed_load_as_the_papers_eps():
     assert config.diffusion.prediction == "eps"  # what an old checkpoint's network was trained for
     assert config.diffusion.sample_schedule == "log-snr"  # its sampling now respects the step budget
     assert config.residual_scale == 1.0 and config.diffusion.sample_consistency is False  # sampled as before
+    assert config.diffusion.schedule == "linear"  # its p(γ) when it was trained (a resumed run keeps it)
     # new runs: what bench_quality chose (README "Quality"); the paper's method is one flag away
     assert all((p.objective, p.diffusion.prediction, p.diffusion.loss, p.diffusion.sample_sampler,
-                p.diffusion.sample_consistency) == ("residual", "x0", 1, "ddim", True) for p in PRESETS.values())
+                p.diffusion.sample_consistency, p.diffusion.schedule) == ("residual", "x0", 1, "ddim", True, "log-snr")
+               for p in PRESETS.values())
     paper = preset("faces-16-128", paper=True)
     assert (paper.objective, paper.diffusion.prediction, paper.diffusion.sample_sampler,
-            paper.diffusion.sample_consistency, paper.residual_scale) == ("sr3", "eps", "ddpm", False, 1.0)
+            paper.diffusion.sample_consistency, paper.residual_scale, paper.diffusion.schedule
+            ) == ("sr3", "eps", "ddpm", False, 1.0, "linear")
     assert paper.unet == preset("faces-16-128").unet and paper.train == preset("faces-16-128").train
-    for bad in ["diffusion.prediction=score", "diffusion.sample_schedule=cosine", "diffusion.sample_sampler=euler"]:
+    for bad in ["diffusion.prediction=score", "diffusion.sample_schedule=cosine", "diffusion.sample_sampler=euler",
+                "diffusion.schedule=cosine"]:
         with pytest.raises(ValueError):
             override(preset("tiny"), [bad])

@@ -92,3 +92,26 @@ def test_ddpm_mean_with_true_noise_equals_the_posterior_mean(schedule):
 def test_lp_loss_is_l1_or_l2():
     a, b = torch.zeros(2, 3), torch.full((2, 3), 2.0)
     assert float(lp_loss(a, b, 1)) == 2.0 and float(lp_loss(a, b, 2)) == 4.0
+
+
+def test_log_snr_training_levels_span_the_linear_range_uniformly_in_log_snr():
+    """`diffusion.schedule="log-snr"`: the same γ range as the paper's linear β schedule (so the
+    start noise and every inference schedule's bounds are unchanged), its T levels equally spaced
+    in log-SNR, so the piecewise-uniform p(γ) gives the clean levels the share the sampler does."""
+    import torch
+
+    from sr3model import override, preset
+    from sr3model.schedules import inference_schedule, start_limit, training_schedule
+
+    config = preset("tiny").diffusion
+    linear_config = override(preset("tiny"), ["diffusion.schedule=linear"]).diffusion
+    spaced, linear = training_schedule(config), training_schedule(linear_config)
+    assert len(spaced) == len(linear) == config.steps
+    assert torch.allclose(spaced.gammas[[0, -1]], linear.gammas[[0, -1]], rtol=1e-9)
+    gaps = spaced.log_snr[:-1] - spaced.log_snr[1:]
+    assert torch.allclose(gaps, gaps.mean().expand_as(gaps), rtol=1e-6) and bool((gaps > 0).all())
+    assert start_limit(config) == pytest.approx(start_limit(linear_config), rel=1e-9)
+    # the sampler's 20 levels: 8 above log-SNR 2; the spaced schedule trains there ≥ 3× as often
+    above = lambda s: float((s.log_snr > 2).double().mean())  # noqa: E731
+    assert above(inference_schedule(config, 20)) == pytest.approx(0.4, abs=0.05)
+    assert above(spaced) >= 3 * above(linear) and above(spaced) == pytest.approx(0.4, abs=0.05)
