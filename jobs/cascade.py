@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
-from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
+from pipelines.cli import add_consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def _main(argv: list[str] | None) -> int:
     summary = cascade(args.base, args.stage, args.num_samples, args.output, steps=args.steps, seed=args.seed,
                       batch_size=args.batch_size, fmt=args.format, keep_intermediate=args.keep_intermediate,
                       workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker, device=args.device,
-                      ray_address=args.ray_address, consistency=consistency_flag(args.consistency))
+                      ray_address=args.ray_address, consistency=args.consistency)
     print(f"cascade: {summary['done']} samples generated, {summary['skipped']} already done "
           f"({summary['images_written']} images written) in {summary['elapsed_s']:.1f}s; output: {args.output}")
     return 0

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
-from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
+from pipelines.cli import add_consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 from sr3model.config import EXTRA_METRICS, SAMPLER_NAMES  # noqa: E402
 
@@ -70,8 +70,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"evaluate: {message}", flush=True)
 
     options = from_args(EvalOptions, args, baselines=tuple(args.baseline), report_uri=args.report,
-                        metrics=tuple(args.metrics) if args.metrics else None,
-                        consistency=consistency_flag(args.consistency))
+                        metrics=tuple(args.metrics) if args.metrics else None)
     result = evaluate(args.model, args.pairs, options, say=say)
     say(f"report: {result.report}/index.html (metrics.json beside it)")
     say(f"mlflow: {result.tracking_uri} experiment {args.experiment} run {result.run_id}")

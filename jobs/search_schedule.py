@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
-from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
+from pipelines.cli import add_consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags  # noqa: E402
 from sr3model.config import BASE_METRICS, EXTRA_METRICS, SAMPLER_NAMES  # noqa: E402
 
@@ -72,8 +72,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"search_schedule: {message}", flush=True)
 
     options = from_args(SearchOptions, args, steps=None, grid_n=args.grid, start_range=tuple(args.start_range),
-                        gamma_range=tuple(args.gamma_k_range) if args.gamma_k_range else None, report_uri=args.report,
-                        consistency=consistency_flag(args.consistency))
+                        gamma_range=tuple(args.gamma_k_range) if args.gamma_k_range else None, report_uri=args.report)
     result = search(args.model, args.pairs, args.steps, options, say=say)
     for k, best in sorted(result.best.items()):
         say(f"K={k}: best {result.metric} {best['value']:.4g} with β {best['beta_start']:g}→{best['beta_end']:.6g}")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import os  # noqa: E402
 
-from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
+from pipelines.cli import add_consistency_flag  # noqa: E402
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
 
@@ -111,8 +111,7 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "create":
         from pipelines.study.create import StudyOptions, create_study
 
-        options = from_args(StudyOptions, args, baselines=tuple(args.baseline),
-                            consistency=consistency_flag(args.consistency))
+        options = from_args(StudyOptions, args, baselines=tuple(args.baseline))
         create_study(args.model, args.pairs, args.study, options, progress=say)
         say(f"next: python jobs/study.py serve --study {args.study}")
     elif args.command == "serve":

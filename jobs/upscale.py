@@ -33,7 +33,7 @@ import argparse  # noqa: E402
 
 from sr3model.config import SAMPLER_NAMES  # noqa: E402
 
-from pipelines.cli import add_consistency_flag, consistency_flag  # noqa: E402
+from pipelines.cli import add_consistency_flag  # noqa: E402
 from pipelines.runtime import add_sampling_worker_flags, add_shared_fs_flag  # noqa: E402
 
 
@@ -84,8 +84,7 @@ def _main(argv: list[str] | None) -> int:
     from pipelines.cli import from_args
     from pipelines.infer.upscale import UpscaleOptions, upscale
 
-    summary = upscale(args.model, args.input, args.output, from_args(UpscaleOptions, args, fmt=args.format,
-                                                                      consistency=consistency_flag(args.consistency)))
+    summary = upscale(args.model, args.input, args.output, from_args(UpscaleOptions, args, fmt=args.format))
     reasons = ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items())
     failures = ", ".join(f"{r} {n}" for r, n in summary["failed_by_reason"].items())
     print(f"upscale: {summary['listed']} listed, {summary['done']} done, {summary['skipped']} skipped "

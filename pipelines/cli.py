@@ -71,18 +71,23 @@ def from_args(cls: type[T], args: Namespace, **fields: Any) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     return cls(**{**given, **fields})
+
+
 CONSISTENCY = {"on": True, "off": False}
+
+
+def _on_off(value: str) -> bool:
+    if value not in CONSISTENCY:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from 'on', 'off')")
+    return CONSISTENCY[value]
 
 
 def add_consistency_flag(parser) -> None:
     """`--consistency on|off`: every step's ŷ0 projected onto the images whose bicubic downsampling
-    is the LR input (`sr3model.consistency`); default: stored with the model, else its config."""
-    parser.add_argument("--consistency", choices=tuple(CONSISTENCY),
+    is the LR input (`sr3model.consistency`); default: stored with the model, else its config.
+    Parsed to True / False (None when not given), the form the options dataclasses take."""
+    parser.add_argument("--consistency", type=_on_off, metavar="{on,off}",
                         help="LR-consistent sampling: on projects every step's prediction onto the images whose "
                              "bicubic downsampling equals the input (default: stored with the model, else its "
                              "config's diffusion.sample_consistency)")
 
-
-def consistency_flag(value: str | None) -> bool | None:
-    """`--consistency` as the pipelines take it: True, False, or None (the model's default)."""
-    return None if value is None else CONSISTENCY[value]

@@ -91,3 +91,17 @@ def test_node_local_paths_are_refused_on_several_nodes_unless_shared() -> None:
     refuse_node_local(flags, shared_fs=True, nodes=3)
     with pytest.raises(UserError, match=r"^--storage not given: its default /root/ray_results is a local path"):
         refuse_node_local({"--storage": "/root/ray_results"}, shared_fs=True, defaulted={"--storage"}, nodes=2)
+
+
+def test_consistency_flag_reaches_the_options_as_a_bool_or_the_models_default() -> None:
+    """`--consistency on|off` is parsed once (pipelines.cli) and carried by `from_args` like any flag;
+    not given, it is None and the model's stored choice holds."""
+    from pipelines.cli import OneLineParser, add_consistency_flag, from_args
+    from pipelines.eval.run import EvalOptions
+
+    parser = OneLineParser(prog="evaluate")
+    add_consistency_flag(parser)
+    assert [from_args(EvalOptions, parser.parse_args(argv)).consistency
+            for argv in (["--consistency", "on"], ["--consistency", "off"], [])] == [True, False, None]
+    with pytest.raises(UserError, match="invalid choice: 'yes'"):
+        parser.parse_args(["--consistency", "yes"])
