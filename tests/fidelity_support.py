@@ -50,7 +50,7 @@ def zero_model():
     from train_support import tiny_config
 
     # LR-consistent sampling off: the projection would move the output off x (these tests are about formats)
-    return SR3(tiny_config("objective=regression", "diffusion.sample_consistency=false")).eval()
+    return SR3(tiny_config("objective=regression", consistency=False)).eval()
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:

@@ -118,7 +118,7 @@ def _good_model(bias: float = 0.0, noise_input: float = 0.0):
     torch.manual_seed(0)
     # LR-consistent sampling off: the projection would remove the colour shift the gate must catch
     model = SR3(tiny_config("objective=residual", "diffusion.prediction=x0", "diffusion.sample_sampler=dpmpp-2m",
-                            "diffusion.sample_steps=4", "diffusion.sample_consistency=false")).eval()
+                            "diffusion.sample_steps=4", consistency=False)).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         head = model.net.out[-1]
@@ -143,7 +143,7 @@ def gate_world(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str):  #
     hrs = [Image.fromarray(a) for a in ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
     pairs = write_pairs(root / "pairs", n_train=1, val=list(zip(hrs, lrs)))
     models = {"good": _good_model(), "colour": _good_model(bias=0.05), "grain": _good_model(noise_input=1.0),
-              "blur": SR3(tiny_config("objective=regression", "diffusion.sample_consistency=false"))}
+              "blur": SR3(tiny_config("objective=regression", consistency=False))}
     folders = {name: save_model(root / name, model) for name, model in models.items()}
     return pairs, folders, root
 

@@ -184,7 +184,7 @@ def test_promotion_gate_on_one_metric_moves_the_alias_only_to_a_better_version(m
         (pipelines/infer/scoring.work_item: float(None) for its β)."""
         model = SR3(tiny_config("objective=regression", "diffusion.sample_schedule=linear",
                                 "diffusion.sample_steps=20", "diffusion.sample_beta_end=0.9",
-                                "diffusion.sample_consistency=false"))  # the projection would undo the shift
+                                consistency=False))  # the projection would undo the shift
         if kind == "bright":
             model.net.out[-1].bias.data.fill_(1.0)
         folder = save_model(tmp_path / f"{kind}-{index}", model)

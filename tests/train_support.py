@@ -20,8 +20,10 @@ FAST = ["unet.channels=8", "unet.norm_groups=4", "unet.attention_head_channels=8
         "train.batch_size=4", "train.warmup_steps=2", "diffusion.sample_steps=4"]
 
 
-def tiny_config(*extra: str) -> SR3Config:
-    return override(preset("tiny"), [*FAST, *extra])
+def tiny_config(*extra: str, consistency: bool = True) -> SR3Config:
+    """The fast tiny config with `extra` overrides; `consistency=False` samples without the LR
+    projection (which would undo a colour shift or blur a test sets out to show)."""
+    return override(preset("tiny"), [*FAST, *extra, *([] if consistency else ["diffusion.sample_consistency=false"])])
 
 
 def _png(image: Image.Image) -> bytes:
