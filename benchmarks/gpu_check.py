@@ -60,7 +60,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+def timings(fn, device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds of `repeats` synchronised calls of `fn`, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -70,20 +71,15 @@ def median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> floa
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    return statistics.median(timings(fn, device, repeats, warmup))
 
 
 def best_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timings(fn, device, repeats, warmup))
 
 
 def matmul_rate(device: torch.device) -> tuple[float, str]:
