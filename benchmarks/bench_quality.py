@@ -13,8 +13,9 @@ chelsea). Every arm is the `tiny` preset with its objective / prediction (`--set
 arm, e.g. `--set diffusion.loss=2`; the training levels are the preset's log-SNR spacing except
 for the paper's `sr3-eps` and `residual-x0-linear`, which keep the paper's linear β schedule),
 trained by the same bare `sr3model.training.train_step` loop (Adam + warm-up, EMA, flips) for
-`--steps` steps of the same random batches, from the same initial weights; its EMA weights are evaluated. The defaults are the quickstart's budget: 400 steps at
-batch 8, lr 2e-3, the preset's sampler with 20 steps.
+`--steps` steps of the same random batches, from the same initial weights; its EMA weights are
+evaluated. The defaults are the quickstart's budget: 400 steps at batch 8, lr 2e-3, the preset's
+sampler with 20 steps.
 
 Evaluation: `sr3model.metrics.scores`, the table every stage reports: PSNR, SSIM, LR-PSNR
 (consistency in dB), colour error (mean |Δ| of per-channel means, 8-bit levels), detail ratio

@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--objective", choices=("sr3", "regression", "residual", "unconditional"),
                         help="default: the preset's (residual: diffuse HR − bicubic, README \"Quality\")")
     parser.add_argument("--paper", action="store_true",
-                        help="the paper's method: objective sr3, ε-prediction, linear β training levels, DDPM, no LR-consistency projection "
-                             "(sr3model.config.papers_method)")
+                        help="the paper's method: objective sr3, ε-prediction, linear β training levels, DDPM, "
+                             "no LR-consistency projection (sr3model.config.papers_method)")
     parser.add_argument("--steps", type=int, default=1000, help="total optimiser steps of the run")
     parser.add_argument("--batch-size", type=int, help="global batch size (default: the preset's), split evenly "
                                                         "over --num-workers")
