@@ -79,14 +79,16 @@ def test_tiny_learns_one_pair_and_its_samples_approach_it(monkeypatch):
     losses = [float(train_step(model.train(), optimizer, batch_hr, batch_lr, step=s, config=config.train, ema=ema,
                                generator=generator)["loss"]) for s in range(STEPS)]
     first, last = sum(losses[:25]) / 25, sum(losses[-25:]) / 25
-    assert last <= first / 2.5, f"loss fell only {first / last:.1f}x ({first:.3f} -> {last:.3f})"  # 3.4x
+    # measured 2.4x on the preset's log-SNR-spaced training levels (3.4x on the paper's linear β
+    # levels); the loss that teaches nothing stays at 1.0x
+    assert last <= first / 2, f"loss fell only {first / last:.1f}x ({first:.3f} -> {last:.3f})"
     ema.copy_to(model.net)
     after = _y0_psnr(model, hr, lr)
     gains = [a - b for a, b in zip(after, before)]
-    # measured 24.1, 25.2, 25.8 dB: gains of 13–15 dB
+    # measured 22.3, 23.9, 25.1 dB: gains of 11–14 dB
     assert min(gains) >= 8 and after[-1] >= 20, f"ŷ0 PSNR at γ={LEVELS}: {before} -> {after} dB"
     near = _sample_psnr(model, hr, lr)
     other = downsample(_photo(data.chelsea()[:256, :256]), 64).clamp(-1, 1)
     far = _sample_psnr(model, other, lr)
-    # measured 20.6 dB to the pair, 9.1 dB to the other photo (untrained: 6.6 dB to the pair)
+    # measured 20.1 dB to the pair, 9.2 dB to the other photo (untrained: 6.6 dB to the pair)
     assert near >= 16 and near >= far + 6, f"samples: {near:.1f} dB to the pair, {far:.1f} dB to another photo"
