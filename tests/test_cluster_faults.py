@@ -9,14 +9,16 @@ the head (`python jobs/NAME.py` with RAY_ADDRESS), the way `ray job submit` runs
 | ----------------------------------------------------------- | ----------- | ------------------------------------------------- |
 | local paths / default --storage on a multi-node cluster      | all         | test_node_local_paths_are_refused… (long)         |
 | node_a killed (raylet, object store, workers) after the first batch is written | upscale | test_worker_node_killed_mid_upscale… |
-| an input whose sampling SIGKILLs its actor (as the OOM killer does); one larger than an actor's memory budget | upscale | test_poison_inputs… (skipped: fails) |
+| an input whose sampling SIGKILLs its actor (as the OOM killer does); one larger than an actor's memory budget | upscale | test_poison_inputs… |
 | storage stopped 20 s after the first batch is written        | upscale     | test_storage_outage_mid_upscale… (long)           |
 | storage stopped 20 s after the first shard is written        | build_pairs | test_storage_outage_mid_pair_build… (long)        |
 | MLflow server stopped and started again after step 3         | train       | test_mlflow_restart_mid_training… (long)          |
 | the node running training workers killed after 2 checkpoints | train       | test_worker_node_killed_mid_training… (long)      |
 
 `long` tests take minutes each and run when SR3_LONG_TESTS=1 (`make test-cluster`); the others in
-`make test`.
+`make test` (`pytest -m cluster tests/test_cluster_faults.py`: node loss mid-upscale and the poison
+inputs pass). The long ones: the local-paths test passed; the outage, MLflow-restart and
+node-loss-mid-training tests have not yet been run to the end (README "Faults survived").
 """
 
 from __future__ import annotations
