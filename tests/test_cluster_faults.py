@@ -9,14 +9,16 @@ the head (`python jobs/NAME.py` with RAY_ADDRESS), the way `ray job submit` runs
 | ----------------------------------------------------------- | ----------- | ------------------------------------------------- |
 | local paths / default --storage on a multi-node cluster      | all         | test_node_local_paths_are_refused… (long)         |
 | node_a killed (raylet, object store, workers) after the first batch is written | upscale | test_worker_node_killed_mid_upscale… |
-| an input whose sampling SIGKILLs its actor (as the OOM killer does); one larger than an actor's memory budget | upscale | test_poison_inputs… (skipped: fails) |
+| an input whose sampling SIGKILLs its actor (as the OOM killer does); one larger than an actor's memory budget | upscale | test_poison_inputs… |
 | storage stopped 20 s after the first batch is written        | upscale     | test_storage_outage_mid_upscale… (long)           |
 | storage stopped 20 s after the first shard is written        | build_pairs | test_storage_outage_mid_pair_build… (long)        |
 | MLflow server stopped and started again after step 3         | train       | test_mlflow_restart_mid_training… (long)          |
 | the node running training workers killed after 2 checkpoints | train       | test_worker_node_killed_mid_training… (long)      |
 
 `long` tests take minutes each and run when SR3_LONG_TESTS=1 (`make test-cluster`); the others in
-`make test`.
+`make test` (`pytest -m cluster tests/test_cluster_faults.py`: node loss mid-upscale and the poison
+inputs pass). The long ones: the local-paths test passed; the outage, MLflow-restart and
+node-loss-mid-training tests have not yet been run to the end (README "Faults survived").
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster_support import REPO, ClusterEnv, run_job, start_job, wait_until
+from cluster_support import REPO, ClusterEnv, run_job, start_job, stop_group, wait_until
 from pipelines import storage
 from pipelines.infer import layout, manifest
 
@@ -92,6 +94,40 @@ def _one_error_line(done: subprocess.CompletedProcess, job: str, starts: str) ->
     return lines[0]
 
 
+def _succeeds(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def _fault_midway(cluster: ClusterEnv, job: str, args: list[str], log: Path, ready, what: str, fault, *,
+                  wait_s: float = 600, finish_s: float = 600) -> str:
+    """`jobs/JOB.py ARGS` in the background; once `ready()` holds while it still runs, `fault(process)`
+    (the fault injected at a known point); the job must then finish with exit status 0. Its log."""
+    process = start_job(job, args, cluster.env(), log)
+    try:
+        wait_until(lambda: process.poll() is not None or ready(), wait_s, what, every_s=0.3)
+        assert process.poll() is None, f"the job ended before {what}: the fault would test nothing"
+        fault(process)
+        process.wait(timeout=finish_s)
+    finally:
+        if process.poll() is None:
+            stop_group(process, grace_s=5)
+    said = log.read_text()
+    assert process.returncode == 0, said[-4000:]
+    return said
+
+
+def _assert_all_written(output: str, names: list[str], args: list[str], cluster: ClusterEnv) -> None:
+    """The summary counts every input done, none failed or rejected; each written exactly once;
+    a rerun (with whatever nodes are alive now) does nothing and leaves the same objects."""
+    summary = _summary(output)
+    assert (summary["done"], summary["failed"], summary["rejected"]) == (len(names), 0, 0), summary
+    _assert_written_once(output, names)
+    _succeeds(run_job("upscale", args, cluster.env()))
+    assert (_summary(output)["done"], _summary(output)["skipped"]) == (0, len(names)), _summary(output)
+    _assert_written_once(output, names)
+
+
 @pytest.mark.long  # 2–3 min of job starts; the policy itself: tests/test_cli.py (in `make test`)
 def test_node_local_paths_are_refused_on_a_multi_node_cluster(cluster: ClusterEnv, model_dir: Path, photo_arrays,
                                                               tmp_path: Path) -> None:
@@ -129,9 +165,8 @@ def test_node_local_paths_are_refused_on_a_multi_node_cluster(cluster: ClusterEn
                                             "--recipe", "faces", "--hr-size", "16", "--scale", "4"], env),
                     "build_pairs", f"--output {tmp_path / 'p'}")
 
-    shared = run_job("upscale", [*common, "--input", str(local_in), "--output", str(tmp_path / "out"), "--shared-fs"],
-                     env)
-    assert shared.returncode == 0, shared.stderr[-3000:]
+    _succeeds(run_job("upscale", [*common, "--input", str(local_in), "--output", str(tmp_path / "out"), "--shared-fs"],
+                      env))
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["p00.png", "p01.png"]
 
 
@@ -144,28 +179,14 @@ def test_worker_node_killed_mid_upscale_every_input_is_written_once_and_a_rerun_
     output = storage.join(bucket, "out")
     args = ["--model", str(model_dir), "--input", storage.join(bucket, "in"), "--output", output, "--steps", "30",
             "--batch-size", "2"]
-    job = start_job("upscale", args, cluster.env(), tmp_path / "upscale.log")
-    try:
-        wait_until(lambda: job.poll() is not None or manifest.parquet_files(output, manifest.MANIFEST_DIR),
-                   300, "the first manifest part")
-        assert job.poll() is None, "the job ended before the node could be killed"
+
+    def kill_node_a(_: subprocess.Popen) -> None:
         assert "node_a" in cluster.ray.hosting("ray::"), "node_a runs no Ray worker: killing it would test nothing"
         cluster.ray.kill("node_a")
         cluster.ray.wait_dead("node_a")
-        job.wait(timeout=600)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    said = (tmp_path / "upscale.log").read_text()
-    assert job.returncode == 0, said[-4000:]
-    summary = _summary(output)
-    assert (summary["done"], summary["failed"], summary["rejected"]) == (24, 0, 0), summary
-    _assert_written_once(output, names)
-
-    again = run_job("upscale", args, cluster.env())  # node_a is still gone
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (_summary(output)["done"], _summary(output)["skipped"]) == (0, 24)
-    _assert_written_once(output, names)
+    _fault_midway(cluster, "upscale", args, tmp_path / "upscale.log",
+                  lambda: manifest.parquet_files(output, manifest.MANIFEST_DIR), "the first manifest part", kill_node_a)
+    _assert_all_written(output, names, args, cluster)  # the rerun while node_a is still gone
 
 
 DRIVER = """
@@ -176,16 +197,17 @@ print("SUMMARY " + json.dumps(summary))
 """
 
 
-def _driver(cluster: ClusterEnv, *args: str) -> dict:
-    """The upscale stage with its test hook, as a driver of the cluster (no job flag sets hooks)."""
+def _driver(cluster: ClusterEnv, log: Path, *args: str) -> dict:
+    """The upscale stage with its test hook, as a driver of the cluster (no job flag sets hooks);
+    its output appended to `log`."""
     done = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=REPO, env=cluster.env(), capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(log, "a") as handle:
+        handle.write(f"{done.stdout}\n--- stderr\n{done.stderr}\n")
+    _succeeds(done)
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("SUMMARY "))[8:])
 
 
-@pytest.mark.skip(reason="fails: the summary counts 8 done, not 9 — one batch-mate of the SIGKILLed "
-                         "p03.png is in no count (crashed 1 and too_large 1 are right); not yet diagnosed")
 def test_poison_inputs_are_rejected_after_bounded_restarts_and_the_job_goes_on(
         cluster: ClusterEnv, model_dir: Path, photo_arrays, tmp_path: Path) -> None:
     """p03.png kills its actor's process each time it is sampled (the test hook: SIGKILL, as the
@@ -203,7 +225,8 @@ def test_poison_inputs_are_rejected_after_bounded_restarts_and_the_job_goes_on(
     output, kills = storage.join(bucket, "out"), tmp_path / "kills.log"
     kills.touch()
     started = time.monotonic()
-    summary = _driver(cluster, str(model_dir), storage.join(bucket, "in"), output, "p03.png", str(kills))
+    run = (str(model_dir), storage.join(bucket, "in"), output, "p03.png", str(kills))
+    summary = _driver(cluster, tmp_path / "driver.log", *run)
     assert time.monotonic() - started < 480
     written = [n for n in names if n != "p03.png"]
     assert (summary["done"], summary["failed_by_reason"], summary["rejected_by_reason"]) == (
@@ -218,7 +241,7 @@ def test_poison_inputs_are_rejected_after_bounded_restarts_and_the_job_goes_on(
     assert rejects["huge.png"]["max_output_pixels"] == largest_output_pixels(2 * 2 ** 30)  # the node's 2 GiB
     _assert_written_once(output, written)  # its batch-mates too
 
-    again = _driver(cluster, str(model_dir), storage.join(bucket, "in"), output, "p03.png", str(kills))
+    again = _driver(cluster, tmp_path / "driver.log", *run)
     assert (again["done"], again["skipped"], again["retried"], again["failed"]) == (0, 9, 2, 1), again
     assert len(kills.read_text().splitlines()) == 4  # retried on the next run, bounded the same way
     _assert_written_once(output, written)
@@ -229,17 +252,14 @@ def test_poison_inputs_are_rejected_after_bounded_restarts_and_the_job_goes_on(
 OUTAGE_S = 20
 
 
-def _outage(cluster: ClusterEnv, job: subprocess.Popen, ready, what: str) -> tuple[float, float]:
-    """Once `ready()` holds (and the job still runs), stop the storage server for OUTAGE_S seconds;
-    (stopped, started again) as monotonic times."""
-    wait_until(lambda: job.poll() is not None or ready(), 300, what, every_s=0.2)
-    assert job.poll() is None, f"the job ended before {what}"
-    stopped = time.monotonic()
-    cluster.gcs.stop()
-    time.sleep(OUTAGE_S)
-    assert job.poll() is None, "the job ended while its storage was down"
-    cluster.gcs.start()
-    return stopped, time.monotonic()
+def _storage_outage(cluster: ClusterEnv):
+    """The fault: the storage server stopped for OUTAGE_S seconds, then started again."""
+    def fault(job: subprocess.Popen) -> None:
+        cluster.gcs.stop()
+        time.sleep(OUTAGE_S)
+        assert job.poll() is None, "the job ended while its storage was down"
+        cluster.gcs.start()
+    return fault
 
 
 @pytest.mark.long
@@ -251,20 +271,9 @@ def test_storage_outage_mid_upscale_is_ridden_out_and_nothing_is_committed_half(
     data = cluster.gcs.root / "data" / bucket[5:] / "out" / manifest.MANIFEST_DIR  # read without HTTP
     args = ["--model", str(model_dir), "--input", storage.join(bucket, "in"), "--output", output, "--steps", "30",
             "--batch-size", "2"]
-    job = start_job("upscale", args, cluster.env(), tmp_path / "upscale.log")
-    try:
-        _outage(cluster, job, lambda: data.exists() and any(data.iterdir()), "the first manifest part")
-        job.wait(timeout=600)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    said = (tmp_path / "upscale.log").read_text()
-    assert job.returncode == 0, said[-4000:]
-    summary = _summary(output)
-    assert (summary["done"], summary["failed"], summary["rejected"]) == (24, 0, 0), summary
-    _assert_written_once(output, names)
-    again = run_job("upscale", args, cluster.env())
-    assert again.returncode == 0 and _summary(output)["done"] == 0, again.stderr[-3000:]
+    _fault_midway(cluster, "upscale", args, tmp_path / "upscale.log", lambda: data.exists() and any(data.iterdir()),
+                  "the first manifest part", _storage_outage(cluster))
+    _assert_all_written(output, names, args, cluster)
 
 
 @pytest.mark.long
@@ -282,21 +291,13 @@ def test_storage_outage_mid_pair_build_is_ridden_out_and_commits_what_an_undistu
         Image.fromarray(crop).save(buffer, format="JPEG", quality=90)
         storage.write_bytes(storage.join(photos, f"{name}-{i:02d}.jpg"), buffer.getvalue())
     args = ["--input", photos, "--recipe", "patches", "--hr-size", "64", "--scale", "4", "--patches-per-image", "4"]
-    reference = run_job("build_pairs", [*args, "--output", storage.join(bucket, "reference")], cluster.env())
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    _succeeds(run_job("build_pairs", [*args, "--output", storage.join(bucket, "reference")], cluster.env()))
 
     output = storage.join(bucket, "pairs")
     data = cluster.gcs.root / "data" / bucket[5:] / "pairs"
-    job = start_job("build_pairs", [*args, "--output", output], cluster.env(), tmp_path / "build.log")
-    try:
-        _outage(cluster, job, lambda: any(data.glob("versions/*/train/*")) if data.exists() else False,
-                "the first train shard")
-        job.wait(timeout=600)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    said = (tmp_path / "build.log").read_text()
-    assert job.returncode == 0, said[-4000:]
+    _fault_midway(cluster, "build_pairs", [*args, "--output", output], tmp_path / "build.log",
+                  lambda: data.exists() and any(data.glob("versions/*/train/*")), "the first train shard",
+                  _storage_outage(cluster))
     built, expected = read_summary(output), read_summary(storage.join(bucket, "reference"))
     assert built["rejected"] == 0 and built["pairs"] == expected["pairs"] == 48 * 4, built
     assert built["fingerprint"] == expected["fingerprint"]  # the same rows: nothing lost, nothing twice
@@ -323,7 +324,7 @@ def test_mlflow_restart_mid_training_loses_no_metric_step_and_does_not_stall_tra
             "--log-every", "1", "--checkpoint-every", "20", "--val-images", "1", "--val-steps", "2",
             "--register", "sr3-faults", *[a for s in FAST for a in ("--set", s)]]
     client = MlflowClient(cluster.mlflow.url)
-    job = start_job("train", args, cluster.env(), tmp_path / "train.log")
+    outage: list[float] = []
 
     def logged_step() -> int:
         try:
@@ -332,20 +333,16 @@ def test_mlflow_restart_mid_training_loses_no_metric_step_and_does_not_stall_tra
             return max((m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")), default=0) if runs else 0
         except Exception:  # noqa: BLE001 — not yet
             return 0
-    try:
-        wait_until(lambda: job.poll() is not None or logged_step() >= 3, 600, "step 3 in MLflow", every_s=0.3)
-        assert job.poll() is None, "training ended before the server could be restarted"
-        down = time.time()
+
+    def restart(_: subprocess.Popen) -> None:
+        outage.append(time.time())
         cluster.mlflow.stop()
         time.sleep(5)
         cluster.mlflow.start()
-        up = time.time()
-        job.wait(timeout=900)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    said = (tmp_path / "train.log").read_text()
-    assert job.returncode == 0, said[-4000:]
+        outage.append(time.time())
+    _fault_midway(cluster, "train", args, tmp_path / "train.log", lambda: logged_step() >= 3, "step 3 in MLflow",
+                  restart, finish_s=900)
+    down, up = outage
     run = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
     assert len(run) == 1 and run[0].info.status == "FINISHED"
     history = client.get_metric_history(run[0].info.run_id, "loss")
@@ -377,26 +374,18 @@ def test_worker_node_killed_mid_training_resumes_in_the_same_run_and_matches_an_
     common = ["--pairs", storage.join(bucket, "pairs"), "--preset", "tiny", "--steps", str(steps), "--batch-size",
               "4", "--storage", runs, "--experiment", "node-loss", "--log-every", "1", "--checkpoint-every", "5",
               "--val-images", "1", "--val-steps", "2", "--max-failures", "2", *[a for s in FAST for a in ("--set", s)]]
-    straight = run_job("train", [*common, "--run-name", "straight"], cluster.env(), timeout_s=900)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    _succeeds(run_job("train", [*common, "--run-name", "straight"], cluster.env(), timeout_s=900))
 
     def checkpoints(name: str) -> list[str]:
         found = storage.list_files(storage.join(runs, name)) if storage.exists(storage.join(runs, name)) else []
         return sorted({item.relpath.split("/")[0] for item in found if item.relpath.endswith("trainer_state.pt")})
 
-    job = start_job("train", [*common, "--run-name", "killed"], cluster.env(), tmp_path / "train.log")
-    try:
-        wait_until(lambda: job.poll() is not None or len(checkpoints("killed")) >= 2, 600, "2 checkpoints")
-        assert job.poll() is None, "training ended before the node could be killed"
+    def kill_training_node(_: subprocess.Popen) -> None:
         hosts = cluster.ray.hosting("RayTrainWorker")
         assert hosts, "no training worker found on a worker node"
         cluster.ray.kill(hosts[0])
-        job.wait(timeout=900)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    said = (tmp_path / "train.log").read_text()
-    assert job.returncode == 0, said[-4000:]
+    _fault_midway(cluster, "train", [*common, "--run-name", "killed"], tmp_path / "train.log",
+                  lambda: len(checkpoints("killed")) >= 2, "2 checkpoints", kill_training_node, finish_s=900)
 
     client = MlflowClient(cluster.mlflow.url)
     experiment = client.get_experiment_by_name("node-loss").experiment_id

@@ -120,6 +120,9 @@ def test_actors_are_sized_per_node_with_bounded_restarts_and_writers_that_scale_
     assert (bounded.map_kwargs()["max_restarts"], bounded.map_kwargs()["max_task_retries"]) == (ACTOR_RESTARTS,
                                                                                                 TASK_RETRIES)
     assert bounded.write_kwargs()["max_retries"] == TASK_MAX_RETRIES
+    # the one-by-one retry of lost inputs: one task per actor, so a death takes no other input with it
+    assert bounded.map_kwargs(alone=True)["compute"].max_tasks_in_flight_per_actor == 1
+    assert bounded.map_kwargs()["compute"].max_tasks_in_flight_per_actor is None  # Ray Data's default queue
     # finite: Ray Data's defaults are -1 (forever) for all three
     assert 0 <= ACTOR_RESTARTS < 10 and 0 <= TASK_RETRIES < 10 and 0 <= TASK_MAX_RETRIES < 10
     assert [Placement("cuda", 1, 1, 1, n, 0).write_tasks for n in (1, 2, 3, 8)] == [1, 1, 2, 4]

@@ -69,16 +69,19 @@ class Placement:
     threads: int  # torch threads (and reserved CPUs) per CPU actor (0: torch's default)
     memory_bytes: int = 0  # a CPU actor's share of its node's memory (0: a GPU actor's share of its device)
 
-    def map_kwargs(self) -> dict[str, Any]:
+    def map_kwargs(self, alone: bool = False) -> dict[str, Any]:
         """`compute`, `num_gpus`, `num_cpus` and the bounded restarts for `Dataset.map_batches` of a
-        sampling actor class."""
+        sampling actor class. `alone`: an actor holds one task at a time (by default Ray Data
+        queues two per actor), so an input whose process dies takes no other input's task
+        with it: what the driver's one-by-one retry of lost inputs needs to blame only the one."""
         import ray.data
 
+        queue = {"max_tasks_in_flight_per_actor": 1} if alone else {}
         if self.min_actors == self.max_actors:
-            compute = ray.data.ActorPoolStrategy(size=self.max_actors)
+            compute = ray.data.ActorPoolStrategy(size=self.max_actors, **queue)
         else:
             compute = ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
-                                                 initial_size=self.initial_actors)
+                                                 initial_size=self.initial_actors, **queue)
         return {"compute": compute, "num_gpus": self.gpus or None,
                 "num_cpus": 0 if self.gpus else max(1, self.threads),
                 "max_restarts": ACTOR_RESTARTS, "max_task_retries": TASK_RETRIES}

@@ -201,7 +201,7 @@ def _run(ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, tod
         alone = sampling_placement(o.num_gpus_per_worker, o.workers, device=o.device,  # on the nodes left now
                                    model_bytes=len(ref.weights), blocks=len(lost))
         _stream(model, ref, chosen, layout, o, lost, output, fidelity, alone, record, progress, seen, said, examples,
-                rows_per_block=1)
+                alone=True)
         lost = [item for item in todo if item["source"] not in seen]
     if lost:
         detail = (f"no result in its batch nor alone: the process sampling or writing it died each time (out of "
@@ -224,9 +224,11 @@ def _run(ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, tod
 def _stream(model, ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOptions, todo: list[dict[str, Any]],
             output: str, fidelity: Fidelity, placement: Placement, record: dict[str, Any],
             progress: Callable[[str], None], seen: dict[str, tuple[str, str]], said: Counter,
-            examples: dict[str, str], rows_per_block: int | None = None) -> None:
+            examples: dict[str, str], alone: bool = False) -> None:
     """One pass of the Ray Data pipeline over `todo`; fills `seen`. A block whose task fails after
-    its retries is dropped (the pass goes on); its inputs are simply not in `seen`."""
+    its retries is dropped (the pass goes on); its inputs are simply not in `seen`. `alone`: each
+    input in its own block, and each actor running one block at a time (an actor that dies then
+    loses that input alone, not the next one queued behind it)."""
     import ray.data
 
     batch = layout.batch_size
@@ -234,7 +236,7 @@ def _stream(model, ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOp
                "tile": layout.tile, "overlap": layout.overlap, "device": placement.device,
                "threads": placement.threads, "gpus": placement.gpus, "memory_bytes": placement.memory_bytes,
                "kill_actor_on": o.kill_actor_on}
-    per_block = rows_per_block or batch
+    per_block = 1 if alone else batch
     dataset = (
         ray.data.from_items(todo, override_num_blocks=input_blocks(len(todo), per_block))
         .map_batches(bucket.decode_batch, fn_kwargs={"max_output_pixels": o.max_output_pixels,
@@ -242,7 +244,7 @@ def _stream(model, ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOp
                      batch_size=per_block, batch_format="numpy", **placement.decode_kwargs())
         .map_batches(Upscaler, fn_constructor_kwargs={"model": [model], "sampling": asdict(chosen),
                                                          "options": options},
-                     batch_size=per_block, batch_format="numpy", **placement.map_kwargs())
+                     batch_size=per_block, batch_format="numpy", **placement.map_kwargs(alone))
         .map_batches(bucket.write_batch, fn_kwargs={"output": output, "fmt": fidelity.format, "record": record,
                                                     "max_output_pixels": o.max_output_pixels, "fidelity": fidelity},
                      batch_size=None, batch_format="numpy", **placement.write_kwargs())
@@ -260,9 +262,9 @@ def _stream(model, ref: ModelRef, chosen: Sampling, layout: Layout, o: UpscaleOp
                 _report(progress, said, source, f"{reason}: {detail}" if reason == manifest.REFUSED else reason,
                         reason)
         if time.perf_counter() - shown > 10:
-            written = sum(1 for status, _ in seen.values() if status == "done")
-            failed = sum(1 for status, _ in seen.values() if status == "failed")
-            progress(f"{len(seen)}/{len(todo)} processed ({written} written, {failed} failed)")
+            here = [seen[item["source"]][0] for item in todo if item["source"] in seen]  # this pass's inputs
+            progress(f"{len(here)}/{len(todo)} processed ({here.count('done')} written, "
+                     f"{here.count('failed')} failed)")
             shown = time.perf_counter()
 
 
