@@ -31,7 +31,9 @@ of the whole call (planning, actor start-up, model load, sampling, writing) and 
 (the manifest's per-output seconds).
 
 Everything it trains is cached under `--out` (teacher/, teacher-outputs.pt, student-K/) and reused by
-the next run with the same settings; `--fresh` retrains.
+the next run with the same settings — the teacher keyed on its recipe, `--patches` and the crops'
+pixels; its outputs on the teacher's weights, sampling, `--patches` and the crops' pixels; a student
+on its settings and those outputs; `--fresh` retrains.
 """
 
 from __future__ import annotations
@@ -64,6 +66,16 @@ COLUMNS = ("psnr", "ssim", "lr_psnr", "colour_error", "detail_ratio", "flat_nois
 
 def say(message: str) -> None:
     print(f"[bench-distill {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """A short SHA-256 of the tensors' values (cache keys: the same bytes, the same key)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def photo_pairs(names: tuple[str, ...], patches: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +143,7 @@ def teacher_model(args, train_hr, train_lr) -> SR3:
     if args.teacher:
         return load_model(args.teacher, device=args.device)
     config = override(preset("tiny"), ["train.lr=2e-3", "train.batch_size=8"])
-    stamp = f"{config.to_json()}|{args.teacher_train_steps}|{args.seed}"
+    stamp = f"{config.to_json()}|{args.teacher_train_steps}|{args.seed}|patches={args.patches}|{digest(train_lr)}"
     if (folder / "config.json").exists() and not args.fresh and (folder / "stamp").is_file() \
             and (folder / "stamp").read_text() == stamp:
         say(f"reusing the teacher in {folder}")
@@ -150,8 +162,12 @@ def teacher_model(args, train_hr, train_lr) -> SR3:
 def teacher_outputs(args, teacher: SR3, train_lr: torch.Tensor) -> dict[str, torch.Tensor]:
     """{"index", "seed", "teacher" (uint8 (N, 3, H, W))}: `--outputs-per-pair` per training pair."""
     path = args.out / "teacher-outputs.pt"
-    tag = (f"{args.teacher or 'trained'}|{teacher.config.to_json()}|{args.teacher_steps}|{args.outputs_per_pair}|"
-           f"{args.seed}|{len(train_lr)}")
+    # Everything the outputs depend on: the teacher (its weights, not only its config: a teacher
+    # retrained with other steps or crops has the same config), its sampling, and the training crops
+    # (`--patches` and their pixels: a cache made from other crops must not be reused).
+    tag = (f"{args.teacher or 'trained'}|{digest(*teacher.net.state_dict().values())}|{teacher.config.to_json()}|"
+           f"{args.teacher_steps}|{args.outputs_per_pair}|{args.seed}|patches={args.patches}|{len(train_lr)}|"
+           f"{digest(train_lr)}")
     if path.exists() and not args.fresh:
         found = torch.load(path)
         if found.get("tag") == tag:
