@@ -46,17 +46,19 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_quality import pairs as photo_pairs  # noqa: E402  (the same crops as the quality benchmark)
 from pipelines.quickstart import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo  # noqa: E402  (stdlib only at import)
 from pipelines.sampling import image_seed  # noqa: E402  (torch and numpy only)
 from sr3model import SR3, override, preset  # noqa: E402
 from sr3model.distill import student_config  # noqa: E402
 from sr3model.ema import EMA  # noqa: E402
-from sr3model.imageio import from_uint8, lr_from_hr, random_patches, to_tensor_batch, to_uint8_batch  # noqa: E402
+from sr3model.imageio import from_uint8, lr_from_hr, random_patches, to_uint8_batch  # noqa: E402
 from sr3model.metrics import lr_psnr, psnr, scores  # noqa: E402
 from sr3model.training import make_optimizer, train_step  # noqa: E402
 from sr3model.weights import load_model, save_model  # noqa: E402
@@ -78,19 +80,6 @@ def digest(*tensors: torch.Tensor) -> str:
     for t in tensors:
         h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def photo_pairs(names: tuple[str, ...], patches: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """HR 64² crops and their LR (Pillow bicubic ÷4) of the named photos, in [-1, 1]."""
-    from PIL import Image
-
-    hr, lr = [], []
-    for i, name in enumerate(names):
-        image = Image.fromarray(photo(name)).convert("RGB")
-        for crop in random_patches(image, 64, patches, np.random.default_rng([seed, i])):
-            hr.append(crop)
-            lr.append(lr_from_hr(crop, 4))
-    return to_tensor_batch(hr), to_tensor_batch(lr)
 
 
 def committed_val_pairs(uri: str, limit: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

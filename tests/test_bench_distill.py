@@ -5,21 +5,16 @@ describe a different run than the command next to them)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import torch
 
+from bench_support import load_bench
 from model_support import make_tiny
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "benchmarks" / "bench_distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_distill")
 
 
 def _args(out: Path, **changes) -> argparse.Namespace:

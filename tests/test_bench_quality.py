@@ -4,17 +4,11 @@ must rank below a clean arm that is less far from the photo)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_support import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_quality")
 
 
 def _arm(detail: float, grain: float, **others: float) -> dict[str, float]:

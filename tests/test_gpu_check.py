@@ -3,13 +3,14 @@ runs here on the CPU at tiny sizes and prints every row of its table. Its utilis
 physical — HFU (hence MFU) ≤ 100% of the measured matmul ceiling, a step ≈ 3 forward passes — and a
 wrong FLOP count (doubled with --flops-scale 2) makes it exit non-zero."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bench_support import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,10 +46,7 @@ def test_a_doubled_flop_count_fails_the_check(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_check")
 
 
 KINDS = {"ceiling": "exceeds the measured matmul ceiling", "forward": "× its forward pass",
