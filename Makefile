@@ -40,10 +40,9 @@ demo: install
 test: install system-deps
 	$(PY) -m pytest tests
 
-# The multi-node fault tests, the long ones included (README "Faults survived"; nightly in CI).
-# `make test` runs the short ones of them and skips the `long` ones.
+# Only the multi-node fault tests (README "Faults survived"); `make test` runs them too.
 test-cluster: install
-	SR3_LONG_TESTS=1 $(PY) -m pytest -m cluster tests/test_cluster_faults.py
+	$(PY) -m pytest -m cluster tests/test_cluster_faults.py
 
 bench: install
 	$(PY) benchmarks/bench_unet.py --preset peer-128 --batch-size 2

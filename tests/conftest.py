@@ -19,9 +19,9 @@
   so it can be stopped and started) and a real `mlflow server` (tests/cluster_support.py). Each
   test gets it healed: killed nodes started again, stopped servers running.
 
-Markers: `slow` (starts Ray clusters or servers; runs in CI), `cluster` (takes the multi-node
-cluster; runs in CI) and `long` (minutes each: skipped unless SR3_LONG_TESTS=1, as `make
-test-cluster` sets; the nightly run, README "Faults survived").
+Markers: `slow` (starts Ray clusters or servers), `cluster` (takes the multi-node cluster) and
+`long` (a cluster fault test of about a minute; README "Faults survived"). All run in CI;
+`-m "not long"` skips the long ones on a laptop.
 
 Environment variables that gcsfs and Ray read at import or start time are set here at import,
 before any test module imports them.
@@ -121,19 +121,6 @@ def ray_local(gcs_server: str) -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-
-
-LONG_ENV = "SR3_LONG_TESTS"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`long` tests run only when asked for: SR3_LONG_TESTS=1 (`make test-cluster`)."""
-    if os.environ.get(LONG_ENV) == "1":
-        return
-    skip = pytest.mark.skip(reason=f"long cluster fault test: {LONG_ENV}=1 (make test-cluster) runs it")
-    for item in items:
-        if "long" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
