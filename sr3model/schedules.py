@@ -133,8 +133,9 @@ def training_schedule(config: DiffusionConfig) -> NoiseSchedule:
 
 
 def start_limit(config: DiffusionConfig) -> float:
-    """The highest γ_K an inference schedule may start from: the training schedule's last γ."""
-    return float(training_schedule(config).gammas[-1])
+    """The highest γ_K an inference schedule may start from: the training schedule's last γ — the
+    linear β schedule's, which the log-SNR spacing keeps as its end (`training_schedule`)."""
+    return float(linear_schedule(config.steps, config.beta_start, config.beta_end).gammas[-1])
 
 
 def check_start(schedule: NoiseSchedule, config: DiffusionConfig) -> NoiseSchedule:
