@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 import fsspec
+import pyarrow
 import pyarrow.fs
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
@@ -128,8 +129,13 @@ def read_bytes(uri: str, *, attempts: int = 4, backoff_s: float = 0.5) -> bytes:
             time.sleep(backoff_s * 2 ** (failures - 1))
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file atomically: local = temporary name + rename; object stores = one PUT."""
+def write_bytes(uri: str, data: bytes, *, attempts: int = 4, backoff_s: float = 0.5) -> None:
+    """Write a whole file atomically: local = temporary name + rename; object stores = one upload.
+
+    Object-store writes are retried whole with exponential backoff (0.5 s, 1 s, 2 s ...) on any
+    error but a permission one: the client's own retries ride out a short outage, but an upload
+    session begun before the server went away is unknown to it afterwards (404 → FileNotFoundError
+    on gcsfs), and only starting the object again recovers it. A whole-object write is idempotent."""
     fs, path = resolve(uri)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -137,8 +143,29 @@ def write_bytes(uri: str, data: bytes) -> None:
         with open(temporary, "wb") as handle:
             handle.write(data)
         os.replace(temporary, path)
-    else:
-        fs.pipe_file(path, data)
+        return
+    failures = 0
+    while True:
+        try:
+            fs.pipe_file(path, data)
+            return
+        except PermissionError:
+            raise
+        except Exception:
+            failures += 1
+            if failures >= attempts:
+                raise
+            time.sleep(backoff_s * 2 ** (failures - 1))
+
+
+def write_parquet(uri: str, table: pyarrow.Table, **options) -> None:
+    """`table` as one Parquet file (`options` go to `pyarrow.parquet.write_table`), written whole
+    through `write_bytes`: atomic, and retried whole on object stores. Sized for shards (tens of MB)."""
+    import pyarrow.parquet as pq
+
+    buffer = pyarrow.BufferOutputStream()
+    pq.write_table(table, buffer, **options)
+    write_bytes(uri, buffer.getvalue().to_pybytes())
 
 
 def exists(uri: str) -> bool:

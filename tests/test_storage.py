@@ -114,3 +114,53 @@ def test_join_keeps_schemes() -> None:
     assert storage.join("gs://b/x/", "y", "/z/") == "gs://b/x/y/z"
     assert storage.join("/tmp/a", "b") == "/tmp/a/b"
     assert storage.join("s3://b", "") == "s3://b"
+
+
+def test_a_write_whose_upload_session_the_server_lost_is_started_again(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """What broke a pair build under a storage outage (CI, once in four runs): a Parquet shard
+    written through a file handle began a resumable upload; the server restarted; the session was
+    gone and closing raised FileNotFoundError, which no retry covers. On a real fake-gcs-server
+    restarted mid-upload: the handle's write fails that way, and `write_parquet` / `write_bytes`,
+    given the server's own answer on their first try, start the object again and write it whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cluster_support import GcsServer
+
+    server = GcsServer(tmp_path / "gcs").start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+        bucket = server.bucket("restarts")
+        fs, path = storage.resolve(storage.join(bucket, "handle.bin"))
+        handle = fs.open(path, "wb", block_size=2**18)
+        handle.write(b"x" * (2**18 + 1))
+        handle.flush()  # the resumable session begins: its id lives in the server's memory
+        server.stop()
+        server.start()
+        with pytest.raises(FileNotFoundError) as lost:
+            handle.close()
+
+        real = fs.pipe_file
+        calls = []
+
+        def loses_the_first_session(target, data, **options):
+            calls.append(target)
+            if len(calls) == 1:
+                raise lost.value
+            return real(target, data, **options)
+
+        monkeypatch.setattr(fs, "pipe_file", loses_the_first_session)
+        table = pa.table({"key": [f"k{i}" for i in range(200)], "value": list(range(200))})
+        uri = storage.join(bucket, "v1", "train", "part-00000.parquet")
+        storage.write_parquet(uri, table, row_group_size=64)
+        assert len(calls) == 2
+        fs_read, read_path = storage.resolve(uri)
+        with fs_read.open(read_path, "rb") as written:
+            found = pq.ParquetFile(written)
+            assert found.metadata.num_row_groups == 4 and found.read().equals(table)
+        calls.clear()
+        with pytest.raises(FileNotFoundError):  # retries are bounded: one attempt = the old behaviour
+            storage.write_bytes(storage.join(bucket, "once.bin"), b"data", attempts=1)
+    finally:
+        server.stop()

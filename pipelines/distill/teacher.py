@@ -138,12 +138,9 @@ class TeacherSink(Datasink[dict[str, Any]]):
                     digest = (digest + _row_digest(row["key"], k, int(seed), png)) % 2**64
         counts = {"rows": len(rows), "failed": failed, "digest": digest, "file": None}
         if rows:
-            fs, root = storage.resolve(pair_store.version_uri(self.output, self.version))
-            filesystem = storage.to_pyarrow(fs)
             relative = f"train/part-{ctx.task_idx:05d}.parquet"
-            filesystem.create_dir(f"{root}/train", recursive=True)
-            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), f"{root}/{relative}", filesystem=filesystem,
-                           row_group_size=ROW_GROUP_ROWS)
+            storage.write_parquet(storage.join(pair_store.version_uri(self.output, self.version), relative),
+                                  pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=ROW_GROUP_ROWS)
             groups = [min(ROW_GROUP_ROWS, len(rows) - s) for s in range(0, len(rows), ROW_GROUP_ROWS)]
             counts["file"] = {"path": f"{pair_store.VERSIONS_DIR}/{self.version}/{relative}", "rows": len(rows),
                               "row_groups": groups}

@@ -50,7 +50,6 @@ and the conversions made.
 from __future__ import annotations
 
 import hashlib
-import io
 import posixpath
 import time
 import uuid
@@ -318,9 +317,7 @@ def reject_row(source: str, reason: str, detail: str, size: int, fp: str = "",
 
 
 def _write(output: str, folder: str, name: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(storage.join(output, folder, name), buffer.getvalue())
+    storage.write_parquet(storage.join(output, folder, name), table)
 
 
 def _stamp(kind: str) -> str:

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
@@ -82,14 +81,12 @@ class PairsDatasink(Datasink[dict[str, Any]]):
         counts: dict[str, Any] = {part: 0 for part in PARTS} | {"by_reason": {}, "files": {}, "digest": 0}
         if not tables:
             return counts
-        fs, root = storage.resolve(pair_store.version_uri(self.output, self.version))
-        filesystem = storage.to_pyarrow(fs)
+        root = pair_store.version_uri(self.output, self.version)
         for part, table in split_rows(pa.concat_tables(tables)).items():
             counts[part] = table.num_rows
             if table.num_rows:
                 relative = f"{part}/part-{ctx.task_idx:05d}.parquet"
-                filesystem.create_dir(f"{root}/{part}", recursive=True)
-                pq.write_table(table, f"{root}/{relative}", filesystem=filesystem, row_group_size=ROW_GROUP_ROWS)
+                storage.write_parquet(storage.join(root, relative), table, row_group_size=ROW_GROUP_ROWS)
                 groups = [min(ROW_GROUP_ROWS, table.num_rows - start) for start in range(0, table.num_rows, ROW_GROUP_ROWS)]
                 path = f"{pair_store.VERSIONS_DIR}/{self.version}/{relative}"
                 counts["files"][part] = {"path": path, "rows": table.num_rows, "row_groups": groups}
