@@ -137,19 +137,28 @@ def _start(x: torch.Tensor | None, shape, generator, y_T) -> torch.Tensor:
     return randn(tuple(shape), generator=generator, device=device)
 
 
+def _chain(step, x: torch.Tensor | None, schedule: NoiseSchedule, shape, generator: Generators,
+           callback: Callback | None, y_T: torch.Tensor | None) -> torch.Tensor:
+    """The loop every sampler shares: from y_T (drawn unless given), y, state ← step(y, t, state)
+    for t = T−1 … 0, `callback(i, T, y)` after each step."""
+    y = _start(x, shape, generator, y_T)
+    total, state = len(schedule), None
+    for i, t in enumerate(reversed(range(total))):
+        y, state = step(y, t, state)
+        if callback is not None:
+            callback(i + 1, total, y)
+    return y
+
+
 @torch.no_grad()
 def ddpm(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *, shape=None,
          generator: Generators = None, callback: Callback | None = None,
          y_T: torch.Tensor | None = None) -> torch.Tensor:
     """Algorithm 2: T refinement steps, variance 1 − α_t, no noise added on the last step."""
-    y = _start(x, shape, generator, y_T)
-    total = len(schedule)
-    for i, t in enumerate(reversed(range(total))):
+    def step(y, t, _):
         z = randn(y.shape, generator=generator, like=y) if t > 0 else None
-        y = ddpm_step(denoiser, x, y, schedule.alphas[t], schedule.gammas[t], z)
-        if callback is not None:
-            callback(i + 1, total, y)
-    return y
+        return ddpm_step(denoiser, x, y, schedule.alphas[t], schedule.gammas[t], z), None
+    return _chain(step, x, schedule, shape, generator, callback, y_T)
 
 
 @torch.no_grad()
@@ -157,13 +166,9 @@ def ddim(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *,
          generator: Generators = None, callback: Callback | None = None,
          y_T: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic DDIM over the schedule's γ levels (the start noise is the only randomness)."""
-    y = _start(x, shape, generator, y_T)
-    total = len(schedule)
-    for i, t in enumerate(reversed(range(total))):
-        y = ddim_step(denoiser, x, y, schedule.gammas[t], schedule.gammas_prev[t])
-        if callback is not None:
-            callback(i + 1, total, y)
-    return y
+    def step(y, t, _):
+        return ddim_step(denoiser, x, y, schedule.gammas[t], schedule.gammas_prev[t]), None
+    return _chain(step, x, schedule, shape, generator, callback, y_T)
 
 
 @torch.no_grad()
@@ -171,27 +176,19 @@ def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule
              generator: Generators = None, callback: Callback | None = None,
              y_T: torch.Tensor | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) over the schedule's γ levels (deterministic given y_T)."""
-    y = _start(x, shape, generator, y_T)
-    total, previous = len(schedule), None
-    for i, t in enumerate(reversed(range(total))):
-        y, previous = dpmpp_2m_step(denoiser, x, y, schedule.gammas[t], schedule.gammas_prev[t], previous)
-        if callback is not None:
-            callback(i + 1, total, y)
-    return y
+    def step(y, t, previous):
+        return dpmpp_2m_step(denoiser, x, y, schedule.gammas[t], schedule.gammas_prev[t], previous)
+    return _chain(step, x, schedule, shape, generator, callback, y_T)
 
 
 @torch.no_grad()
 def distilled(denoiser: Denoiser, x: torch.Tensor | None, schedule: NoiseSchedule, *, shape=None,
               generator: Generators = None, callback: Callback | None = None,
               y_T: torch.Tensor | None = None) -> torch.Tensor:
-    """A distilled student's K deterministic jumps over its levels (one network pass each)."""
-    y = _start(x, shape, generator, y_T)
-    total = len(schedule)
-    for i, t in enumerate(reversed(range(total))):
-        y = ddim_step(denoiser, x, y, schedule.gammas[t], schedule.gammas_prev[t])
-        if callback is not None:
-            callback(i + 1, total, y)
-    return y
+    """A distilled student's K deterministic jumps over its levels (one network pass each): DDIM's
+    step over the student's own schedule (`schedules.student_schedule`), under its own name so
+    that configs, manifests and refusals can tell a student's sampling from a teacher's."""
+    return ddim(denoiser, x, schedule, shape=shape, generator=generator, callback=callback, y_T=y_T)
 
 
 def clipped(denoiser: Denoiser, low: torch.Tensor | float = -1.0,
