@@ -19,7 +19,9 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import fsspec
 import pyarrow
@@ -33,6 +35,7 @@ ENDPOINT_ENV_VARS = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
 )
+T = TypeVar("T")
 NOT_RETRIED = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
@@ -112,21 +115,29 @@ def _version(info: dict) -> str:
     return ""
 
 
-def read_bytes(uri: str, *, attempts: int = 4, backoff_s: float = 0.5) -> bytes:
-    """The whole file; storage errors are retried with exponential backoff (0.5 s, 1 s, 2 s ...),
-    missing files and permission errors are not. The last error propagates."""
+def _retrying(call: Callable[[], T], attempts: int, backoff_s: float, not_retried: tuple[type[Exception], ...]) -> T:
+    """`call()`, retried up to `attempts` times in all with exponential backoff (backoff_s, 2×, 4× ...)
+    on any exception but `not_retried`; the last error propagates."""
     failures = 0
     while True:
         try:
-            fs, path = resolve(uri)
-            return fs.cat_file(path)
-        except NOT_RETRIED:
+            return call()
+        except not_retried:
             raise
         except Exception:
             failures += 1
             if failures >= attempts:
                 raise
             time.sleep(backoff_s * 2 ** (failures - 1))
+
+
+def read_bytes(uri: str, *, attempts: int = 4, backoff_s: float = 0.5) -> bytes:
+    """The whole file; storage errors are retried with exponential backoff (0.5 s, 1 s, 2 s ...),
+    missing files and permission errors are not. The last error propagates."""
+    def read() -> bytes:
+        fs, path = resolve(uri)
+        return fs.cat_file(path)
+    return _retrying(read, attempts, backoff_s, NOT_RETRIED)
 
 
 def write_bytes(uri: str, data: bytes, *, attempts: int = 4, backoff_s: float = 0.5) -> None:
@@ -144,18 +155,7 @@ def write_bytes(uri: str, data: bytes, *, attempts: int = 4, backoff_s: float = 
             handle.write(data)
         os.replace(temporary, path)
         return
-    failures = 0
-    while True:
-        try:
-            fs.pipe_file(path, data)
-            return
-        except PermissionError:
-            raise
-        except Exception:
-            failures += 1
-            if failures >= attempts:
-                raise
-            time.sleep(backoff_s * 2 ** (failures - 1))
+    _retrying(lambda: fs.pipe_file(path, data), attempts, backoff_s, (PermissionError,))
 
 
 def write_parquet(uri: str, table: pyarrow.Table, **options) -> None:
