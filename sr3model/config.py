@@ -106,9 +106,14 @@ class DiffusionConfig:
     # project ŷ0 onto the images whose downsampling is the LR input at every step
     # (`sr3model.consistency`); configs written before the field existed load as false
     sample_consistency: bool = False
+    # ξ of input perturbation (Ning et al. 2023, DDPM-IP): the network's input is noised with
+    # ε + ξ·ε′ while its target keeps ε, so it learns to remove a little more than the level says —
+    # what the sampler's later passes need, whose input carries the earlier passes' errors too; 0 = off
+    input_perturbation: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.steps > 0 and self.sample_steps > 0, "diffusion steps must be positive")
+        _check(0.0 <= self.input_perturbation < 1.0, "diffusion.input_perturbation must be in [0, 1)")
         _check(0 < self.beta_start <= self.beta_end < 1, "need 0 < beta_start <= beta_end < 1")
         _check(0 < self.sample_beta_start <= self.sample_beta_end < 1,
                "need 0 < sample_beta_start <= sample_beta_end < 1")

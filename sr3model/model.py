@@ -112,14 +112,18 @@ class SR3(nn.Module):
             return {}  # a student's noise is the teacher's, regenerated from the batch's seeds
         gamma = sample_noise_level(self.schedule, hr.shape[0], generator=generator, device=hr.device)
         eps = randn(hr.shape, generator=generator, like=hr, dtype=hr.dtype)
-        return {"gamma": gamma, "eps": eps}
+        if not self.config.diffusion.input_perturbation:
+            return {"gamma": gamma, "eps": eps}
+        return {"gamma": gamma, "eps": eps, "perturb": randn(hr.shape, generator=generator, like=hr, dtype=hr.dtype)}
 
     def forward(self, hr: torch.Tensor, lr: torch.Tensor | None = None, *,
                 generator: torch.Generator | None = None, gamma: torch.Tensor | None = None,
-                eps: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-                seed: torch.Tensor | None = None) -> torch.Tensor:
+                eps: torch.Tensor | None = None, perturb: torch.Tensor | None = None,
+                teacher: torch.Tensor | None = None, seed: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss for a batch of HR images (B, 3, H, W) and their LR images; γ (B,) and
-        ε (B, 3, H, W) are drawn here (`draw_noise`) unless given. A student's loss needs the
+        ε (B, 3, H, W) are drawn here (`draw_noise`) unless given — with input perturbation ξ
+        (`diffusion.input_perturbation`) also ε′ (`perturb`): y_t is made from ε + ξ·ε′, the target
+        from ε (DDPM-IP, Ning et al. 2023, their eq. 9). A student's loss needs the
         teacher's outputs `teacher` (B, 3, H, W) and their noise seeds `seed` (B,) instead."""
         x = self.condition(lr)
         p = self.config.diffusion.loss
@@ -130,10 +134,11 @@ class SR3(nn.Module):
             ones = torch.ones(batch, device=hr.device)
             return lp_loss(self.net(x, ones), hr - x if self.config.regression_skip else hr, p)
         y0 = self.to_y0(hr, x)
-        if gamma is None or eps is None:
+        xi = self.config.diffusion.input_perturbation
+        if gamma is None or eps is None or (xi and perturb is None):
             drawn = self.draw_noise(y0, generator=generator)
-            gamma, eps = drawn["gamma"], drawn["eps"]
-        y_t = q_sample(y0, gamma, eps)
+            gamma, eps, perturb = drawn["gamma"], drawn["eps"], drawn.get("perturb")
+        y_t = q_sample(y0, gamma, eps + xi * perturb if xi else eps)
         out = self.net(self.network_input(x, y_t), gamma)  # (B, 3, H, W): ε, v or y0
         return lp_loss(out, target(self.config.diffusion.prediction, y0, gamma, eps), p)
 

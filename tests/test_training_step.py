@@ -83,6 +83,29 @@ def test_noise_drawn_up_front_equals_noise_drawn_in_the_model() -> None:
     assert torch.equal(model(hr, lr, **drawn), inside)
 
 
+def test_input_perturbation_noises_the_input_with_eps_plus_xi_eps_prime_and_keeps_the_target() -> None:
+    """DDPM-IP (`diffusion.input_perturbation` ξ): the network's input is y_t of ε + ξ·ε′, its
+    target is made from ε alone. Off (ξ = 0) nothing more is drawn, so every earlier stream and loss
+    is unchanged; on, the loss is the one computed by hand, and differs from the unperturbed one."""
+    from sr3model.diffusion import lp_loss, q_sample, target
+
+    plain, _, _, _ = _setup()
+    assert set(plain.draw_noise(_batch()[0], generator=torch.Generator().manual_seed(3))) == {"gamma", "eps"}
+    model, _, _, config = _setup(0, "diffusion.input_perturbation=0.1", "diffusion.prediction=x0")
+    hr, lr = _batch()
+    drawn = model.draw_noise(hr, generator=torch.Generator().manual_seed(3))
+    assert set(drawn) == {"gamma", "eps", "perturb"}
+    x = model.condition(lr)
+    y0 = model.to_y0(hr, x)
+    y_t = q_sample(y0, drawn["gamma"], drawn["eps"] + 0.1 * drawn["perturb"])
+    by_hand = lp_loss(model.net(model.network_input(x, y_t), drawn["gamma"]),
+                      target("x0", y0, drawn["gamma"], drawn["eps"]), config.diffusion.loss)
+    torch.testing.assert_close(model(hr, lr, **drawn), by_hand)
+    unperturbed = {**drawn, "perturb": torch.zeros_like(drawn["perturb"])}
+    assert float((model(hr, lr, **unperturbed) - by_hand).abs()) > 1e-6  # ε′ reaches the input
+    assert torch.equal(model(hr, lr, generator=torch.Generator().manual_seed(3)), model(hr, lr, **drawn))
+
+
 @pytest.mark.parametrize("micro_batch", [4, 3])
 def test_micro_batches_give_the_full_batch_step(micro_batch: int) -> None:
     full, full_grads, full_weights = _step(None)
