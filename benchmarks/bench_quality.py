@@ -188,21 +188,26 @@ def grid_png(path: Path, lr: torch.Tensor, hr: torch.Tensor, columns: list[torch
     Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0] * 2), Image.NEAREST).save(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a training budget and of sampling the held-out pairs, shared with bench_seeds."""
     parser.add_argument("--steps", type=int, default=400, help="training steps per arm (the quickstart's 400)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--patches", type=int, default=48, help="training crops per photo")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")
     parser.add_argument("--sampler", default=preset("tiny").diffusion.sample_sampler,
                         help="the arms' sampler (default: the preset's)")
     parser.add_argument("--sample-steps", type=int, default=20, help="the arms' refinement steps")
     parser.add_argument("--samples", type=int, default=2, help="samples per held-out pair")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training_arguments(parser)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", type=Path, help="keep each arm's weights in SAVE/ARM")
     parser.add_argument("--out", type=Path, default=Path("reports/bench-quality"))
     args = parser.parse_args()

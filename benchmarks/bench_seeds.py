@@ -2,7 +2,8 @@
 several seeds and scored on the same held-out pairs.
 
     python benchmarks/bench_seeds.py [--arms residual-x0] [--seeds 0 1 2 3] [--steps 400] [--lr 2e-3]
-                                     [--set KEY=VALUE ...] [--threads 2] [--out reports/bench-seeds]
+                                     [--weights ema raw] [--set KEY=VALUE ...] [--threads 2]
+                                     [--out reports/bench-seeds]
 
 Why: `benchmarks/bench_quality.py` trains each arm once (`--seed`, default 0) and the presets were
 chosen from that table; the quickstart's own run of the same recipe then drew grain that the
@@ -13,7 +14,9 @@ stay the same for every seed, so the spread is training's alone.
 
 Each (arm, seed) is trained by bench_quality's bare loop (`train`: Adam + warm-up, EMA, flips, the
 quickstart's budget by default) and its EMA weights sampled as the arm is served (the preset's
-sampler, `--sample-steps`, LR consistency on). Prints one row per (arm, seed) — PSNR, LR-PSNR,
+sampler, `--sample-steps`, LR consistency on); `--weights ema raw` also samples the raw weights
+of the same run (rows "ARM, raw weights"), which separates what the weight average adds from what
+training adds. Prints one row per (arm, seed) — PSNR, LR-PSNR,
 colour error, detail ratio, flat-region noise — and per arm the median and range of each column and
 the number of seeds that miss the quality issue's targets: grainy (flat-region noise > 1.5) and
 soft (detail ratio < 0.7). Writes `results.json` and `grid.png` (rows: held-out pairs; columns: LR,
@@ -51,6 +54,11 @@ def tally(rows: list[dict[str, float]]) -> dict[str, object]:
     return summary
 
 
+def variant(arm: str, weights: str) -> str:
+    """The name of an arm's rows: the arm (its EMA weights, as served) or "ARM, raw weights"."""
+    return arm if weights == "ema" else f"{arm}, raw weights"
+
+
 def line(name: str, metrics: dict[str, float]) -> str:
     return f"| {name} | " + " | ".join(f"{metrics[key]:.2f}" for key in COLUMNS) + " |"
 
@@ -59,16 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=["residual-x0"], choices=list(bq.ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    parser.add_argument("--steps", type=int, default=400, help="training steps (the quickstart's 400)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--patches", type=int, default=48, help="training crops per photo")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")
-    parser.add_argument("--sampler", default=bq.preset("tiny").diffusion.sample_sampler)
-    parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--samples", type=int, default=2, help="samples per held-out pair")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu")
+    bq.training_arguments(parser)
+    parser.add_argument("--weights", nargs="+", default=["ema"], choices=["ema", "raw"],
+                        help="score the EMA weights (as served) and/or the raw weights of the same run")
     parser.add_argument("--out", type=Path, default=Path("reports/bench-seeds"))
     args = parser.parse_args()
     if args.threads:
@@ -84,24 +85,31 @@ def main() -> None:
     shown, names = [bicubic_images[:, 0]], []
     table = ["| arm, seed | PSNR dB | LR-PSNR dB | colour error /255 | detail ratio | flat-region noise |",
              "| --- " * 6 + "|", line("bicubic", bicubic)]
+    variants = [(arm, weights) for arm in args.arms for weights in args.weights]
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {v: [] for v in variants}
     for arm in args.arms:
-        rows = []
         for seed in args.seeds:
             train_hr, train_lr = bq.pairs(bq.TRAIN_PHOTOS, args.patches, seed)
             run = argparse.Namespace(**{**vars(args), "seed": seed, "save": None})
-            model, train_s, _ = bq.train(arm, train_hr, train_lr, run)
-            metrics, images, sample_s = bq.score(model, hr, lr, **how)
-            rows.append(metrics)
-            shown.append(images[:, 0])
-            names.append(f"{arm} seed {seed}")
-            table.append(line(f"{arm}, seed {seed}", metrics))
-            print(table[-1] + f" train {train_s:.0f} s, sample {sample_s:.0f} s", flush=True)
-        summary = tally(rows)
-        results[arm] = {"seeds": dict(zip(map(str, args.seeds), rows)), "summary": summary}
+            model, train_s, raw = bq.train(arm, train_hr, train_lr, run)
+            state = {"ema": {k: v.clone() for k, v in model.net.state_dict().items()}, "raw": raw}
+            for weights in args.weights:
+                model.net.load_state_dict(state[weights])
+                metrics, images, sample_s = bq.score(model, hr, lr, **how)
+                rows[arm, weights].append(metrics)
+                shown.append(images[:, 0])
+                names.append(f"{variant(arm, weights)} seed {seed}")
+                table.append(line(f"{variant(arm, weights)}, seed {seed}", metrics))
+                print(table[-1] + f" train {train_s:.0f} s, sample {sample_s:.0f} s", flush=True)
+    for arm, weights in variants:
+        summary = tally(rows[arm, weights])
+        results[variant(arm, weights)] = {"seeds": dict(zip(map(str, args.seeds), rows[arm, weights])),
+                                          "summary": summary}
         medians = {key: summary[key]["median"] for key in COLUMNS}
-        table.append(line(f"**{arm}, median**", medians))
+        table.append(line(f"**{variant(arm, weights)}, median**", medians))
     print("\n" + "\n".join(table) + "\n")
-    for arm in args.arms:
+    for arm, weights in variants:
+        arm = variant(arm, weights)
         summary = results[arm]["summary"]
         ranges = ", ".join(f"{key} {summary[key]['min']:.2f}–{summary[key]['max']:.2f}" for key in COLUMNS)
         print(f"  {arm}: grainy (flat-region noise > {GRAINY}) in {summary['grainy']} of {summary['seeds']} seeds, "

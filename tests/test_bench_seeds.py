@@ -1,6 +1,7 @@
 """benchmarks/bench_seeds.py: the spread of a recipe over training seeds. Its tally must count a
 grainy seed as grainy however clean the median is (one clean seed must not stand for the recipe),
-and the script runs end to end on a budget of a few steps."""
+and the script runs end to end on a budget of a few steps, scoring the EMA and the raw weights
+of each run apart."""
 
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ def test_a_grainy_seed_is_counted_beside_clean_ones() -> None:
 
 def test_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_seeds.py"), "--seeds", "0", "1", "--steps", "2",
-                           "--sample-steps", "2", "--samples", "1", "--threads", "1", "--out", str(tmp_path)],
+                           "--sample-steps", "2", "--samples", "1", "--threads", "1", "--weights", "ema", "raw",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["residual-x0"]["seeds"]) == {"0", "1"}
     assert results["residual-x0"]["seeds"]["0"] != results["residual-x0"]["seeds"]["1"]  # the seed reaches training
+    raw = results["residual-x0, raw weights"]["seeds"]
+    assert set(raw) == {"0", "1"} and raw["0"] != results["residual-x0"]["seeds"]["0"]  # other weights, other outputs
     assert "grainy (flat-region noise > 1.5) in" in done.stdout and (tmp_path / "grid.png").exists()
