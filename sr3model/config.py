@@ -131,6 +131,10 @@ class TrainConfig:
 
     lr: float = 1e-4  # the paper: 1e-4 for SR3, 1e-5 for the regression baseline
     warmup_steps: int = 10_000
+    # Linear cool-down to 0 over `cooldown_steps` steps from step `cooldown_start` (0 steps: the
+    # paper's constant rate). A short run's last weights then settle instead of stopping mid-stride.
+    cooldown_start: int = 0
+    cooldown_steps: int = 0
     batch_size: int = 256  # global batch size
     ema_decay: float = 0.9999
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -142,6 +146,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.lr > 0, "train.lr must be positive")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+        _check(self.cooldown_start >= 0 and self.cooldown_steps >= 0,
+               "train.cooldown_start and train.cooldown_steps must be ≥ 0")
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then constant (step counts from 0)."""
-    if config.warmup_steps <= 0:
-        return config.lr
-    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
+    """Linear warm-up over `warmup_steps`, then constant (step counts from 0) — or, with
+    `cooldown_steps` > 0, linearly down from step `cooldown_start` to 0 at `cooldown_start +
+    cooldown_steps` (and 0 after it)."""
+    rate = config.lr if config.warmup_steps <= 0 else config.lr * min(1.0, (step + 1) / config.warmup_steps)
+    if config.cooldown_steps > 0 and step >= config.cooldown_start:
+        rate *= max(0.0, (config.cooldown_start + config.cooldown_steps - step) / config.cooldown_steps)
+    return rate
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:

@@ -249,3 +249,17 @@ def test_validation_in_place_equals_the_deep_copy_and_changes_nothing() -> None:
     for index, entry in state["state"].items():
         for key, value in entry.items():
             assert torch.equal(now["state"][index][key], value), (index, key)
+
+
+def test_learning_rate_warms_up_then_cools_down_to_zero() -> None:
+    from sr3model.config import TrainConfig
+    from sr3model.training import learning_rate
+
+    constant = TrainConfig(lr=1.0, warmup_steps=4)
+    assert [learning_rate(s, constant) for s in (0, 3, 10_000)] == [0.25, 1.0, 1.0]  # the paper's: no decay
+    cooled = TrainConfig(lr=1.0, warmup_steps=4, cooldown_start=10, cooldown_steps=4)
+    rates = [learning_rate(s, cooled) for s in range(16)]
+    assert rates[:10] == [learning_rate(s, constant) for s in range(10)]  # untouched before the cool-down
+    assert rates[10:] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]  # linear, the last step of it the smallest nonzero
+    with pytest.raises(ValueError, match="cooldown"):
+        TrainConfig(cooldown_steps=-1)
