@@ -132,7 +132,7 @@ class TrainConfig:
     lr: float = 1e-4  # the paper: 1e-4 for SR3, 1e-5 for the regression baseline
     warmup_steps: int = 10_000
     # Linear cool-down to 0 over `cooldown_steps` steps from step `cooldown_start` (0 steps: the
-    # paper's constant rate). A short run's last weights then settle instead of stopping mid-stride.
+    # paper's constant rate). Measured for the quickstart's grain and not a cure for it (README #22, 4).
     cooldown_start: int = 0
     cooldown_steps: int = 0
     batch_size: int = 256  # global batch size
